@@ -1,0 +1,138 @@
+"""torch -> the float32 reference ONNX that every backend starts from, checked against PyTorch on real images."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .artifacts import save_onnx
+from .errors import VitexportError
+from .model import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18  # >= 17 keeps LayerNormalization one op (decomposed LayerNorm overflows in fp16 on TensorRT)
+INPUT_NAME = "pixel_values"
+# Export is float32; anything past these is an exporter bug, not rounding.
+MAX_ABS_DIFF = 1e-3
+MIN_AGREEMENT = 1.0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The verified fp32 ONNX and what every later stage needs to know about it."""
+
+    path: Path
+    spec: ModelSpec
+    opset: int
+    num_parameters: int
+    verification: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_name(self) -> str:
+        return INPUT_NAME
+
+    @property
+    def output_name(self) -> str:
+        return self.spec.output_name
+
+    def metadata(self) -> dict[str, Any]:
+        """What travels inside every artifact so a consumer can feed it without the checkpoint."""
+        return {
+            "vitexport.model": self.spec.summary(self.num_parameters),
+            "vitexport.preprocessing": self.spec.preprocessing.to_dict(),
+            "vitexport.labels": self.spec.labels_list(),
+            "vitexport.task": self.spec.task,
+            "vitexport.embedding": self.verification.get("embedding", ""),
+        }
+
+    def load(self):
+        import onnx
+
+        return onnx.load(str(self.path))
+
+
+def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, opset: int = DEFAULT_OPSET) -> Reference:
+    """Trace `spec` to ONNX (dynamic batch) in `out_dir/model.onnx` and check it against PyTorch on `verify_inputs`."""
+    import torch
+
+    if opset < 17:
+        raise VitexportError(f"opset {opset} would decompose LayerNormalization: use opset 17 or newer")
+    module = spec.load_torch()
+    num_parameters = sum(p.numel() for p in module.parameters())
+    embedding = ""
+    if spec.task == "embedding":
+        embedding = "pooler_output" if getattr(module.model, "pooler", None) is not None else "cls_hidden_state"
+
+    c, h, w = spec.input_shape
+    example = torch.from_numpy(np.ascontiguousarray(verify_inputs[:2])) if len(verify_inputs) >= 2 else torch.randn(2, c, h, w)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model.onnx"
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[spec.output_name],
+                dynamic_shapes={"pixel_values": {0: batch}},
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as e:  # the exporter raises many types; each is a failed export of this model
+            raise VitexportError(f"torch.onnx could not export {spec.source} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
+    model = program.model_proto
+    model.producer_name = "vitexport"
+    ref = Reference(path, spec, opset, num_parameters)
+    save_onnx(model, path, ref.metadata())
+
+    verification = verify(module, path, verify_inputs, spec.output_name)
+    verification["embedding"] = embedding
+    if verification["max_abs_diff"] > MAX_ABS_DIFF or verification["top1_agreement"] < MIN_AGREEMENT:
+        raise VitexportError(
+            f"the exported ONNX disagrees with PyTorch (max abs diff {verification['max_abs_diff']:.2e}, top-1 agreement "
+            f"{verification['top1_agreement']:.3f} on {verification['n']} images): please report this model"
+        )
+    log.info("reference ONNX verified on %d images: max abs diff %.2e", verification["n"], verification["max_abs_diff"])
+    return Reference(path, spec, opset, num_parameters, verification)
+
+
+def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    torch_out, onnx_out = [], []
+    with torch.inference_mode():
+        for i in range(0, len(inputs), batch):
+            x = np.ascontiguousarray(inputs[i : i + batch], dtype=np.float32)
+            torch_out.append(module(torch.from_numpy(x)).numpy())
+            onnx_out.append(sess.run([output_name], {INPUT_NAME: x})[0])
+    t, o = np.concatenate(torch_out), np.concatenate(onnx_out)
+    return {
+        "n": int(len(t)),
+        "max_abs_diff": float(np.abs(t - o).max()),
+        "top1_agreement": float((t.argmax(-1) == o.argmax(-1)).mean()),
+        "against": f"torch {torch.__version__}",
+    }
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx reports progress with print(): keep stdout clean for --json, keep the lines in the debug log."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+    for line in buf.getvalue().splitlines():
+        log.debug("torch.onnx: %s", line)
