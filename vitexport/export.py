@@ -132,7 +132,13 @@ def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch:
 def _quiet_exporter():
     """torch.onnx reports progress with print(): keep stdout clean for --json, keep the lines in the debug log."""
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        yield
+    noisy = logging.getLogger("torch.onnx")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping torchvision::nms"
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        noisy.setLevel(level)
     for line in buf.getvalue().splitlines():
         log.debug("torch.onnx: %s", line)

@@ -95,8 +95,9 @@ class ModelSpec:
 
     def load_torch(self):
         """The PyTorch module that export traces: pixel_values -> logits (classifier) or embedding (backbone)."""
-        import torch
         import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # our own progress reporting speaks for the build
 
         cls = getattr(transformers, self.architecture, None)
         if cls is None:

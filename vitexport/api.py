@@ -1,0 +1,284 @@
+"""What the CLI and users call: build(), evaluate(), bench().
+
+Data flows one way: ModelSpec -> ImageSets -> verified reference ONNX -> backend artifacts -> harness -> Report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import backends as _backends
+from .artifacts import Artifact, staged_output, tool_versions
+from .data import ImageSet, Preprocessing, overlap
+from .errors import VitexportError
+from .harness import accuracy as _accuracy
+from .harness.latency import measure
+from .harness.memory import PeakMemory
+from .harness.report import Report, Row, host_info, now
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO_ROOT / "models" / "deit-tiny-patch16-224"
+DEFAULT_CALIB = REPO_ROOT / "calibration" / "calib"
+DEFAULT_EVAL = REPO_ROOT / "calibration" / "eval"
+TARGETS_DIR = REPO_ROOT / "targets"
+VERIFY_IMAGES = 16
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: str = str(DEFAULT_MODEL)
+    backend: str = "onnxruntime"
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4")
+    calib: str | None = str(DEFAULT_CALIB)
+    eval: str | None = str(DEFAULT_EVAL)
+    classes: str | None = None
+    num_calib: int | None = None
+    num_eval: int | None = None
+    out: str = "dist"
+    force: bool = False
+    threads: int | None = None
+    opset: int = 18
+    trust_pickle: bool = False
+    latency: bool = True
+    batch_size: int = 32
+    options: Mapping[str, Any] = field(default_factory=dict)  # per-precision recipe overrides, e.g. {"int8": {...}}
+    target: str | None = None
+
+
+def load_target(name_or_path: str) -> dict[str, Any]:
+    """A device profile from targets/ (by name) or a TOML file."""
+    import tomllib
+
+    p = Path(name_or_path)
+    if not p.is_file():
+        p = TARGETS_DIR / f"{name_or_path}.toml"
+    if not p.is_file():
+        known = sorted(x.stem for x in TARGETS_DIR.glob("*.toml")) if TARGETS_DIR.is_dir() else []
+        raise VitexportError(f"unknown target '{name_or_path}': choose one of {', '.join(known) or '(none installed)'} or pass a .toml file")
+    try:
+        return {"name": p.stem, **tomllib.loads(p.read_text())}
+    except tomllib.TOMLDecodeError as e:
+        raise VitexportError(f"target file {p} is not valid TOML: {e}") from None
+
+
+def target_settings(target: str | None, backend: str | None, precisions: Sequence[str] | None, threads: int | None) -> dict[str, Any]:
+    """BuildOptions fields from a device profile; what the user gave explicitly (not None) wins."""
+    t = load_target(target) if target else {}
+    return {
+        "backend": backend or t.get("backend", "onnxruntime"),
+        "precisions": tuple(precisions or t.get("precisions", ("fp32", "int8", "int4"))),
+        "threads": threads if threads is not None else t.get("threads"),
+        "options": {k: dict(v) for k, v in (t.get("options") or {}).items()},
+        "target": t.get("name"),
+    }
+
+
+def _require_default(path: str | None, what: str, flag: str) -> None:
+    if path and not Path(path).exists() and Path(path).is_relative_to(REPO_ROOT):
+        raise VitexportError(f"the built-in default {what} is not here ({path}): pass {flag}")
+
+
+def build(opts: BuildOptions, progress: Progress | None = None) -> Report:
+    progress = progress or Progress(enabled=False)
+    for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
+        _require_default(path, what, flag)
+    backend = _backends.get(opts.backend)
+    ok, why = backend.available()
+    if not ok:
+        raise VitexportError(f"backend {opts.backend} is not available here: {why}")
+    precisions = _backends.parse_precisions(opts.precisions, backend)
+
+    from .model import ModelSpec  # needs transformers; eval/bench never import it
+
+    progress.step(f"loading {opts.model}")
+    spec = ModelSpec.load(opts.model, trust_pickle=opts.trust_pickle)
+    if not opts.eval:
+        raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
+    evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
+    calibset = None
+    if any(_backends.needs_calibration(p) or p == "int4" for p in precisions):
+        if not opts.calib:
+            raise VitexportError(f"{', '.join(p for p in precisions if p != 'fp32')} need calibration images: pass --calib DIR")
+        calibset = ImageSet.from_folder(opts.calib, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_calib)
+        shared = overlap(calibset, evalset)
+        if shared:
+            log.warning("%d calibration images are also evaluation images: accuracy figures will flatter the quantized rows", shared)
+
+    with staged_output(Path(opts.out), opts.force) as tmp:
+        cache = tmp / ".work"
+        eval_x = _materialize(evalset, cache / "eval.npy", progress, "preprocessing eval images")
+        calibration = None
+        if calibset is not None:
+            calib_x = _materialize(calibset, cache / "calib.npy", progress, "preprocessing calibration images")
+            calibration = _backends.Calibration(batches=lambda: (np.asarray(calib_x[i : i + 16]) for i in range(0, len(calib_x), 16)), count=len(calib_x), source=str(calibset.root))
+
+        from .export import export_reference
+
+        progress.step(f"exporting {spec.architecture} to ONNX (opset {opts.opset}) and checking it against PyTorch")
+        reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset)
+
+        artifacts: list[Artifact] = []
+        for precision in precisions:
+            progress.step(f"building {backend.name} {precision}")
+            with progress.bar(f"calibrating {precision}", total=None) as tick:
+                options = {**opts.options, "progress": tick}
+                artifacts.append(backend.build(reference, calibration, precision, options, tmp / f"{backend.name}-{precision}"))
+
+        rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path)
+        shutil.rmtree(cache, ignore_errors=True)
+        report = Report(
+            model=spec.summary(reference.num_parameters),
+            rows=tuple(replace(r, path=str(Path(opts.out) / Path(r.path).relative_to(tmp))) for r in rows),
+            reference={"opset": reference.opset, "verification": dict(reference.verification)},
+            evaluation={
+                "images": len(evalset),
+                "source": str(evalset.root),
+                "labelled": sum(lab is not None for lab in evalset.labels),
+                "label_source": evalset.label_source,
+                "calibration_images": calibration.count if calibration else 0,
+                "calibration_source": calibration.source if calibration else None,
+                "preprocessing": spec.preprocessing.to_dict(),
+                "target": opts.target,
+            },
+            host=host_info(),
+            tools=tool_versions(),
+            created=now(),
+        )
+        report.write(tmp)
+    return report
+
+
+def _materialize(images: ImageSet, path: Path, progress: Progress, label: str) -> np.ndarray:
+    """Decode and preprocess every image once, into a memory-mapped array (memory stays flat for big sets)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(images), *images.load(0).shape))
+    with progress.bar(label, total=len(images)) as tick:
+        for i in range(len(images)):
+            arr[i] = images.load(i)
+            tick(1)
+    arr.flush()
+    return arr
+
+
+def measure_artifacts(
+    artifacts: Sequence[Artifact],
+    inputs: np.ndarray,
+    labels: Sequence[int | None],
+    classifier: bool,
+    opts: BuildOptions,
+    progress: Progress,
+    reference_path: Path | None = None,
+    reference_outputs: np.ndarray | None = None,
+) -> list[Row]:
+    """Run every artifact that can run here on the same inputs; the fp32 reference outputs are computed once."""
+    from .backends.onnxruntime import OrtRunner
+
+    ref_out = reference_outputs
+    is_reference = lambda a: a.backend == "onnxruntime" and a.precision == "fp32"  # noqa: E731
+    if ref_out is None and reference_path is not None and not any(is_reference(a) for a in artifacts):
+        ref_out = _accuracy.run_all(OrtRunner(reference_path, opts.threads), inputs, opts.batch_size)
+    rows = []
+    for art in sorted(artifacts, key=lambda a: not is_reference(a)):
+        notes: list[str] = []
+        acc = lat = mem = None
+        try:
+            runner = _backends.get(art.backend).runner(art, opts.threads)
+        except VitexportError as e:
+            runner = None
+            notes.append(f"not run here: {e}")
+        if runner is not None:
+            with PeakMemory() as pm, progress.bar(f"evaluating {art.name}", total=len(inputs)) as tick:
+                outputs = _accuracy.run_all(runner, inputs, opts.batch_size, tick)
+            if ref_out is None and is_reference(art):
+                ref_out = outputs
+            acc = _accuracy.score(outputs, labels, ref_out, classifier, runner.emulated).to_dict()
+            mem = {"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + evaluate"}
+            if opts.latency and not runner.emulated:
+                progress.step(f"timing {art.name}")
+                lat = measure(runner, np.asarray(inputs[:16])).to_dict()
+            elif runner.emulated:
+                notes.append("latency not measured: the target's runtime is not on this host")
+            del runner
+        rows.append(Row(art.name, art.backend, art.precision, str(art.path), art.size_bytes, acc, lat, mem, _recipe_view(art.manifest.get("recipe", {})), tuple(notes)))
+    order = {a.name: i for i, a in enumerate(artifacts)}
+    return sorted(rows, key=lambda r: order[r.name])
+
+
+def _recipe_view(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a recipe worth a report column; the whole recipe stays in the artifact's manifest."""
+    keep = ("summary", "kind", "method", "calibration_images", "block_size", "smoothquant_alpha", "activation_type", "weight_type")
+    return {k: recipe[k] for k in keep if k in recipe}
+
+
+# ---------------------------------------------------------------- one artifact
+
+
+def _artifact_images(artifact: Artifact, images: str | None, classes: str | None, limit: int | None) -> ImageSet | None:
+    if images is None:
+        return None
+    pre = Preprocessing.from_dict(artifact.manifest["preprocessing"])
+    labels = {i: name for i, name in enumerate(artifact.manifest.get("labels", []))}
+    return ImageSet.from_folder(images, pre, labels, classes, limit=limit)
+
+
+def evaluate(
+    artifact_path: str,
+    images: str,
+    reference: str | None = None,
+    classes: str | None = None,
+    limit: int | None = None,
+    threads: int | None = None,
+    latency: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given)."""
+    progress = progress or Progress(enabled=False)
+    art = Artifact.load(artifact_path)
+    imageset = _artifact_images(art, images, classes, limit)
+    assert imageset is not None
+    x = np.stack([imageset.load(i) for i in range(len(imageset))])
+    arts = [Artifact.load(reference), art] if reference else [art]
+    opts = BuildOptions(threads=threads, latency=latency)
+    classifier = art.manifest.get("io", {}).get("task", "classification") == "classification"
+    rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress)
+    return Report(
+        model=art.manifest.get("model", {}),
+        rows=tuple(rows),
+        evaluation={"images": len(imageset), "source": str(imageset.root), "labelled": sum(lab is not None for lab in imageset.labels), "label_source": imageset.label_source},
+        host=host_info(),
+        tools=tool_versions(),
+        created=now(),
+    )
+
+
+def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None) -> Report:
+    """Latency, throughput and peak memory of one artifact on this host."""
+    progress = progress or Progress(enabled=False)
+    art = Artifact.load(artifact_path)
+    imageset = _artifact_images(art, images, None, 16)
+    if imageset is not None:
+        x = np.stack([imageset.load(i) for i in range(len(imageset))])
+    else:
+        shape = [int(d) for d in art.manifest["io"]["input_shape"][1:]]
+        x = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
+    with PeakMemory() as pm:
+        runner = _backends.get(art.backend).runner(art, threads)
+        progress.step(f"timing {art.name} on {runner.device}")
+        lat = measure(runner, x, throughput_batch=throughput_batch)
+    notes = ("emulated runtime: these timings are not the target's",) if runner.emulated else ()
+    row = Row(art.name, art.backend, art.precision, str(art.path), art.size_bytes, None, lat.to_dict(), {"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + timing"}, _recipe_view(art.manifest.get("recipe", {})), notes)
+    return Report(model=art.manifest.get("model", {}), rows=(row,), host=host_info(), tools=tool_versions(), created=now())
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1

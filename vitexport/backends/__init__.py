@@ -1,0 +1,79 @@
+"""The Backend seam: one module per target, each with the same few entry points.
+
+A backend turns the verified fp32 reference ONNX (plus calibration images, where a precision needs them)
+into Artifacts, and says whether and how an artifact can run on this host. It never reloads the checkpoint.
+Backend modules import their runtime inside functions, so a missing runtime is a clear message.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+
+import numpy as np
+
+from ..errors import VitexportError
+
+# name -> "module:Class"; the module is imported only when the backend is asked for.
+REGISTRY: dict[str, str] = {
+    "onnxruntime": "vitexport.backends.onnxruntime:OnnxRuntimeBackend",
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Preprocessed calibration inputs; `batches()` starts a fresh pass each call (recipes may need two)."""
+
+    batches: Callable[[], Iterator[np.ndarray]]
+    count: int
+    source: str
+
+
+class Runner(Protocol):
+    emulated: bool  # True when the arithmetic is reproduced by another runtime, not measured on the target's own
+    device: str
+    runtime: str
+    threads: int | None
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class Backend(Protocol):
+    name: str
+    precisions: tuple[str, ...]
+
+    def available(self) -> tuple[bool, str]: ...
+
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path): ...
+
+    def runner(self, artifact, threads: int | None = None) -> Runner: ...
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: str) -> Backend:
+    if name not in REGISTRY:
+        raise VitexportError(f"unknown backend '{name}': choose one of {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def needs_calibration(precision: str) -> bool:
+    return precision in {"int8"}
+
+
+def parse_precisions(text: str | Iterable[str], backend: Backend) -> list[str]:
+    items = [p.strip().lower() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    if not items:
+        raise VitexportError("no precision given: pass e.g. --precision fp32,int8,int4")
+    bad = [p for p in items if p not in backend.precisions]
+    if bad:
+        raise VitexportError(f"backend {backend.name} has no precision {', '.join(bad)}: choose from {', '.join(backend.precisions)}")
+    if "fp32" in items:  # the reference row comes first
+        items.remove("fp32")
+        items.insert(0, "fp32")
+    return list(dict.fromkeys(items))

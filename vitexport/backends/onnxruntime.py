@@ -1,0 +1,131 @@
+"""ONNX Runtime target (x86/ARM CPU hosts, Raspberry Pi): fp32, static int8 (QDQ), int4 weight-only (MatMulNBits).
+
+The whole story of this target is here: what each precision is, how it is built from the reference
+ONNX, and how it runs. The quantization recipes themselves live in `vitexport.quantization`,
+shared with other backends that consume QDQ ONNX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..artifacts import Artifact, save_onnx, write_manifest
+from ..errors import VitexportError
+from . import Calibration
+
+log = logging.getLogger(__name__)
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    precisions = ("fp32", "int8", "int4")
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime
+        except ImportError:
+            return False, "onnxruntime is not installed: pip install onnxruntime"
+        return True, f"onnxruntime {onnxruntime.__version__}"
+
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / "model.onnx"
+        if precision == "fp32":
+            shutil.copyfile(reference.path, target)
+            if Path(str(reference.path) + ".data").exists():
+                shutil.copyfile(str(reference.path) + ".data", str(target) + ".data")
+            recipe: dict[str, Any] = {"kind": "float32 reference", "opset": reference.opset, "verification": dict(reference.verification)}
+        elif precision == "int8":
+            from ..quantization.int8 import Int8Recipe, quantize_int8
+
+            recipe_obj = _recipe(Int8Recipe, options.get("int8", {}))
+            model, recipe = quantize_int8(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
+            save_onnx(model, target, reference.metadata())
+        elif precision == "int4":
+            from ..quantization.int4 import Int4Recipe, quantize_int4
+
+            recipe_obj = _recipe(Int4Recipe, options.get("int4", {}))
+            model, recipe = quantize_int4(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
+            save_onnx(model, target, reference.metadata())
+        else:
+            raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")
+        if calibration is not None and precision != "fp32":
+            recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
+        return write_manifest(
+            out_dir,
+            backend=self.name,
+            precision=precision,
+            main=target.name,
+            model=reference.spec.summary(reference.num_parameters),
+            preprocessing=reference.spec.preprocessing.to_dict(),
+            labels=reference.spec.labels_list(),
+            io={"input": reference.input_name, "input_shape": ["batch", *reference.spec.input_shape], "output": reference.output_name, "task": reference.spec.task},
+            recipe=recipe,
+        )
+
+    def runner(self, artifact: Artifact, threads: int | None = None) -> "OrtRunner":
+        ok, why = self.available()
+        if not ok:
+            raise VitexportError(why)
+        return OrtRunner(artifact.path, threads)
+
+
+class OrtRunner:
+    """Runs an ONNX model on this host's CPU with ONNX Runtime: the real runtime, so nothing is emulated."""
+
+    emulated = False
+    runtime = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int | None = None, emulated: bool = False):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise VitexportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.threads = threads
+        self.emulated = emulated
+        self.runtime = f"onnxruntime {ort.__version__}"
+        self.device = f"{_cpu_name()} ({platform.machine()}), CPUExecutionProvider"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def _require(calibration: Calibration | None, precision: str) -> Calibration:
+    if calibration is None or calibration.count == 0:
+        raise VitexportError(f"{precision} needs calibration images: pass --calib DIR")
+    return calibration
+
+
+def _recipe(cls, overrides: Mapping[str, Any]):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise VitexportError(f"unknown {cls.__name__} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
+    return cls(**overrides)

@@ -1,0 +1,166 @@
+"""The `vitexport` command: parses arguments and calls vitexport.api. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import VitexportError
+
+EXIT_USAGE = 2  # a user mistake: bad path, bad image, unsupported model, missing runtime
+EXIT_GATE = 1  # the build finished but an artifact failed a --min-agreement / --max-top1-drop gate
+
+_EPILOG_BUILD = """examples:
+  vitexport build                                   # the shipped DeiT-tiny, ONNX Runtime fp32/int8/int4, into dist/
+  vitexport build --model google/vit-base-patch16-224 --calib imgs/calib --eval imgs/val --out vit-b
+  vitexport build --target raspberry-pi-5 --min-agreement 97 --max-top1-drop 0.5   # fails (exit 1) on a bad artifact
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import api, backends
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the report as JSON on stdout, nothing else")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress and no table; errors still go to stderr")
+    common.add_argument("--verbose", "-v", action="store_true", help="log what each stage does")
+    common.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for the runtimes (default: the runtime's own choice)")
+
+    p = argparse.ArgumentParser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
+    p.add_argument("--version", action="version", version=f"vitexport {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("build", parents=[common], help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json and report.md to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--model", default=str(api.DEFAULT_MODEL), metavar="ID_OR_DIR", help="hub id (google/vit-base-patch16-224, facebook/deit-tiny-patch16-224, google/vit-base-patch16-224-in21k) or checkpoint directory (default: the shipped DeiT-tiny)")
+    b.add_argument("--backend", choices=backends.names(), help="target runtime (default: the --target's, else onnxruntime)")
+    b.add_argument("--precision", metavar="LIST", help="comma-separated precisions (default: the --target's, else fp32,int8,int4)")
+    b.add_argument("--target", metavar="NAME_OR_TOML", help="device profile from targets/ (sets backend, precisions, recipe options unless given here)")
+    b.add_argument("--calib", default=str(api.DEFAULT_CALIB), metavar="DIR", help="calibration images (default: the shipped calibration set)")
+    b.add_argument("--eval", default=str(api.DEFAULT_EVAL), metavar="DIR", help="evaluation images; labels from an ImageFolder layout or WNID_* names + classes.tsv (default: the shipped quick-eval set)")
+    b.add_argument("--classes", metavar="TSV", help="index<TAB>wnid<TAB>label file for WNID_* image names (default: classes.tsv inside the image folder)")
+    b.add_argument("--num-calib", type=int, default=None, metavar="N", help="use at most N calibration images (default: all)")
+    b.add_argument("--num-eval", type=int, default=None, metavar="N", help="use at most N evaluation images (default: all)")
+    b.add_argument("--out", default="dist", metavar="DIR", help="output folder (default: dist)")
+    b.add_argument("--force", action="store_true", help="replace --out if it exists (the old one is kept until the new one is complete)")
+    b.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or newer (default: 18)")
+    b.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that only have pickle (.bin) weights")
+    b.add_argument("--no-latency", action="store_true", help="skip timing (accuracy, size and memory only)")
+    b.add_argument("--min-agreement", type=float, metavar="PCT", help="exit 1 if any artifact agrees with fp32 top-1 on fewer than PCT%% of images")
+    b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
+
+    e = sub.add_parser("eval", parents=[common], help="accuracy of one artifact on a folder of images", description="Measure one artifact's accuracy on a folder of images with the preprocessing recorded in its manifest. Needs only the artifact's runtime, numpy and pillow (no torch).")
+    e.add_argument("artifact", help="artifact folder (or a file inside it), e.g. dist/onnxruntime-int8")
+    e.add_argument("--images", required=True, metavar="DIR", help="images; labels from an ImageFolder layout or WNID_* names + classes.tsv")
+    e.add_argument("--reference", metavar="ARTIFACT", help="an fp32 artifact to measure top-1 agreement and cosine against")
+    e.add_argument("--classes", metavar="TSV", help="index<TAB>wnid<TAB>label file for WNID_* image names")
+    e.add_argument("--limit", type=int, metavar="N", help="use at most N images")
+    e.add_argument("--latency", action="store_true", help="also time batch-1 latency")
+
+    n = sub.add_parser("bench", parents=[common], help="latency, throughput and peak memory of one artifact on this host", description="Time one artifact on this host: batch-1 p50/p90 latency after warm-up, throughput at a larger batch, peak memory. Needs only the artifact's runtime and numpy.")
+    n.add_argument("artifact", help="artifact folder (or a file inside it)")
+    n.add_argument("--images", metavar="DIR", help="time on real images from DIR (default: random inputs of the right shape)")
+    n.add_argument("--batch", type=int, default=16, metavar="N", help="batch size for the throughput figure (default: 16)")
+
+    sub.add_parser("targets", parents=[common], help="list the device profiles in targets/")
+    return p
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vitexport: %(levelname)s: %(message)s" if not verbose else "%(name)s: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("vitexport").setLevel(level)
+    for noisy in ("onnx_ir", "onnxscript", "torch", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _emit(report, args) -> None:
+    from .harness.report import render_terminal
+
+    if args.json:
+        sys.stdout.write(report.to_json())
+    elif not args.quiet:
+        print(render_terminal(report))
+
+
+def _gate(report, min_agreement: float | None, max_drop: float | None) -> list[str]:
+    failures = []
+    ref = next((r for r in report.rows if r.precision == "fp32" and r.accuracy), None)
+    for r in report.rows:
+        a = r.accuracy or {}
+        if r is ref or not a:
+            continue
+        if min_agreement is not None and a.get("agreement") is not None and 100 * a["agreement"] < min_agreement:
+            failures.append(f"{r.name}: agreement {100 * a['agreement']:.1f}% < {min_agreement}%")
+        if max_drop is not None and ref and a.get("top1") is not None and ref.accuracy.get("top1") is not None:
+            drop = 100 * (ref.accuracy["top1"] - a["top1"])
+            if drop > max_drop:
+                failures.append(f"{r.name}: top-1 {drop:.1f} points below fp32 > {max_drop}")
+    return failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.quiet or args.json, args.verbose)
+    from . import api
+    from .progress import Progress
+
+    progress = Progress(enabled=not (args.quiet or args.json))
+    try:
+        if args.command == "build":
+            opts = api.BuildOptions(
+                model=args.model,
+                calib=args.calib,
+                eval=args.eval,
+                classes=args.classes,
+                num_calib=args.num_calib,
+                num_eval=args.num_eval,
+                out=args.out,
+                force=args.force,
+                opset=args.opset,
+                trust_pickle=args.trust_pickle,
+                latency=not args.no_latency,
+                **api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads),
+            )
+            report = api.build(opts, progress)
+            _emit(report, args)
+            if not (args.quiet or args.json):
+                print(f"\nwrote {args.out}/ (report.md, report.json, one folder per artifact)")
+            failures = _gate(report, args.min_agreement, args.max_top1_drop)
+            if failures:
+                print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
+                return EXIT_GATE
+        elif args.command == "eval":
+            _emit(api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress), args)
+        elif args.command == "bench":
+            _emit(api.bench(args.artifact, args.images, args.threads, args.batch, progress), args)
+        elif args.command == "targets":
+            names = sorted(p.stem for p in api.TARGETS_DIR.glob("*.toml")) if api.TARGETS_DIR.is_dir() else []
+            profiles = [api.load_target(n) for n in names]
+            if args.json:
+                print(json.dumps(profiles, indent=2))
+            else:
+                for t in profiles:
+                    print(f"{t['name']:<22} {t.get('backend', '?'):<12} {','.join(t.get('precisions', [])):<20} {t.get('description', '')}")
+    except VitexportError as e:
+        print(f"vitexport: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("vitexport: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
