@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from . import backends as _backends
-from .artifacts import Artifact, staged_output, tool_versions
+from .artifacts import Artifact, check_output, staged_output, tool_versions
 from .data import ImageSet, Preprocessing, overlap
 from .errors import VitexportError
 from .harness import accuracy as _accuracy
@@ -90,6 +90,7 @@ def _require_default(path: str | None, what: str, flag: str) -> None:
 
 def build(opts: BuildOptions, progress: Progress | None = None) -> Report:
     progress = progress or Progress(enabled=False)
+    check_output(Path(opts.out), opts.force)
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
         _require_default(path, what, flag)
     backend = _backends.get(opts.backend)

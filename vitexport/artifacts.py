@@ -120,6 +120,19 @@ def write_manifest(
     return Artifact(backend, precision, directory, main, manifest)
 
 
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any slow work if `out` cannot become the output folder."""
+    if out.exists() and not out.is_dir():
+        raise VitexportError(f"output path {out} is a file, not a folder: choose another --out")
+    if out.exists() and not force:
+        raise VitexportError(f"output folder {out} already exists: pass --force to replace it, or choose another --out")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise VitexportError(f"cannot write to {parent}: choose another --out")
+            break
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename.
@@ -127,10 +140,7 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     On any error the temporary folder is removed and `out` is left as it was.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise VitexportError(f"output folder {out} already exists: pass --force to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise VitexportError(f"output path {out} is a file, not a folder: choose another --out")
+    check_output(out, force)
     parent = out.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,98 @@
+"""Checkpoints in, verified reference ONNX out; anything that is not a ViT ends in one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import DEIT
+from vitexport.errors import VitexportError
+from vitexport.export import export_reference
+from vitexport.model import ModelSpec
+
+
+def test_deit_spec_reads_its_own_preprocessing():
+    spec = ModelSpec.load(DEIT)
+    assert spec.task == "classification" and spec.architecture == "ViTForImageClassification"
+    assert spec.preprocessing.resize == (256, 256) and spec.preprocessing.crop == (224, 224)
+    assert len(spec.id2label) == 1000 and spec.id2label[0].startswith("tench")
+    assert spec.input_shape == (3, 224, 224)
+
+
+def test_backbone_is_an_embedding_model(tiny_backbone):
+    spec = ModelSpec.load(tiny_backbone)
+    assert spec.task == "embedding" and spec.output_name == "embedding" and spec.id2label == {}
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("bert", "'bert' checkpoint"),
+        ("missing", "not found"),
+        ("no_config", "no config.json"),
+        ("pickle_only", "--trust-pickle"),
+        ("file", "not a file"),
+    ],
+)
+def test_unsupported_checkpoints(tmp_path, bert_dir, tiny_vit, case, match):
+    if case == "bert":
+        src = bert_dir
+    elif case == "missing":
+        src = tmp_path / "nope"
+    elif case == "no_config":
+        src = tmp_path
+    elif case == "file":
+        src = tmp_path / "model.safetensors"
+        src.write_bytes(b"x")
+    else:
+        src = tmp_path / "pickled"
+        src.mkdir()
+        (src / "config.json").write_text((tiny_vit / "config.json").read_text())
+        (src / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(VitexportError, match=match):
+        ModelSpec.load(src)
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VitexportError, match="Hugging Face Hub"):
+        ModelSpec.load("google/vit-base-patch16-224-does-not-exist")
+
+
+def _export(src: Path, out: Path):
+    spec = ModelSpec.load(src)
+    x = np.random.default_rng(0).standard_normal((4, *spec.input_shape)).astype(np.float32)
+    return spec, export_reference(spec, out, x)
+
+
+def test_classifier_export_is_verified_and_self_describing(tiny_vit, tmp_path):
+    spec, ref = _export(tiny_vit, tmp_path)
+    assert ref.verification["max_abs_diff"] < 1e-4 and ref.verification["top1_agreement"] == 1.0
+    model = onnx.load(ref.path)
+    ops = {n.op_type for n in model.graph.node}
+    assert "LayerNormalization" in ops and "ReduceMean" not in ops  # LayerNorm kept whole
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert '"cat"' in meta["vitexport.labels"] and "mean" in meta["vitexport.preprocessing"]
+    sess = ort.InferenceSession(str(ref.path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):  # dynamic batch axis
+        out = sess.run(None, {"pixel_values": np.zeros((batch, 3, 32, 32), np.float32)})[0]
+        assert out.shape == (batch, 4)
+
+
+def test_backbone_export_outputs_the_pooled_embedding(tiny_backbone, tmp_path):
+    spec, ref = _export(tiny_backbone, tmp_path)
+    assert ref.verification["embedding"] == "pooler_output"
+    sess = ort.InferenceSession(str(ref.path), providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].name == "embedding"
+    assert sess.run(None, {"pixel_values": np.zeros((2, 3, 32, 32), np.float32)})[0].shape == (2, 32)
+
+
+def test_old_opsets_are_refused(tiny_vit, tmp_path):
+    spec = ModelSpec.load(tiny_vit)
+    with pytest.raises(VitexportError, match="opset 17"):
+        export_reference(spec, tmp_path, np.zeros((2, 3, 32, 32), np.float32), opset=16)
