@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -88,7 +89,12 @@ def _require_default(path: str | None, what: str, flag: str) -> None:
         raise VitexportError(f"the built-in default {what} is not here ({path}): pass {flag}")
 
 
-def build(opts: BuildOptions, progress: Progress | None = None) -> Report:
+def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: Sequence[Callable[..., Artifact]] = ()) -> Report:
+    """Export, build one artifact per precision, measure all of them, write --out. Returns the Report.
+
+    `extra_builders` (reference, calibration, out_dir) -> Artifact add rows built some other way (benchmarks use
+    this for stock-recipe baselines), measured by the same harness in the same run.
+    """
     progress = progress or Progress(enabled=False)
     check_output(Path(opts.out), opts.force)
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
@@ -129,13 +135,25 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> Report:
         reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset)
 
         artifacts: list[Artifact] = []
+        builds: dict[str, dict[str, Any]] = {}
+
+        def timed(make) -> None:
+            start = time.perf_counter()
+            with PeakMemory() as pm:
+                art = make()
+            artifacts.append(art)
+            builds[art.name] = {"seconds": round(time.perf_counter() - start, 2), "peak_mb": pm.peak_mb, "process_peak_mb": PeakMemory.process_peak_mb()}
+
         for precision in precisions:
             progress.step(f"building {backend.name} {precision}")
-            with progress.bar(f"calibrating {precision}", total=None) as tick:
+            with progress.bar(f"{precision}: calibration images", total=None) as tick:
                 options = {**opts.options, "progress": tick}
-                artifacts.append(backend.build(reference, calibration, precision, options, tmp / f"{backend.name}-{precision}"))
+                timed(lambda: backend.build(reference, calibration, precision, options, tmp / f"{backend.name}-{precision}"))
+        for make_extra in extra_builders:
+            timed(lambda: make_extra(reference, calibration, tmp))
 
         rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path)
+        rows = [replace(r, build=builds.get(r.name)) for r in rows]
         shutil.rmtree(cache, ignore_errors=True)
         report = Report(
             model=spec.summary(reference.num_parameters),

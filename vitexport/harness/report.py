@@ -23,6 +23,7 @@ class Row:
     accuracy: Mapping[str, Any] | None = None  # top1, top5, agreement, cosine, n, n_labelled, emulated
     latency: Mapping[str, Any] | None = None  # batch, p50_ms, p90_ms, mean_ms, runs, threads, device, runtime, throughput_*
     memory: Mapping[str, Any] | None = None  # peak_mb, method
+    build: Mapping[str, Any] | None = None  # seconds, peak_mb (above the start of the step), process_peak_mb
     recipe: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
 
@@ -171,6 +172,8 @@ def render_markdown(report: Report) -> str:
         rec = r.recipe or {}
         if rec.get("summary"):
             details.append(str(rec["summary"]))
+        if r.build:
+            details.append(f"built in {r.build.get('seconds', 0):.0f} s, peak memory +{r.build.get('peak_mb') or 0:.0f} MB")
         if r.latency:
             details.append(f"latency on {r.latency.get('device', '?')}, {r.latency.get('runtime', '?')}, {r.latency.get('threads', '?')} threads, {r.latency.get('runs', '?')} runs")
         details += list(r.notes)
