@@ -96,3 +96,18 @@ def test_old_opsets_are_refused(tiny_vit, tmp_path):
     spec = ModelSpec.load(tiny_vit)
     with pytest.raises(VitexportError, match="opset 17"):
         export_reference(spec, tmp_path, np.zeros((2, 3, 32, 32), np.float32), opset=16)
+
+
+def test_distilled_deit_exports(tmp_path):
+    """facebook/deit-*-distilled: model_type deit, two tokens (CLS + distillation), logits = mean of both heads."""
+    import torch
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    from conftest import save_checkpoint
+
+    torch.manual_seed(2)
+    cfg = DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+    ckpt = save_checkpoint(DeiTForImageClassificationWithTeacher(cfg).eval(), tmp_path / "deit", 32)
+    spec, ref = _export(ckpt, tmp_path / "out")
+    assert spec.model_type == "deit" and spec.task == "classification"
+    assert ref.verification["max_abs_diff"] < 1e-4

@@ -113,7 +113,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
     evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
     calibset = None
-    if any(_backends.needs_calibration(p) or p == "int4" for p in precisions):
+    if extra_builders or any(_backends.needs_calibration(p) for p in precisions):
         if not opts.calib:
             raise VitexportError(f"{', '.join(p for p in precisions if p != 'fp32')} need calibration images: pass --calib DIR")
         calibset = ImageSet.from_folder(opts.calib, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_calib)

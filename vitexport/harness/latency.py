@@ -71,3 +71,18 @@ def measure(
         throughput_batch=throughput_batch if ips else None,
         throughput_ips=ips,
     )
+
+
+def compare(runners: dict, sample: np.ndarray, rounds: int = 5, seconds: float = 2.0) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of several runners, interleaved round by round so drift and noise hit all alike.
+
+    Returns {name: {"p50_ms": median over rounds of each round's median, "spread": max/min of the round medians}}.
+    """
+    x1 = np.ascontiguousarray(sample[:1], dtype=np.float32)
+    for r in runners.values():
+        _time_runs(r, x1, 3, 0.5, 5.0, 1000)
+    per_round: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, r in runners.items():
+            per_round[name].append(float(np.median(_time_runs(r, x1, 5, seconds, 4 * seconds, 1000))) * 1e3)
+    return {name: {"p50_ms": float(np.median(v)), "spread": float(max(v) / min(v))} for name, v in per_round.items()}
