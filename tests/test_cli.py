@@ -129,3 +129,31 @@ def test_help_is_complete(capsys):
     text = capsys.readouterr().out
     for flag in ("--model", "--backend", "--precision", "--calib", "--eval", "--num-calib", "--out", "--force", "--json", "--quiet", "--images", "--target"):
         assert flag in text
+
+
+@pytest.fixture(scope="module")
+def built_all(tiny_vit, image_folder, calib_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("built_all") / "dist"
+    assert main(_build(tiny_vit, image_folder, calib_folder, out, "--precision", "int4,fp32,int8", "--quiet")) == 0
+    return out
+
+
+def test_every_onnxruntime_precision_is_a_measured_row(built_all):
+    report = json.loads((built_all / "report.json").read_text())
+    rows = {r["precision"]: r for r in report["rows"]}
+    assert [r["precision"] for r in report["rows"]] == ["fp32", "int8", "int4"]  # the reference row first
+    assert rows["int8"]["size_bytes"] < rows["fp32"]["size_bytes"]
+    for p in ("int8", "int4"):
+        a = rows[p]["accuracy"]
+        assert a["emulated"] is False and 0.0 <= a["agreement"] <= 1.0 and a["cosine"] > 0.9
+        assert rows[p]["build"]["seconds"] >= 0 and rows[p]["recipe"]
+        manifest = json.loads((built_all / f"onnxruntime-{p}" / "manifest.json").read_text())
+        assert manifest["recipe"]["calibration_images"] == 12
+    assert report["evaluation"]["calibration_images"] == 12
+
+
+def test_quality_gate_fails_the_build_step(tiny_vit, image_folder, calib_folder, tmp_path, capsys):
+    argv = _build(tiny_vit, image_folder, calib_folder, tmp_path / "d", "--precision", "fp32,int8", "--quiet", "--min-agreement", "100.1")
+    assert main(argv) == 1
+    assert "quality gate failed" in capsys.readouterr().err
+    assert (tmp_path / "d" / "report.json").exists()  # the report is still there to read

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -265,11 +266,13 @@ def evaluate(
     art = Artifact.load(artifact_path)
     imageset = _artifact_images(art, images, classes, limit)
     assert imageset is not None
-    x = np.stack([imageset.load(i) for i in range(len(imageset))])
     arts = [Artifact.load(reference), art] if reference else [art]
     opts = BuildOptions(threads=threads, latency=latency)
     classifier = art.manifest.get("io", {}).get("task", "classification") == "classification"
-    rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress)
+    with tempfile.TemporaryDirectory(prefix="vitexport-eval-") as tmp:
+        x = _materialize(imageset, Path(tmp) / "images.npy", progress, "preprocessing images")
+        rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress)
+        del x
     return Report(
         model=art.manifest.get("model", {}),
         rows=tuple(rows),
