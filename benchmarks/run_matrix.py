@@ -60,17 +60,7 @@ def shared_split(shared: Path, work: Path) -> tuple[Path, Path]:
 
 
 def _baseline(reference, out_dir: Path, name: str, model_path: Path, recipe: dict) -> Artifact:
-    return write_manifest(
-        out_dir,
-        backend="onnxruntime",
-        precision=name,
-        main=model_path.name,
-        model=reference.spec.summary(reference.num_parameters),
-        preprocessing=reference.spec.preprocessing.to_dict(),
-        labels=reference.spec.labels_list(),
-        io={"input": reference.input_name, "input_shape": ["batch", *reference.spec.input_shape], "output": reference.output_name, "task": reference.spec.task},
-        recipe=recipe,
-    )
+    return write_manifest(out_dir, backend="onnxruntime", precision=name, main=model_path.name, recipe=recipe, **reference.manifest_fields())
 
 
 def stock_static(max_images: int):

@@ -53,6 +53,15 @@ class Reference:
             "vitexport.embedding": self.verification.get("embedding", ""),
         }
 
+    def manifest_fields(self) -> dict[str, Any]:
+        """What every artifact's manifest says about the model it came from (see artifacts.write_manifest)."""
+        return {
+            "model": self.spec.summary(self.num_parameters),
+            "preprocessing": self.spec.preprocessing.to_dict(),
+            "labels": self.spec.labels_list(),
+            "io": {"input": self.input_name, "input_shape": ["batch", *self.spec.input_shape], "output": self.output_name, "task": self.spec.task},
+        }
+
     def load(self):
         import onnx
 

@@ -58,17 +58,7 @@ class OnnxRuntimeBackend:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")
         if calibration is not None and precision != "fp32":
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
-        return write_manifest(
-            out_dir,
-            backend=self.name,
-            precision=precision,
-            main=target.name,
-            model=reference.spec.summary(reference.num_parameters),
-            preprocessing=reference.spec.preprocessing.to_dict(),
-            labels=reference.spec.labels_list(),
-            io={"input": reference.input_name, "input_shape": ["batch", *reference.spec.input_shape], "output": reference.output_name, "task": reference.spec.task},
-            recipe=recipe,
-        )
+        return write_manifest(out_dir, backend=self.name, precision=precision, main=target.name, recipe=recipe, **reference.manifest_fields())
 
     def runner(self, artifact: Artifact, threads: int | None = None) -> "OrtRunner":
         ok, why = self.available()
