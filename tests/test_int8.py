@@ -1,0 +1,134 @@
+"""The ViT-aware int8 recipe: where Q/DQ go, streaming statistics, GPTQ/compensation, fallback, and real accuracy."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from conftest import CALIB, DEIT, EVAL
+from vitexport.quantization.calibration import MinMaxObserver, stream_activations
+from vitexport.quantization.graph import find_linears
+from vitexport.quantization.int8 import Int8Recipe, compensate, gptq_weight, quantize_int8, quantize_weight
+
+EXACT = Int8Recipe(fallback_budget=0.0)  # everything quantized: structure tests see every Q/DQ
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_vit, tmp_path_factory):
+    from vitexport.export import export_reference
+    from vitexport.model import ModelSpec
+
+    spec = ModelSpec.load(tiny_vit)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    return export_reference(spec, tmp_path_factory.mktemp("ref"), x).load()
+
+
+def _batches(n=12, bs=4, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
+    return lambda: (x[i : i + bs] for i in range(0, n, bs))
+
+
+def _run(model, x):
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"pixel_values": x})[0]
+
+
+def test_qdq_sits_only_on_linear_inputs(tiny_onnx):
+    q, summary = quantize_int8(tiny_onnx, _batches(), EXACT)
+    producers = {o: n for n in q.graph.node for o in n.output}
+    quantized = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantized and summary["counts"]["quantized"] == 12  # 2 blocks x (q, k, v, out, fc1, fc2)
+    for n in quantized:  # what gets quantized is the input of a linear layer, never LayerNorm/Softmax/residual themselves
+        consumers = [c for c in q.graph.node if n.output[0] in c.input]
+        assert all(c.op_type == "DequantizeLinear" for c in consumers)
+    for n in q.graph.node:
+        if n.op_type in ("Softmax", "Add") and any(i in producers and producers[i].op_type == "DequantizeLinear" for i in n.input):
+            pytest.fail(f"{n.op_type} {n.name} reads a dequantized tensor")
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    weight_dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].ndim == 2]
+    assert len(weight_dq) == 12
+    for n in weight_dq:
+        w, scale = inits[n.input[0]], inits[n.input[1]]
+        assert w.dtype == np.int8 and np.abs(w).max() <= 63  # 7-bit: no int16 saturation on AVX2 without VNNI
+        assert scale.ndim == 1 and scale.shape[0] == w.shape[1]  # per output channel
+        assert {a.name: a.i for a in n.attribute}.get("axis") == 1
+    assert onnx.load_model_from_string(tiny_onnx.SerializeToString()) == tiny_onnx  # input model untouched
+
+
+def test_symmetric_activations_have_zero_point_zero(tiny_onnx):
+    q, _ = quantize_int8(tiny_onnx, _batches(), dataclasses.replace(EXACT, symmetric_activations=True))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp = inits[n.input[2]]
+            assert zp.dtype == np.int8 and int(zp) == 0
+
+
+def test_result_stays_close_to_float(tiny_onnx):
+    x = next(_batches(8, 8, seed=5)())
+    q, _ = quantize_int8(tiny_onnx, _batches(), EXACT)
+    ref, out = _run(tiny_onnx, x), _run(q, x)
+    cos = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    assert cos.min() > 0.98
+
+
+def test_streaming_statistics_do_not_depend_on_batching(tiny_onnx):
+    names = [l.activation for l in find_linears(tiny_onnx)][:3]
+    a, b = MinMaxObserver(), MinMaxObserver()
+    stream_activations(tiny_onnx, names, _batches(12, 2), a)
+    stream_activations(tiny_onnx, names, _batches(12, 5), b)
+    for n in names:
+        assert a.min[n] == pytest.approx(b.min[n]) and a.max[n] == pytest.approx(b.max[n])
+
+
+def _layer(seed=0, k=64, n=32, rows=4000):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = rng.standard_normal((rows, k)) @ mix * (1 + 3 * rng.random(k))  # correlated inputs, uneven channels
+    return x, rng.standard_normal((k, n)) / np.sqrt(k)
+
+
+def test_gptq_lowers_output_error_against_round_to_nearest():
+    x, w = _layer()
+    q_rtn, s_rtn = quantize_weight(w, 1, reduce_range=True)
+    codes, s = gptq_weight(w.T, x.T @ x, reduce_range=True)
+    err = lambda wq: np.linalg.norm(x @ w - x @ wq)  # noqa: E731
+    assert err(codes.T * s) < 0.8 * err(q_rtn * s_rtn)
+
+
+def test_compensation_absorbs_deterministic_activation_error():
+    x, w = _layer(1)
+    x = np.where(x > 0, x, 0.05 * x)  # a GELU-like kink: coarse levels on one side are a function of x
+    scale = (x.max() - x.min()) / 255
+    xq = np.round(x / scale) * scale
+    w2 = compensate(w.T, xq.T @ xq, xq.T @ x, damp=0.01).T
+    assert np.linalg.norm(x @ w - xq @ w2) < np.linalg.norm(x @ w - xq @ w)
+
+
+def test_sensitivity_fallback_respects_its_budget(tiny_onnx):
+    _, summary = quantize_int8(tiny_onnx, _batches(), Int8Recipe(fallback_budget=0.3, fallback_images=4))
+    kept = summary["sensitivity_fallback"]["kept_float"]
+    assert kept and sum(k["mac_fraction"] for k in kept) <= 0.3 + 1e-9
+    assert summary["counts"]["quantized"] + len([f for f in summary["float"] if f["reason"] == "sensitivity fallback"]) == 12
+
+
+def test_real_deit_keeps_agreement(tmp_path):
+    """The recipe on the real DeiT-tiny, calibrated on the shipped calibration set, measured on the disjoint eval set."""
+    from vitexport.data import ImageSet
+    from vitexport.export import export_reference
+    from vitexport.model import ModelSpec
+
+    spec = ModelSpec.load(DEIT)
+    calib = ImageSet.from_folder(CALIB, spec.preprocessing, limit=64)
+    evals = ImageSet.from_folder(EVAL, spec.preprocessing)
+    xc = np.stack([calib.load(i) for i in range(len(calib))])
+    xe = np.stack([evals.load(i) for i in range(len(evals))])
+    ref = export_reference(spec, tmp_path, xe[:4]).load()
+    q, summary = quantize_int8(ref, lambda: (xc[i : i + 16] for i in range(0, len(xc), 16)))
+    agree = float((_run(ref, xe).argmax(1) == _run(q, xe).argmax(1)).mean())
+    assert agree >= 0.97, (agree, summary["sensitivity_fallback"])

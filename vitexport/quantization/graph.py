@@ -1,0 +1,286 @@
+"""Structural view of a ViT ONNX graph: which nodes are the linear layers and what role each plays.
+
+Initializer and node names of exported graphs are not reliable (the dynamo exporter emits names like
+``val_31``), so everything here is found from the graph structure only:
+
+- a *linear* is a ``MatMul`` whose second input is a constant 2-D tensor (``[K, N]``), optionally followed by an
+  ``Add`` with a constant 1-D bias, or a ``Gemm`` with a constant ``B`` (``transB`` respected, see ``Linear.trans_b``);
+- its *role* comes from the producer of its activation input (looking through shape-only ops such as
+  Reshape/Transpose/Gather/Slice/Squeeze/Flatten) and from what consumes its output:
+
+  ===============  ========================================================================================
+  ``qkv``          activation from a LayerNormalization, output flows (via Reshape/Transpose) into a MatMul of
+                   two activations (the attention scores / context): the q, k, v projections
+  ``fc1``          activation from a LayerNormalization, output flows into a GELU (Erf / Tanh / Gelu op)
+  ``head``         activation from the LayerNormalization that starts no block (the final one), e.g. the
+                   classifier or the pooler dense
+  ``attn_out``     activation is the attention context (MatMul(Softmax, V) reshaped back)
+  ``fc2``          activation is a GELU output
+  ``patch_embed``  a linear before the first LayerNormalization (patch embedding written as a MatMul)
+  ``other``        anything else
+  ===============  ========================================================================================
+
+- its *block* is the index of the transformer block it belongs to: blocks are counted in topological order of
+  the LayerNormalizations that feed q/k/v projections; ``None`` for the head, patch embedding and anything outside
+  a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ROLES = ("qkv", "attn_out", "fc1", "fc2", "head", "patch_embed", "other")
+
+# ops that only move data around: look through them when finding "who really produced this tensor"
+_SHAPE_OPS = {"Reshape", "Transpose", "Gather", "Slice", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Split", "Concat"}
+_GELU_OPS = {"Gelu", "FastGelu", "BiasGelu", "QuickGelu"}
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer of the graph.
+
+    node:       the MatMul or Gemm NodeProto (a reference into the model it was found in)
+    op_type:    "MatMul" or "Gemm"
+    role:       one of ROLES
+    block:      transformer block index (0-based) or None
+    activation: name of the activation input tensor (input 0)
+    weight:     name of the constant weight tensor (input 1; an initializer or a Constant node output).
+                For MatMul the layout is [K, N]; for Gemm it is [N, K] when ``trans_b`` else [K, N].
+    bias:       name of the constant bias tensor (the following Add's constant input, or Gemm's C), or None
+    """
+
+    node: onnx.NodeProto
+    op_type: str
+    role: str
+    block: int | None
+    activation: str
+    weight: str
+    bias: str | None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def trans_b(self) -> bool:
+        """True when the stored weight is [N, K] (Gemm with transB=1)."""
+        if self.op_type != "Gemm":
+            return False
+        return any(a.name == "transB" and a.i == 1 for a in self.node.attribute)
+
+    def __hash__(self) -> int:  # NodeProto is unhashable; the node's identity is enough
+        return hash((self.op_type, self.activation, self.weight, self.bias, tuple(self.node.output)))
+
+
+class GraphIndex:
+    """Producer/consumer maps and constant lookup for one graph (no copies of the weights)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.graph = g
+        self.initializers = {t.name: t for t in g.initializer}
+        self.constants: dict[str, onnx.TensorProto] = {}
+        for n in g.node:
+            if n.op_type == "Constant" and len(n.output) == 1:
+                for a in n.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        self.constants[n.output[0]] = a.t
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for o in n.output:
+                if o:
+                    self.producer[o] = n
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.graph_inputs = {i.name for i in g.input} - set(self.initializers)
+        self.graph_outputs = {o.name for o in g.output}
+
+    def is_const(self, name: str) -> bool:
+        return name in self.initializers or name in self.constants
+
+    def const_tensor(self, name: str) -> onnx.TensorProto | None:
+        return self.initializers.get(name) or self.constants.get(name)
+
+    def const_shape(self, name: str) -> tuple[int, ...] | None:
+        t = self.const_tensor(name)
+        return None if t is None else tuple(t.dims)
+
+    def const_array(self, name: str, base_dir: str | None = None) -> np.ndarray:
+        t = self.const_tensor(name)
+        if t is None:
+            raise KeyError(f"{name} is not a constant")
+        return numpy_helper.to_array(t, base_dir or "")
+
+    def source(self, name: str, max_hops: int = 8) -> onnx.NodeProto | None:
+        """The first producer of ``name`` that is not a shape-only op (following input 0)."""
+        for _ in range(max_hops):
+            n = self.producer.get(name)
+            if n is None or n.op_type not in _SHAPE_OPS:
+                return n
+            name = n.input[0]
+        return None
+
+    def reaches(self, name: str, pred, max_depth: int = 6, through=None) -> bool:
+        """True when some consumer path from ``name`` (at most ``max_depth`` nodes) hits a node with pred(node)."""
+        frontier = [(name, 0)]
+        seen = set()
+        while frontier:
+            t, d = frontier.pop()
+            for c in self.consumers.get(t, []):
+                if pred(c, t):
+                    return True
+                if d + 1 < max_depth and id(c) not in seen and (through is None or c.op_type in through):
+                    seen.add(id(c))
+                    frontier.extend((o, d + 1) for o in c.output)
+        return False
+
+
+def is_gelu_output(idx: GraphIndex, node: onnx.NodeProto | None) -> bool:
+    """Whether ``node`` is the last node of a GELU: a Gelu-family op, or a Mul/Add whose inputs trace back to Erf/Tanh within a few hops."""
+    if node is None:
+        return False
+    if node.op_type in _GELU_OPS or (node.domain == "com.microsoft" and "Gelu" in node.op_type):
+        return True
+    if node.op_type not in {"Mul", "Add"}:
+        return False
+    frontier, depth = [node], 0
+    while frontier and depth < 4:
+        nxt = []
+        for n in frontier:
+            for i in n.input:
+                p = idx.producer.get(i)
+                if p is None:
+                    continue
+                if p.op_type in {"Erf", "Tanh"}:
+                    return True
+                if p.op_type in {"Mul", "Add", "Div", "Pow", "Sigmoid"}:
+                    nxt.append(p)
+        frontier, depth = nxt, depth + 1
+    return False
+
+
+def _is_attention_matmul(idx: GraphIndex, node: onnx.NodeProto) -> bool:
+    return node.op_type == "MatMul" and not idx.is_const(node.input[1]) and not idx.is_const(node.input[0])
+
+
+def _weight_and_bias(idx: GraphIndex, node: onnx.NodeProto) -> tuple[str, str | None] | None:
+    if node.op_type == "MatMul":
+        if len(node.input) < 2 or not idx.is_const(node.input[1]) or idx.is_const(node.input[0]):
+            return None
+        shape = idx.const_shape(node.input[1])
+        if shape is None or len(shape) != 2:
+            return None
+        bias = None
+        cons = idx.consumers.get(node.output[0], [])
+        if len(cons) == 1 and cons[0].op_type == "Add":
+            add = cons[0]
+            other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            bshape = idx.const_shape(other)
+            if bshape is not None and len(bshape) == 1 and bshape[0] == shape[1]:
+                bias = other
+        return node.input[1], bias
+    if node.op_type == "Gemm":
+        attrs = {a.name: a for a in node.attribute}
+        if "transA" in attrs and attrs["transA"].i:
+            return None
+        if idx.is_const(node.input[0]) or not idx.is_const(node.input[1]):
+            return None
+        shape = idx.const_shape(node.input[1])
+        if shape is None or len(shape) != 2:
+            return None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] and idx.is_const(node.input[2]) else None
+        return node.input[1], bias
+    return None
+
+
+def _output_after_bias(idx: GraphIndex, node: onnx.NodeProto, bias: str | None) -> str:
+    out = node.output[0]
+    if bias is not None and node.op_type == "MatMul":
+        out = idx.consumers[out][0].output[0]
+    return out
+
+
+def find_linears(model: onnx.ModelProto) -> list[Linear]:
+    """All linear layers (MatMul / Gemm with a constant 2-D weight) in graph order, with roles and block indices.
+
+    Works on the model in memory; the returned ``Linear.node`` objects are references into ``model.graph``.
+    """
+    idx = GraphIndex(model)
+    order = {id(n): k for k, n in enumerate(model.graph.node)}
+    raw: list[tuple[onnx.NodeProto, str, str | None]] = []
+    for n in model.graph.node:
+        wb = _weight_and_bias(idx, n)
+        if wb is not None:
+            raw.append((n, wb[0], wb[1]))
+
+    def feeds_gelu(out: str) -> bool:
+        return idx.reaches(out, lambda c, t: c.op_type in {"Erf", "Tanh"} or c.op_type in _GELU_OPS or "Gelu" in c.op_type, max_depth=3)
+
+    def feeds_attention(out: str) -> bool:
+        return idx.reaches(out, lambda c, t: _is_attention_matmul(idx, c), max_depth=6, through=_SHAPE_OPS | {"Mul", "Div"})
+
+    lns = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    first_ln = order[id(lns[0])] if lns else None
+
+    prelim: list[tuple[onnx.NodeProto, str, str | None, str, onnx.NodeProto | None]] = []
+    for n, w, b in raw:
+        src = idx.source(n.input[0])
+        out = _output_after_bias(idx, n, b)
+        if first_ln is not None and order[id(n)] < first_ln:
+            role = "patch_embed"
+        elif src is not None and src.op_type == "LayerNormalization":
+            if feeds_attention(out):
+                role = "qkv"
+            elif feeds_gelu(out):
+                role = "fc1"
+            else:
+                role = "head"  # decided below: only if its LayerNorm starts no block
+        elif is_gelu_output(idx, src):
+            role = "fc2"
+        elif src is not None and _is_attention_matmul(idx, src):
+            role = "attn_out"
+        else:
+            role = "other"
+        prelim.append((n, w, b, role, src if src is not None and src.op_type == "LayerNormalization" else None))
+
+    # blocks: LayerNorms feeding q/k/v projections, in graph order
+    block_lns = sorted({id(ln): ln for *_, role, ln in prelim if role == "qkv" and ln is not None}.values(), key=lambda x: order[id(x)])
+    starts = [order[id(ln)] for ln in block_lns]
+
+    def block_of(n: onnx.NodeProto) -> int | None:
+        pos = order[id(n)]
+        k = sum(1 for s in starts if s < pos) - 1
+        return k if k >= 0 else None
+
+    result = []
+    for n, w, b, role, ln in prelim:
+        block = block_of(n)
+        if role == "head":
+            # a LayerNorm-fed linear that is neither attention nor MLP: head if after the last block, else "other"
+            if ln is not None and starts and order[id(ln)] > starts[-1] and not _ln_feeds_block(idx, ln, prelim):
+                block = None
+            else:
+                role = "other"
+        elif role == "patch_embed":
+            block = None
+        result.append(Linear(node=n, op_type=n.op_type, role=role, block=block, activation=n.input[0], weight=w, bias=b))
+    return result
+
+
+def _ln_feeds_block(idx: GraphIndex, ln: onnx.NodeProto, prelim) -> bool:
+    return any(l is ln and role in ("qkv", "fc1") for *_, role, l in prelim)
+
+
+def linears_by_role(linears: Iterable[Linear]) -> dict[str, list[Linear]]:
+    out: dict[str, list[Linear]] = {r: [] for r in ROLES}
+    for l in linears:
+        out[l.role].append(l)
+    return out

@@ -1,0 +1,662 @@
+"""ViT-aware static int8 (QDQ) for onnxruntime and QDQ-consuming targets.
+
+What it does, on a copy of the float model:
+
+1. finds the linear layers structurally (``graph.find_linears``) and quantizes only the activation inputs of the
+   ones whose role is in ``recipe.roles`` (by default the q/k/v, attention-output, fc1 and fc2 projections).
+   Attention matmuls, Softmax, LayerNorm, GELU and the residual adds stay float: quantizing them costs accuracy
+   and, on CPU, time (element-wise Q/DQ that no integer kernel absorbs);
+2. SmoothQuant: for each LayerNorm feeding only linears being quantized, a per-channel factor
+   ``s = max|x|^alpha / max|w_row|^(1-alpha)`` is folded into the LayerNorm (gamma/s, beta/s) and into the rows of
+   the consuming weights (w*s). Exact in float; it moves the post-LayerNorm channel outliers into the weights,
+   which are quantized per channel. Optionally the same is done for the attention output projection through the
+   value projection (columns of W_v and b_v divided by s, rows of W_o multiplied): exact because attention is
+   linear in V;
+3. streaming calibration (``calibration.stream_activations``): pass 1 keeps per-channel min/max/abs-max of every
+   quantized activation; pass 2 (histogram methods) fills fixed-range histograms on the smoothed model. Memory
+   does not depend on the number of images;
+4. activation ranges per tensor: "minmax", "percentile" or "mse" (range minimising the expected squared
+   quantization error over the histogram); uint8 asymmetric by default, int8 with zero point 0 when
+   ``symmetric_activations``;
+5. weights: per-output-channel symmetric int8 (``reduce_range``: 7-bit, [-63, 63]), stored as int8 initializers
+   behind DequantizeLinear;
+6. QuantizeLinear -> DequantizeLinear in front of each quantized linear's activation input (one Q per tensor,
+   one DQ per consumer) so onnxruntime fuses DQ+MatMul(+bias Add) into MatMulIntegerToFloat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .calibration import ChannelAbsMaxObserver, HistogramObserver, stream_activations
+from .graph import GraphIndex, Linear, find_linears
+
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """The int8 recipe. Defaults are the measured ViT-aware recipe (see the module docstring)."""
+
+    roles: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2")  # linear roles whose inputs are quantized
+    smoothquant_alpha: float | None = 0.5  # None or 0 disables SmoothQuant
+    smooth_outlier_ratio: float = 8.0  # smooth only inputs whose largest channel range is >= this x the median one
+    smooth_attn_out: bool = False  # also smooth the attention output projection through the value projection
+    calibration: str = "percentile"  # "minmax" | "percentile" | "mse"
+    percentile: float = 99.999  # for calibration="percentile"
+    histogram_bins: int = 2048
+    symmetric_activations: bool = False  # int8 activations with zero point 0 (e.g. for TensorRT)
+    reduce_range: bool = True  # 7-bit weights ([-63, 63]): avoids int16 saturation of u8*s8 pairs on AVX2 without VNNI
+    per_channel: bool = True  # per-output-channel weight scales
+    weight_rounding: str = "gptq"  # "gptq": error-compensating rounding from calibration X^T X; "rtn": round to nearest
+    gptq_damp: float = 0.01  # GPTQ: fraction of mean(diag(X^T X)) added to the diagonal
+    fallback_budget: float = 0.1  # at most this fraction of quantizable linear MACs may stay float, most sensitive first
+    fallback_images: int = 16  # calibration images used to measure each input's sensitivity
+    compensate_activations: bool = True  # GPTQ target is the float output X W from quantized inputs Q(X), not Q(X) W
+    keep_float: tuple[str, ...] = ()  # linears left float: node names, or "role" / "block:role" / "block" selectors
+    calibration_threads: int = 0  # onnxruntime intra-op threads during calibration (0 = default)
+
+    def __post_init__(self):
+        if self.weight_rounding not in ("gptq", "rtn"):
+            raise ValueError(f"weight_rounding must be 'gptq' or 'rtn', not {self.weight_rounding!r}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration must be one of {CALIBRATION_METHODS}, not {self.calibration!r}")
+        bad = set(self.roles) - {"qkv", "attn_out", "fc1", "fc2", "head", "patch_embed", "other"}
+        if bad:
+            raise ValueError(f"unknown linear roles {sorted(bad)}")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ValueError("smoothquant_alpha must be in [0, 1] or None")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selection
+
+
+def _kept_float(l: Linear, keep: Iterable[str]) -> str | None:
+    for k in keep:
+        if k == l.node.name or k == l.role or (l.block is not None and k in (str(l.block), f"{l.block}:{l.role}")):
+            return k
+    return None
+
+
+def select_linears(linears: list[Linear], recipe: Int8Recipe) -> tuple[list[Linear], list[dict]]:
+    """(to quantize, skipped with reasons)."""
+    chosen, skipped = [], []
+    for l in linears:
+        if l.role not in recipe.roles:
+            skipped.append({"node": l.node.name, "role": l.role, "block": l.block, "reason": f"role {l.role} not in recipe.roles"})
+            continue
+        k = _kept_float(l, recipe.keep_float)
+        if k is not None:
+            skipped.append({"node": l.node.name, "role": l.role, "block": l.block, "reason": f"kept float by recipe.keep_float ({k})"})
+            continue
+        chosen.append(l)
+    return chosen, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SmoothQuant
+
+
+@dataclass
+class SmoothGroup:
+    """A tensor whose channels are divided by ``s`` upstream (``kind``) and whose consumers' weight rows are multiplied by ``s``."""
+
+    kind: str  # "layernorm" | "value"
+    activation: str
+    consumers: list[Linear]
+    upstream: onnx.NodeProto  # the LayerNormalization, or the value-projection MatMul
+    upstream_bias: str | None = None  # value projection bias
+    scales: np.ndarray | None = None
+
+
+def _weight_rows(idx: GraphIndex, l: Linear) -> np.ndarray:
+    """|W| max per input channel (row of the [K, N] layout)."""
+    w = idx.const_array(l.weight)
+    if l.trans_b:
+        w = w.T
+    return np.abs(w).max(axis=1)
+
+
+def find_smooth_groups(model: onnx.ModelProto, chosen: list[Linear], recipe: Int8Recipe) -> list[SmoothGroup]:
+    idx = GraphIndex(model)
+    by_act: dict[str, list[Linear]] = {}
+    for l in chosen:
+        by_act.setdefault(l.activation, []).append(l)
+    groups = []
+    chosen_ids = {id(l.node) for l in chosen}
+    for act, cons in by_act.items():
+        prod = idx.producer.get(act)
+        if prod is None:
+            continue
+        all_cons = idx.consumers.get(act, [])
+        if act in idx.graph_outputs or any(id(c) not in chosen_ids for c in all_cons):
+            continue  # something else reads this tensor: scaling it would change that reader
+        if prod.op_type == "LayerNormalization" and len(prod.input) >= 2 and idx.is_const(prod.input[1]):
+            if len(prod.output) > 1 and any(o for o in prod.output[1:]):
+                continue
+            groups.append(SmoothGroup("layernorm", act, cons, prod))
+        elif recipe.smooth_attn_out and all(l.role == "attn_out" for l in cons) and len(cons) == 1:
+            v = _value_projection(idx, model, act)
+            if v is not None:
+                groups.append(SmoothGroup("value", act, cons, v[0], v[1]))
+    return groups
+
+
+def _value_projection(idx: GraphIndex, model: onnx.ModelProto, act: str):
+    """For an attention-output activation: the value-projection MatMul (and bias) whose channels map 1:1 to it."""
+    src = idx.source(act)
+    if src is None or src.op_type != "MatMul":
+        return None
+    vt = src.input[1]
+    for _ in range(8):
+        p = idx.producer.get(vt)
+        if p is None:
+            return None
+        if p.op_type in {"Reshape", "Transpose"}:
+            vt = p.input[0]
+            continue
+        break
+    p = idx.producer.get(vt)
+    bias = None
+    if p is not None and p.op_type == "Add":
+        mm_in = [i for i in p.input if not idx.is_const(i)]
+        c_in = [i for i in p.input if idx.is_const(i)]
+        if len(mm_in) != 1 or len(c_in) != 1:
+            return None
+        bias = c_in[0]
+        p = idx.producer.get(mm_in[0])
+    if p is None or p.op_type != "MatMul" or not idx.is_const(p.input[1]):
+        return None
+    # the value projection output must feed only this attention path
+    out = p.output[0]
+    if len(idx.consumers.get(out, [])) != 1:
+        return None
+    return p, bias
+
+
+def compute_smooth_scales(model: onnx.ModelProto, groups: list[SmoothGroup], absmax: dict[str, np.ndarray], alpha: float) -> None:
+    idx = GraphIndex(model)
+    for g in groups:
+        a = np.maximum(absmax[g.activation], 1e-5)
+        w = np.maximum(np.max(np.stack([_weight_rows(idx, l) for l in g.consumers]), axis=0), 1e-5)
+        s = a**alpha / w ** (1.0 - alpha)
+        s = np.clip(s, 1e-2, 1e2)
+        g.scales = s.astype(np.float32)
+
+
+def _replace_initializer(model: onnx.ModelProto, idx: GraphIndex, node: onnx.NodeProto, input_pos: int, array: np.ndarray, suffix: str) -> None:
+    """Give ``node`` a fresh initializer at ``input_pos`` (never edits a possibly shared original)."""
+    old = node.input[input_pos]
+    name = _unique(model, f"{old}_{suffix}")
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(numpy_helper.to_array(idx.const_tensor(old)).dtype)), name))
+    node.input[input_pos] = name
+
+
+def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup]) -> None:
+    """Fold the scales into the model in place (exact in float)."""
+    idx = GraphIndex(model)
+    for g in groups:
+        s = g.scales
+        if g.kind == "layernorm":
+            ln = g.upstream
+            _replace_initializer(model, idx, ln, 1, idx.const_array(ln.input[1]) / s, "sq")
+            if len(ln.input) > 2 and ln.input[2]:
+                _replace_initializer(model, idx, ln, 2, idx.const_array(ln.input[2]) / s, "sq")
+        else:
+            mm = g.upstream
+            _replace_initializer(model, idx, mm, 1, idx.const_array(mm.input[1]) / s[None, :], "sq")
+            if g.upstream_bias is not None:
+                add = idx.consumers[mm.output[0]][0]
+                pos = list(add.input).index(g.upstream_bias)
+                _replace_initializer(model, idx, add, pos, idx.const_array(g.upstream_bias) / s, "sq")
+        for l in g.consumers:
+            w = idx.const_array(l.weight)
+            w = w * (s[None, :] if l.trans_b else s[:, None])
+            _replace_initializer(model, idx, l.node, 1, w, "sq")
+        idx = GraphIndex(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# quantization parameters
+
+
+def activation_qparams(lo: float, hi: float, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scale float32 scalar, zero point uint8/int8 scalar) for the range [lo, hi]."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        t = max(abs(lo), abs(hi), 1e-8)
+        return np.array(t / 127.0, dtype=np.float32), np.array(0, dtype=np.int8)
+    scale = max((hi - lo) / 255.0, 1e-8)
+    zp = int(np.clip(np.round(-lo / scale), 0, 255))
+    return np.array(scale, dtype=np.float32), np.array(zp, dtype=np.uint8)
+
+
+def quantize_weight(w: np.ndarray, axis: int, reduce_range: bool, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weight quantization along ``axis`` (output channels). Returns (int8 weights, float32 scales)."""
+    qmax = 63.0 if reduce_range else 127.0
+    if per_channel:
+        red = tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.abs(w).max(axis=red)
+    else:
+        amax = np.array(np.abs(w).max())
+    scale = np.maximum(amax, 1e-12) / qmax
+    shape = [1] * w.ndim
+    if per_channel:
+        shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+class _QuantizedGramObserver:
+    """Streaming Q(X)^T Q(X) and Q(X)^T X per tensor ([K, K]); Q is the activation's own QuantizeLinear.
+
+    With no qparams for a tensor it keeps plain X^T X (then Q(X) = X).
+    """
+
+    def __init__(self, qparams: dict[str, tuple[np.ndarray, np.ndarray]]):
+        self.qparams = qparams
+        self.qq: dict[str, np.ndarray] = {}
+        self.qx: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, a: np.ndarray) -> None:
+        x = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
+        xq = x
+        if name in self.qparams:
+            scale, zp = self.qparams[name]
+            lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
+            z = float(zp)
+            xq = ((np.clip(np.round(x / scale) + z, lo, hi) - z) * scale).astype(np.float32)  # round half to even, as ONNX
+            self.qx[name] = self.qx.get(name, 0) + xq.T @ x  # float32 sums: ViT-Base's 48 pairs of K x K fit in ~1 GB
+        self.qq[name] = self.qq.get(name, 0) + xq.T @ xq
+
+
+def compensate(w_nk: np.ndarray, qq: np.ndarray, qx: np.ndarray, damp: float) -> np.ndarray:
+    """The float weight that best maps quantized inputs to the float outputs: argmin_W' ||X W - Q(X) W'||.
+
+    W' = W + (Q^T Q)^-1 Q^T (X - Q) W: damping applies to the correction only (damping the whole solve would be a
+    ridge regression that shrinks W itself). Activation quantization error that is a function of the activation
+    (the few levels left for GELU's negative lobe, rounding bias) is absorbed by the weights.
+    """
+    k = qq.shape[0]
+    qq, qx = np.asarray(qq, np.float64), np.asarray(qx, np.float64)
+    w_kn = np.asarray(w_nk, np.float64).T
+    h = qq + damp * float(np.mean(np.diag(qq))) * np.eye(k)
+    return (w_kn + np.linalg.solve(h, (qx - qq) @ w_kn)).T
+
+
+def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp: float = 0.01, lazy: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2022) with fixed symmetric per-output-channel scales. ``w_nk`` is [N, K] (rows = output
+    channels), ``hessian`` is X^T X [K, K] of this layer's calibration inputs. Returns (int8 codes [N, K], scales [N]).
+
+    Each column's rounding error is spread over the columns not yet rounded, through the Cholesky factor of the
+    damped inverse Hessian, so the layer's *output* error on real inputs is what gets minimised, not the weights'.
+    That is what lets 7-bit weights (needed against int16 saturation on AVX2) keep 8-bit accuracy.
+    """
+    from .int4 import _upper_cholesky_of_inverse
+
+    qmax = 63.0 if reduce_range else 127.0
+    w = np.array(w_nk, dtype=np.float64)
+    n, k = w.shape
+    scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / qmax
+    scale = scale.astype(np.float32).astype(np.float64)  # round against the scale that is stored
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
+    try:
+        u = _upper_cholesky_of_inverse(h)
+    except np.linalg.LinAlgError:
+        q, sc = quantize_weight(np.asarray(w_nk).T, 1, reduce_range)
+        return q.T, sc
+    codes = np.empty((n, k), np.int8)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2].copy()
+        err = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = w1[:, i]
+            q = np.clip(np.round(x / scale), -qmax, qmax)
+            codes[:, i1 + i] = q
+            e = (x - q * scale) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return codes, scale.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# graph rewriting
+
+
+def _unique(model: onnx.ModelProto, base: str) -> str:
+    names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    name, k = base, 0
+    while name in names:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+class _Namer:
+    def __init__(self, model: onnx.ModelProto):
+        self.used = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
+        self.used |= {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def insert_qdq(
+    model: onnx.ModelProto,
+    chosen: list[Linear],
+    ranges: dict[str, tuple[float, float]],
+    recipe: Int8Recipe,
+    hessians: dict[str, np.ndarray] | None = None,
+    targets: dict[str, np.ndarray] | None = None,
+) -> list[dict]:
+    """Rewrite ``model`` in place: int8 per-channel weights behind DQ, Q->DQ on the activation inputs. Returns per-layer records."""
+    idx = GraphIndex(model)
+    namer = _Namer(model)
+    new_nodes_before: dict[int, list[onnx.NodeProto]] = {}  # id(target node) -> nodes to insert before it
+    q_out: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized tensor, scale name, zp name)
+    act_scale: dict[str, float] = {}
+    records = []
+    drop_inits: set[str] = set()
+    weight_users: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            weight_users[i] = weight_users.get(i, 0) + 1
+    order = {id(n): k for k, n in enumerate(model.graph.node)}
+    first_consumer: dict[str, onnx.NodeProto] = {}
+    for l in sorted(chosen, key=lambda l: order[id(l.node)]):
+        first_consumer.setdefault(l.activation, l.node)
+
+    for l in chosen:
+        node = l.node
+        base = node.name or node.output[0]
+        # activation
+        act = l.activation
+        if act not in q_out:
+            lo, hi = ranges[act]
+            scale, zp = activation_qparams(lo, hi, recipe.symmetric_activations)
+            s_name, z_name, qx = namer(f"{act}_scale"), namer(f"{act}_zero_point"), namer(f"{act}_quantized")
+            model.graph.initializer.extend([numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zp, z_name)])
+            qn = helper.make_node("QuantizeLinear", [act, s_name, z_name], [qx], name=namer(f"{act}_QuantizeLinear"))
+            new_nodes_before.setdefault(id(first_consumer[act]), []).append(qn)
+            q_out[act] = (qx, s_name, z_name)
+            act_scale[act] = float(scale)
+        qx, s_name, z_name = q_out[act]
+        dqx = namer(f"{act}_dequantized_{base}")
+        dq_a = helper.make_node("DequantizeLinear", [qx, s_name, z_name], [dqx], name=namer(f"{base}_act_DequantizeLinear"))
+        # weight
+        w = idx.const_array(node.input[1])
+        axis = 0 if l.trans_b else 1
+        if hessians and act in hessians and recipe.per_channel:
+            w_nk = w if l.trans_b else w.T
+            if targets and act in targets:
+                w_nk = compensate(w_nk, hessians[act], targets[act], recipe.gptq_damp)
+            codes, ws = gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
+            qw = codes if l.trans_b else np.ascontiguousarray(codes.T)
+        else:
+            qw, ws = quantize_weight(w, axis, recipe.reduce_range, recipe.per_channel)
+        qw_name, ws_name, wz_name, dqw = namer(f"{base}_weight_quantized"), namer(f"{base}_weight_scale"), namer(f"{base}_weight_zero_point"), namer(f"{base}_weight_dequantized")
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(qw, qw_name), numpy_helper.from_array(ws, ws_name), numpy_helper.from_array(np.zeros(ws.shape, np.int8), wz_name)]
+        )
+        dq_w = helper.make_node("DequantizeLinear", [qw_name, ws_name, wz_name], [dqw], name=namer(f"{base}_weight_DequantizeLinear"), axis=axis) if recipe.per_channel else helper.make_node("DequantizeLinear", [qw_name, ws_name, wz_name], [dqw], name=namer(f"{base}_weight_DequantizeLinear"))
+        new_nodes_before.setdefault(id(node), []).extend([dq_a, dq_w])
+        old_w = node.input[1]
+        weight_users[old_w] -= 1
+        if weight_users[old_w] == 0:
+            drop_inits.add(old_w)
+        node.input[0] = dqx
+        node.input[1] = dqw
+        lo, hi = ranges[act]
+        records.append(
+            {
+                "node": node.name,
+                "role": l.role,
+                "block": l.block,
+                "activation": act,
+                "activation_range": [round(float(lo), 6), round(float(hi), 6)],
+                "activation_scale": act_scale[act],
+                "weight_shape": list(w.shape),
+            }
+        )
+
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for n in nodes:
+        model.graph.node.extend(new_nodes_before.get(id(n), []))
+        model.graph.node.append(n)
+    if drop_inits:
+        keep = [t for t in model.graph.initializer if t.name not in drop_inits]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calibration
+
+
+class _ChannelStats:
+    """Per-channel (last axis) min, max of every observed tensor: pass 1."""
+
+    def __init__(self):
+        self.min: dict[str, np.ndarray] = {}
+        self.max: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, a: np.ndarray) -> None:
+        a2 = a.reshape(-1, a.shape[-1])
+        lo, hi = a2.min(axis=0).astype(np.float64), a2.max(axis=0).astype(np.float64)
+        if name in self.min:
+            np.minimum(self.min[name], lo, out=self.min[name])
+            np.maximum(self.max[name], hi, out=self.max[name])
+        else:
+            self.min[name], self.max[name] = lo, hi
+
+    def absmax(self) -> dict[str, np.ndarray]:
+        return {n: np.maximum(np.abs(self.min[n]), np.abs(self.max[n])) for n in self.min}
+
+
+def calibrate_ranges(
+    model: onnx.ModelProto,
+    acts: list[str],
+    batches: Callable[[], Iterable[np.ndarray]],
+    recipe: Int8Recipe,
+    channel_stats: "_ChannelStats",
+    scales: dict[str, np.ndarray],
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Per-tensor ranges on the (already smoothed) ``model``. Pass-1 ``channel_stats`` came from the unsmoothed model;
+    ``scales`` holds the smoothing factor of each smoothed tensor."""
+    mm: dict[str, tuple[float, float]] = {}
+    for a in acts:
+        s = scales.get(a)
+        lo, hi = channel_stats.min[a], channel_stats.max[a]
+        if s is not None:
+            lo, hi = lo / s, hi / s
+        mm[a] = (float(lo.min()), float(hi.max()))
+    if recipe.calibration == "minmax":
+        return mm
+    hist = HistogramObserver(mm, bins=recipe.histogram_bins)
+    stream_activations(model, acts, batches, hist, threads=recipe.calibration_threads, progress=progress)
+    out = {}
+    for a in acts:
+        if recipe.calibration == "percentile":
+            out[a] = hist.percentile_range(a, recipe.percentile)
+        else:
+            out[a] = hist.mse_range(a, symmetric=recipe.symmetric_activations, levels=255 if recipe.symmetric_activations else 256)
+    return out
+
+
+def _kl(ref: np.ndarray, out: np.ndarray) -> float:
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lr, lo = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
+    return float((np.exp(lr) * (lr - lo)).sum(-1).mean())
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
+
+
+def _outlier_ratio(channel_absmax: np.ndarray) -> float:
+    """Largest channel range over the median one: how much one per-tensor scale wastes on a few channels."""
+    return float(channel_absmax.max() / max(float(np.median(channel_absmax)), 1e-12))
+
+
+def sensitivity_fallback(
+    model: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches: Callable[[], Iterable[np.ndarray]]
+) -> tuple[list[dict], float]:
+    """Which quantized inputs to leave float: measured, not guessed.
+
+    Each activation (with the linears that read it) is quantized alone on a copy of the model and scored by the KL
+    divergence of the outputs from float on a few calibration images; errors of separate inputs add up closely, so the
+    inputs with the most KL per multiply-accumulate are left float until ``fallback_budget`` of the MACs is used.
+    Returns (records of the inputs kept float, the summed KL of all inputs).
+    """
+    if recipe.fallback_budget <= 0:
+        return [], 0.0
+    xs, n = [], 0
+    for x in batches():
+        xs.append(x)
+        n += len(x)
+        if n >= recipe.fallback_images:
+            break
+    x = np.concatenate(xs)[: recipe.fallback_images]
+    ref = _run(model, x, recipe.calibration_threads)
+    groups: dict[str, list[Linear]] = {}
+    for l in chosen:
+        groups.setdefault(l.activation, []).append(l)
+    rtn = dataclasses.replace(recipe, weight_rounding="rtn")
+    index = GraphIndex(model)
+    scored = []
+    for act, ls in groups.items():
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)
+        names = {l.node.name for l in ls}
+        insert_qdq(trial, [l for l in find_linears(trial) if l.node.name in names], ranges, rtn)
+        macs = sum(int(np.prod(index.const_array(l.node.input[1]).shape)) for l in ls)
+        scored.append((_kl(ref, _run(trial, x, recipe.calibration_threads)), macs, act, sorted(names)))
+    total_macs = sum(m for _, m, _, _ in scored)
+    kept, used = [], 0
+    for kl, macs, act, names in sorted(scored, key=lambda t: t[0] / t[1], reverse=True):
+        if used + macs > recipe.fallback_budget * total_macs:
+            continue
+        used += macs
+        kept.append({"activation": act, "nodes": names, "kl_alone": round(kl, 6), "mac_fraction": round(macs / total_macs, 4)})
+    return kept, float(sum(kl for kl, _, _, _ in scored))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def quantize_int8(
+    model: onnx.ModelProto,
+    batches: Callable[[], Iterable[np.ndarray]],
+    recipe: Int8Recipe = Int8Recipe(),
+    progress: Callable[[int], None] | None = None,
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Static int8 QDQ model from the float ``model`` (unchanged) and calibration ``batches`` (a callable returning a
+    fresh iterable of float32 NCHW arrays each call). Returns (quantized model, JSON-able summary)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    linears = find_linears(work)
+    chosen, skipped = select_linears(linears, recipe)
+    acts = list(dict.fromkeys(l.activation for l in chosen))
+    n_images = [0]
+
+    def count(n: int) -> None:
+        n_images[0] += n
+        if progress is not None:
+            progress(n)
+
+    # pass 1: per-channel min/max of every quantized activation (float model)
+    stats = _ChannelStats()
+    if acts:
+        stream_activations(work, acts, batches, stats, threads=recipe.calibration_threads, progress=count)
+    images = n_images[0]
+
+    # SmoothQuant
+    groups: list[SmoothGroup] = []
+    alpha = recipe.smoothquant_alpha
+    if alpha and acts:
+        absmax = stats.absmax()
+        groups = [g for g in find_smooth_groups(work, chosen, recipe) if _outlier_ratio(absmax[g.activation]) >= recipe.smooth_outlier_ratio]
+        compute_smooth_scales(work, groups, stats.absmax(), alpha)
+        apply_smoothing(work, groups)
+        linears = find_linears(work)  # nodes unchanged, weights renamed
+        chosen, skipped = select_linears(linears, recipe)
+    scales = {g.activation: g.scales for g in groups}
+
+    # pass 2 (histogram methods): ranges on the smoothed model
+    ranges = calibrate_ranges(work, acts, batches, recipe, stats, scales, progress=progress) if acts else {}
+    fallback, kl_total = sensitivity_fallback(work, chosen, ranges, recipe, batches) if acts else ([], 0.0)
+    if fallback:
+        dropped = {a["activation"] for a in fallback}
+        skipped += [{"node": l.node.name, "role": l.role, "block": l.block, "reason": "sensitivity fallback"} for l in chosen if l.activation in dropped]
+        chosen = [l for l in chosen if l.activation not in dropped]
+        acts = [a for a in acts if a not in dropped]
+    hessians = targets = None
+    if recipe.weight_rounding == "gptq" and acts:
+        qparams = {a: activation_qparams(*ranges[a], recipe.symmetric_activations) for a in acts}
+        obs = _QuantizedGramObserver(qparams if recipe.compensate_activations else {})
+        stream_activations(work, acts, batches, obs, threads=recipe.calibration_threads, progress=progress)
+        hessians, targets = obs.qq, (obs.qx if recipe.compensate_activations else None)
+    records = insert_qdq(work, chosen, ranges, recipe, hessians, targets)
+    del hessians, targets
+    onnx.checker.check_model(work) if work.ByteSize() < 2**31 - 1 else None
+
+    summary = {
+        "kind": "static int8 QDQ (ViT-aware)",
+        "format": "QDQ",
+        "recipe": dataclasses.asdict(recipe),
+        "calibration": {
+            "method": recipe.calibration,
+            "images": images,
+            "passes": (1 if recipe.calibration == "minmax" else 2) + (recipe.weight_rounding == "gptq"),
+            "streaming": True,
+        },
+        "activations": "int8 symmetric (zero point 0)" if recipe.symmetric_activations else "uint8 asymmetric",
+        "weights": f"int8 symmetric per-{'channel' if recipe.per_channel else 'tensor'}" + (" (7-bit, reduce_range)" if recipe.reduce_range else ""),
+        "smoothquant": {
+            "alpha": alpha if groups else None,
+            "tensors": [{"activation": g.activation, "via": g.kind, "consumers": [l.node.name for l in g.consumers]} for g in groups],
+        },
+        "sensitivity_fallback": {"budget": recipe.fallback_budget, "images": recipe.fallback_images, "kl_all_inputs": round(kl_total, 6), "kept_float": fallback},
+        "quantized": records,
+        "float": skipped,
+        "counts": {"linears": len(linears), "quantized": len(records), "float": len(skipped)},
+        "kept_float_ops": "attention matmuls, Softmax, LayerNormalization, GELU, residual Add, patch-embedding Conv",
+    }
+    for k in ("roles",):
+        summary["recipe"][k] = list(summary["recipe"][k])
+    summary["recipe"]["keep_float"] = list(recipe.keep_float)
+    return work, summary
