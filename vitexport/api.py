@@ -229,9 +229,13 @@ def measure_artifacts(
             elif runner.emulated:
                 notes.append("latency not measured: the target's runtime is not on this host")
             del runner
-        rows.append(Row(art.name, art.backend, art.precision, str(art.path), art.size_bytes, acc, lat, mem, _recipe_view(art.manifest.get("recipe", {})), tuple(notes)))
+        rows.append(_row(art, accuracy=acc, latency=lat, memory=mem, notes=tuple(notes)))
     order = {a.name: i for i, a in enumerate(artifacts)}
     return sorted(rows, key=lambda r: order[r.name])
+
+
+def _row(art: Artifact, **measured: Any) -> Row:
+    return Row(name=art.name, backend=art.backend, precision=art.precision, path=str(art.path), size_bytes=art.size_bytes, recipe=_recipe_view(art.manifest.get("recipe", {})), **measured)
 
 
 def _recipe_view(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,7 +302,7 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
         progress.step(f"timing {art.name} on {runner.device}")
         lat = measure(runner, x, throughput_batch=throughput_batch)
     notes = ("emulated runtime: these timings are not the target's",) if runner.emulated else ()
-    row = Row(art.name, art.backend, art.precision, str(art.path), art.size_bytes, None, lat.to_dict(), {"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + timing"}, _recipe_view(art.manifest.get("recipe", {})), notes)
+    row = _row(art, latency=lat.to_dict(), memory={"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + timing"}, notes=notes)
     return Report(model=art.manifest.get("model", {}), rows=(row,), host=host_info(), tools=tool_versions(), created=now())
 
 

@@ -74,7 +74,4 @@ def parse_precisions(text: str | Iterable[str], backend: Backend) -> list[str]:
     bad = [p for p in items if p not in backend.precisions]
     if bad:
         raise VitexportError(f"backend {backend.name} has no precision {', '.join(bad)}: choose from {', '.join(backend.precisions)}")
-    if "fp32" in items:  # the reference row comes first
-        items.remove("fp32")
-        items.insert(0, "fp32")
-    return list(dict.fromkeys(items))
+    return sorted(set(items), key=backend.precisions.index)  # the backend's order: the fp32 reference row first

@@ -58,6 +58,7 @@ class OnnxRuntimeBackend:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")
         if calibration is not None and precision != "fp32":
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
+        recipe["summary"] = describe(precision, recipe)
         return write_manifest(out_dir, backend=self.name, precision=precision, main=target.name, recipe=recipe, **reference.manifest_fields())
 
     def runner(self, artifact: Artifact, threads: int | None = None) -> "OrtRunner":
@@ -95,6 +96,21 @@ class OrtRunner:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+def describe(precision: str, recipe: Mapping[str, Any]) -> str:
+    """One line for the report; the whole recipe stays in the manifest."""
+    if precision == "int8":
+        fb = recipe.get("sensitivity_fallback", {}).get("kept_float", [])
+        c = recipe.get("counts", {})
+        return (
+            f"static int8 QDQ: {recipe.get('activations')} activations ({recipe.get('calibration', {}).get('method')} ranges), "
+            f"{recipe.get('weights')} weights with GPTQ rounding; {c.get('quantized')} linears int8, "
+            f"{len(fb)} inputs left float by measured sensitivity ({100 * sum(k['mac_fraction'] for k in fb):.1f}% of linear MACs)"
+        )
+    if precision == "int4":
+        return f"int4 weight-only MatMulNBits: {recipe.get('method')}, block sizes {recipe.get('block_sizes')}, {recipe.get('quantized')} linears int4, head float"
+    return "float32 reference ONNX"
 
 
 def _cpu_name() -> str:
