@@ -63,6 +63,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import stream_activations
+from .gptq import upper_cholesky_of_inverse
 from .graph import ROLES, Linear, find_linears
 
 log = logging.getLogger(__name__)
@@ -213,29 +214,6 @@ def quantize_rtn(w_nk: np.ndarray, block: int, recipe: Int4Recipe = Int4Recipe()
     return QuantizedWeight(codes, scales, zps, k, block)
 
 
-def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
-    """U upper triangular with H^-1 = U^T U (float64). Raises ``np.linalg.LinAlgError`` when H is not SPD.
-
-    For large K (ViT-Base fc2: K=3072) torch's Cholesky + cholesky_inverse is about twice as fast as numpy's general
-    inverse; for small K numpy's lower call overhead wins.
-    """
-    torch = None
-    if h.shape[0] >= 1024:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a dependency of the package
-            torch = None
-    if torch is not None:
-        t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float64))
-        l, info = torch.linalg.cholesky_ex(t)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(l), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u.numpy()
-        raise np.linalg.LinAlgError("Hessian is not positive definite")
-    return np.linalg.cholesky(np.linalg.inv(h)).T
-
-
 def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, recipe: Int4Recipe = Int4Recipe()) -> QuantizedWeight:
     """GPTQ with per-block (group) scales, act-order off. ``hessian`` is X^T X over the calibration rows, [K, K]."""
     k = w_nk.shape[1]
@@ -253,7 +231,7 @@ def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, recipe: Int
     damp = recipe.damp
     for _ in range(6):
         try:
-            u = _upper_cholesky_of_inverse(h)
+            u = upper_cholesky_of_inverse(h)
             break
         except np.linalg.LinAlgError:
             damp = max(damp * 10, 1e-3)

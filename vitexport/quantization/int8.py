@@ -35,6 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import ChannelAbsMaxObserver, HistogramObserver, stream_activations
+from .gptq import upper_cholesky_of_inverse
 from .graph import GraphIndex, Linear, find_linears
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
@@ -299,8 +300,6 @@ def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp:
     damped inverse Hessian, so the layer's *output* error on real inputs is what gets minimised, not the weights'.
     That is what lets 7-bit weights (needed against int16 saturation on AVX2) keep 8-bit accuracy.
     """
-    from .int4 import _upper_cholesky_of_inverse
-
     qmax = 63.0 if reduce_range else 127.0
     w = np.array(w_nk, dtype=np.float64)
     n, k = w.shape
@@ -312,7 +311,7 @@ def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp:
     w[:, dead] = 0.0
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     try:
-        u = _upper_cholesky_of_inverse(h)
+        u = upper_cholesky_of_inverse(h)
     except np.linalg.LinAlgError:
         q, sc = quantize_weight(np.asarray(w_nk).T, 1, reduce_range)
         return q.T, sc
