@@ -100,12 +100,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
     check_output(Path(opts.out), opts.force)
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
         _require_default(path, what, flag)
-    backend = _backends.get(opts.backend)
-    ok, why = backend.available()
-    if not ok:
-        raise VitexportError(f"backend {opts.backend} is not available here: {why}")
-    precisions = _backends.parse_precisions(opts.precisions, backend)
-
+    plan = _plan(opts.backend, opts.precisions)
     from .model import ModelSpec  # needs transformers; eval/bench never import it
 
     progress.step(f"loading {opts.model}")
@@ -114,9 +109,10 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
     evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
     calibset = None
-    if extra_builders or any(_backends.needs_calibration(p) for p in precisions):
+    needing = sorted({p for _, ps in plan for p in ps if _backends.needs_calibration(p)})
+    if extra_builders or needing:
         if not opts.calib:
-            raise VitexportError(f"{', '.join(p for p in precisions if p != 'fp32')} need calibration images: pass --calib DIR")
+            raise VitexportError(f"{', '.join(needing) or 'the extra builders'} need calibration images: pass --calib DIR")
         calibset = ImageSet.from_folder(opts.calib, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_calib)
         shared = overlap(calibset, evalset)
         if shared:
@@ -145,11 +141,12 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
             artifacts.append(art)
             builds[art.name] = {"seconds": round(time.perf_counter() - start, 2), "peak_mb": pm.peak_mb, "process_peak_mb": PeakMemory.process_peak_mb()}
 
-        for precision in precisions:
-            progress.step(f"building {backend.name} {precision}")
-            with progress.bar(f"{precision}: calibration images", total=None) as tick:
-                options = {**opts.options, "progress": tick}
-                timed(lambda: backend.build(reference, calibration, precision, options, tmp / f"{backend.name}-{precision}"))
+        for backend, precisions in plan:
+            for precision in precisions:
+                progress.step(f"building {backend.name} {precision}")
+                with progress.bar(f"{backend.name} {precision}: calibration images", total=None) as tick:
+                    options = {**opts.options, "progress": tick}
+                    timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision) else None, precision, options, tmp / f"{backend.name}-{precision}"))
         for make_extra in extra_builders:
             timed(lambda: make_extra(reference, calibration, tmp))
 
@@ -176,6 +173,29 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         )
         report.write(tmp)
     return report
+
+
+def _plan(backend_names: str | Sequence[str], precisions: str | Sequence[str]) -> list[tuple[_backends.Backend, list[str]]]:
+    """Which backend builds which precisions: each backend builds the requested precisions it has, in its own order.
+    Several backends in one run put their rows side by side against the same reference and images."""
+    names = [n.strip() for n in (backend_names.split(",") if isinstance(backend_names, str) else backend_names) if n.strip()]
+    requested = [p.strip().lower() for p in (precisions.split(",") if isinstance(precisions, str) else precisions) if p.strip()]
+    plan = []
+    for name in dict.fromkeys(names):
+        backend = _backends.get(name)
+        ok, why = backend.available()
+        if not ok:
+            raise VitexportError(f"backend {name} is not available here: {why}")
+        mine = [p for p in requested if p in backend.precisions]
+        plan.append((backend, _backends.parse_precisions(mine, backend) if mine else []))
+    if not plan:
+        raise VitexportError("no backend given: pass e.g. --backend onnxruntime")
+    known = {p for b, _ in plan for p in b.precisions}
+    bad = [p for p in requested if p not in known]
+    if bad or not requested:
+        offered = ", ".join(dict.fromkeys(p for b, _ in plan for p in b.precisions))
+        raise VitexportError(f"backend {','.join(b.name for b, _ in plan)} has no precision {', '.join(bad) or '(none given)'}: choose from {offered}")
+    return plan
 
 
 def _materialize(images: ImageSet, path: Path, progress: Progress, label: str) -> np.ndarray:

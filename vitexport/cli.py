@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", parents=[common], help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json and report.md to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=str(api.DEFAULT_MODEL), metavar="ID_OR_DIR", help="hub id (google/vit-base-patch16-224, facebook/deit-tiny-patch16-224, google/vit-base-patch16-224-in21k) or checkpoint directory (default: the shipped DeiT-tiny)")
-    b.add_argument("--backend", choices=backends.names(), help="target runtime (default: the --target's, else onnxruntime)")
+    b.add_argument("--backend", metavar="LIST", help=f"target runtime(s), comma-separated for rows side by side: {', '.join(backends.names())} (default: the --target's, else onnxruntime)")
     b.add_argument("--precision", metavar="LIST", help="comma-separated precisions (default: the --target's, else fp32,int8,int4)")
     b.add_argument("--target", metavar="NAME_OR_TOML", help="device profile from targets/ (sets backend, precisions, recipe options unless given here)")
     b.add_argument("--calib", default=str(api.DEFAULT_CALIB), metavar="DIR", help="calibration images (default: the shipped calibration set)")
