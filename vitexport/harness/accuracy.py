@@ -17,6 +17,10 @@ class Accuracy:
     cosine: float | None  # mean cosine similarity of outputs with the fp32 reference
     n_labelled: int
     emulated: bool
+    # labelled images the fp32 reference gets right and this artifact wrong, and the reverse: a top-1 delta of a few
+    # images is noise, and these two counts show whether it is a handful of flips either way or a systematic loss
+    lost: int | None = None
+    gained: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +40,7 @@ def score(outputs: np.ndarray, labels: Sequence[int | None], reference: np.ndarr
     """Metrics for one artifact's outputs. Embedding models get cosine only: their argmax means nothing."""
     n = len(outputs)
     top1 = top5 = agreement = cosine = None
+    lost = gained = None
     idx = [i for i, lab in enumerate(labels) if lab is not None]
     if classifier and idx:
         y = np.asarray([labels[i] for i in idx])
@@ -46,8 +51,11 @@ def score(outputs: np.ndarray, labels: Sequence[int | None], reference: np.ndarr
     if reference is not None:
         if classifier:
             agreement = float((outputs.argmax(-1) == reference.argmax(-1)).mean())
+            if idx:
+                ok_ref, ok_out = reference[idx].argmax(-1) == y, outputs[idx].argmax(-1) == y
+                lost, gained = int((ok_ref & ~ok_out).sum()), int((~ok_ref & ok_out).sum())
         a = outputs.reshape(n, -1).astype(np.float64)
         b = reference.reshape(n, -1).astype(np.float64)
         denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cosine = float(np.mean((a * b).sum(1) / np.maximum(denom, 1e-12)))
-    return Accuracy(n, top1, top5, agreement, cosine, len(idx) if classifier else 0, emulated)
+    return Accuracy(n, top1, top5, agreement, cosine, len(idx) if classifier else 0, emulated, lost, gained)

@@ -111,6 +111,8 @@ def table(report: Report) -> tuple[list[str], list[list[str]]]:
         a, lat, mem = r.accuracy or {}, r.latency or {}, r.memory or {}
         top1 = a.get("top1")
         d_top1 = "–" if top1 is None or ref_top1 is None else f"{100 * (top1 - ref_top1):+.1f}"
+        if a.get("lost") is not None and (a["lost"] or a["gained"]):
+            d_top1 += f" (−{a['lost']}/+{a['gained']})"  # images lost / gained against the reference
         p50 = lat.get("p50_ms")
         if not a and not lat:
             where = "not run here"
@@ -161,7 +163,7 @@ def render_markdown(report: Report) -> str:
     h = report.host
     if h:
         lines.append(f"Host: {h.get('cpu', '?')}, {h.get('cores', '?')} cores, {h.get('os', '?')}.")
-    lines += ["", "Δ top-1 is in points against the fp32 row; agreement is top-1 agreement with the fp32 reference outputs; latency is batch 1; *emulated* rows reproduce the target's arithmetic on another runtime.", ""]
+    lines += ["", "Δ top-1 is in points against the fp32 row, with (−lost/+gained) the labelled images the artifact gets wrong that fp32 gets right and the reverse; agreement is top-1 agreement with the fp32 reference outputs; latency is batch 1; *emulated* rows reproduce the target's arithmetic on another runtime.", ""]
     head, body = table(report)
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" for _ in head) + "|")
