@@ -1,0 +1,228 @@
+"""OpenVINO backend: every precision on a tiny ViT, rt_info, the unavailable message, a runner without torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitexport import backends
+from vitexport.artifacts import Artifact
+from vitexport.errors import VitexportError
+
+ov = pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+from vitexport.backends.openvino import OpenVinoBackend, choose_group_size, read_rt_info  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vit, tmp_path_factory):
+    from vitexport.export import export_reference
+    from vitexport.model import ModelSpec
+
+    spec = ModelSpec.load(str(tiny_vit))
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    return export_reference(spec, tmp_path_factory.mktemp("ref"), x)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
+    return backends.Calibration(batches=lambda: (x[i : i + 16] for i in range(0, len(x), 16)), count=len(x), source="random")
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return np.random.default_rng(2).standard_normal((8, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ref_out(reference, inputs):
+    from vitexport.backends.onnxruntime import OrtRunner
+
+    return OrtRunner(reference.path).run(inputs)
+
+
+@pytest.fixture(scope="module")
+def built(reference, calibration, tmp_path_factory):
+    """One artifact per precision, built once for the module (each is small: a 2-block hidden-32 ViT)."""
+    be = OpenVinoBackend()
+    out = tmp_path_factory.mktemp("ov")
+    arts = {}
+    for p in be.precisions:
+        cal = calibration if backends.needs_calibration(p) else None
+        # the tiny ViT's linears are too few for a 10% float fallback to matter: keep the fallback off so int8 is int8
+        opts = {"openvino": {"int8": {"recipe": {"fallback_budget": 0.0}}}}
+        arts[p] = be.build(reference, cal, p, opts, out / f"openvino-{p}")
+    return arts
+
+
+def _op_types(xml: Path) -> dict[str, int]:
+    from collections import Counter
+
+    m = ov.Core().read_model(str(xml))
+    return Counter(op.get_type_name() for op in m.get_ordered_ops())
+
+
+def _const_types(xml: Path) -> set[str]:
+    m = ov.Core().read_model(str(xml))
+    return {op.get_element_type().get_type_name() for op in m.get_ordered_ops() if op.get_type_name() == "Constant"}
+
+
+def test_registered():
+    assert "openvino" in backends.names()
+    be = backends.get("openvino")
+    assert be.available()[0] and set(be.precisions) == {"fp32", "fp16", "int8", "int8w", "int4"}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8w", "int4"])
+def test_each_precision_runs_and_tracks_reference(built, precision, inputs, ref_out):
+    art = built[precision]
+    assert art.path.name == "model.xml" and (art.directory / "model.bin").is_file()
+    m = Artifact.load(art.directory)
+    assert m.manifest["backend"] == "openvino" and m.manifest["precision"] == precision
+    assert m.manifest["recipe"]["summary"] and m.manifest["labels"][1] == "dog, doggy"
+    assert m.manifest["preprocessing"]["resize"] == [32, 32]
+    runner = OpenVinoBackend().runner(m, threads=1)
+    assert runner.emulated is False and "OpenVINO CPU" in runner.device
+    out = runner.run(inputs)
+    assert out.shape == ref_out.shape
+    err = np.abs(out - ref_out).max() / np.abs(ref_out).max()
+    limit = {"fp32": 1e-4, "fp16": 1e-2, "int8w": 5e-2, "int8": 0.2, "int4": 0.3}[precision]
+    assert err < limit, f"{precision}: relative max error {err:.4f}"
+    assert runner.run(inputs[:1]).shape == (1, ref_out.shape[1])  # dynamic batch
+
+
+def test_precisions_are_what_they_say(built):
+    """fp16 stores half-size weights; int8 has FakeQuantize on activations and int8 weights; int8w/int4 carry
+    int8/int4 weight constants and no FakeQuantize."""
+    size = {p: (a.directory / "model.bin").stat().st_size for p, a in built.items()}
+    assert size["fp16"] < 0.6 * size["fp32"]
+    assert _op_types(built["fp32"].path).get("FakeQuantize", 0) == 0
+    int8_ops = _op_types(built["int8"].path)
+    assert int8_ops.get("FakeQuantize", 0) >= 4  # the activation inputs of qkv, attn_out, fc1, fc2 at least
+    assert "i8" in _const_types(built["int8"].path)
+    assert _op_types(built["int8w"].path).get("FakeQuantize", 0) == 0 and {"u8", "i8"} & _const_types(built["int8w"].path)
+    assert {"u4", "i4"} & _const_types(built["int4"].path)
+    assert size["int4"] < size["fp32"] and size["int8w"] < size["fp32"]  # (on this tiny ViT the float head dominates int4)
+    for p, a in built.items():  # the report's size is the whole IR, .xml + .bin
+        assert a.size_bytes == size[p] + a.path.stat().st_size == Artifact.load(a.directory).size_bytes
+
+
+def test_int4_group_size_fits_hidden(built, reference, calibration, tmp_path, inputs, ref_out):
+    recipe = built["int4"].manifest["recipe"]  # default: the core GPTQ int4, block 32
+    assert recipe["block_size"] == 32 and recipe["method"] == "core gptq int4"
+    be = OpenVinoBackend()
+    opts = {"openvino": {"int4": {"method": "nncf", "group_sizes": [128, 64, 32], "gptq": False, "scale_estimation": False}}}
+    art = be.build(reference, None, "int4", opts, tmp_path / "n")  # data-free: no calibration needed
+    choice = art.manifest["recipe"]["group_size_choice"]
+    assert choice["input_sizes"] == [32, 64] and choice["chosen"] == 32 and art.manifest["recipe"]["block_size"] == 32
+    assert {"u4", "i4"} & _const_types(art.path)
+    assert np.abs(be.runner(art).run(inputs) - ref_out).max() / np.abs(ref_out).max() < 0.3
+    assert choose_group_size([192, 768], (128, 64, 32)) == 64  # 128 does not divide 192: fall back to the next
+    assert choose_group_size([192, 768], (128,)) == -1  # none divides: per-channel, recorded as -1
+    assert choose_group_size([768, 3072], (128, 64)) == 128
+
+
+def test_rt_info_carries_preprocessing_and_labels(built):
+    info = read_rt_info(built["int8"].path)
+    assert info["preprocessing"]["resize"] == [32, 32] and info["labels"][1] == "dog, doggy"
+    assert info["task"] == "classification" and info["precision"] == "int8"
+
+
+def test_nncf_int8_method_and_bad_options(reference, calibration, tmp_path, inputs, ref_out):
+    be = OpenVinoBackend()
+    art = be.build(reference, calibration, "int8", {"openvino": {"int8": {"method": "nncf", "keep_float_blocks": [0]}}}, tmp_path / "n")
+    rec = art.manifest["recipe"]
+    assert rec["method"] == "nncf" and rec["counts"]["kept_float"] == 6 and rec["counts"]["quantized"] == 6  # q, k, v, attn_out, fc1, fc2 per block
+    assert _op_types(art.path).get("FakeQuantize", 0) >= 2
+    out = be.runner(art).run(inputs)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.3
+    with pytest.raises(VitexportError, match="unknown openvino int8 option"):
+        be.build(reference, calibration, "int8", {"openvino": {"int8": {"bogus": 1}}}, tmp_path / "b")
+    with pytest.raises(VitexportError, match="needs calibration images"):
+        be.build(reference, None, "int8", {}, tmp_path / "c")
+
+
+def test_missing_device_is_one_clear_error(built, monkeypatch):
+    monkeypatch.setenv("VITEXPORT_OPENVINO_DEVICE", "NPU")
+    if "NPU" in ov.Core().available_devices:
+        pytest.skip("this host has an NPU")
+    with pytest.raises(VitexportError, match="device NPU is not on this host"):
+        OpenVinoBackend().runner(built["fp32"])
+
+
+def _blocked(code: str, *blocked: str) -> subprocess.CompletedProcess:
+    pre = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+    return subprocess.run([sys.executable, "-c", pre + textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+
+
+def test_runner_imports_neither_torch_nor_transformers(built):
+    code = f"""
+        import numpy as np
+        from vitexport import backends
+        from vitexport.artifacts import Artifact
+        art = Artifact.load({str(built['int8'].directory)!r})
+        r = backends.get('openvino').runner(art)
+        print(r.run(np.zeros((2, 3, 32, 32), np.float32)).shape)
+        assert 'torch' not in sys.modules or sys.modules['torch'] is None
+    """
+    res = _blocked(code, "torch", "transformers")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "(2, 4)" in res.stdout
+
+
+def test_cli_eval_and_bench_without_torch(built, image_folder):
+    code = f"""
+        from vitexport.cli import main
+        raise SystemExit(main(['eval', {str(built['fp16'].directory)!r}, '--images', {str(image_folder)!r}, '--json', '--quiet']))
+    """
+    res = _blocked(code, "torch", "transformers")
+    assert res.returncode == 0, res.stderr[-2000:]
+    row = json.loads(res.stdout)["rows"][0]
+    assert row["backend"] == "openvino" and row["accuracy"]["n"] == 24
+    res = _blocked(f"from vitexport.cli import main\nraise SystemExit(main(['bench', {str(built['int4'].directory)!r}, '--json', '--quiet']))", "torch", "transformers")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["rows"][0]["latency"]["p50_ms"] > 0
+
+
+def test_unavailable_backend_is_one_clear_line():
+    code = """
+        import openvino  # noqa: F401  (blocked below)
+    """
+    code = """
+        from vitexport import backends
+        from vitexport.errors import VitexportError
+        be = backends.get('openvino')
+        ok, why = be.available()
+        assert not ok and 'pip install vitexport[openvino]' in why, why
+        from vitexport import api
+        try:
+            api._plan('openvino', 'fp32')
+        except VitexportError as e:
+            print('ERR', e)
+        backends.get('onnxruntime')  # the rest of the toolkit still works
+    """
+    res = _blocked(code, "openvino", "nncf")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ERR backend openvino is not available here: openvino is not installed: pip install vitexport[openvino]" in res.stdout
+
+
+def test_build_through_api_side_by_side(tiny_vit, image_folder, calib_folder, tmp_path):
+    """--backend onnxruntime,openvino: rows side by side, each run by its own runtime, against one reference."""
+    from vitexport.cli import main
+
+    out = tmp_path / "dist"
+    rc = main(["build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--out", str(out), "--no-latency", "--quiet", "--backend", "onnxruntime,openvino", "--precision", "fp32,fp16"])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert set(rows) == {"onnxruntime-fp32", "openvino-fp32", "openvino-fp16"}
+    assert rows["openvino-fp32"]["accuracy"]["agreement"] == 1.0 and rows["openvino-fp32"]["accuracy"]["emulated"] is False
+    assert (out / "openvino-fp16" / "model.xml").is_file()

@@ -1,0 +1,446 @@
+"""OpenVINO target (Intel CPUs, Intel integrated GPUs): OpenVINO IR (.xml + .bin) in five precisions.
+
+The whole story of this target is here: what each precision is, how it is built from the reference ONNX, and how
+it runs. Everything is built from the verified fp32 reference ONNX and works on the OpenVINO model (``ov.Model``):
+nothing here touches the torch model, so NNCF's PyTorch extension (and its stale-lock hang under
+~/.cache/torch_extensions) is never loaded.
+
+Precisions (names as in ``--precision``):
+
+- ``fp32``: ``openvino.convert_model(reference.onnx)``, saved with ``compress_to_fp16=False``.
+- ``fp16``: the same model saved with ``compress_to_fp16=True``: fp16 weights on disk (half the size). The CPU
+  plugin decompresses them and computes in fp32 on a CPU without native fp16 arithmetic (AVX2/AVX-512 without
+  AMX-FP16), so it is no faster there; an Intel iGPU computes in fp16 either way.
+- ``int8``: static int8, weights and activations. Default method ``"qdq"``: the core ViT-aware recipe
+  (``vitexport.quantization.int8``: only the inputs of the q/k/v, attention-output, fc1 and fc2 projections are
+  quantized; attention matmuls, Softmax, LayerNorm, GELU and residual adds stay float; SmoothQuant on post-LayerNorm
+  outliers, percentile-99.999 histogram ranges, GPTQ rounding that absorbs the activations' quantization error,
+  the most sensitive ~10% of linear MACs kept float, 7-bit weights against int16 saturation on AVX2 without VNNI)
+  writes a QDQ ONNX, and ``openvino.convert_model`` turns each Q/DQ pair into FakeQuantize and each int8 weight
+  behind DequantizeLinear into an int8 constant: the CPU plugin's low-precision transformations run those
+  MatMuls in int8. Method ``"nncf"`` is ``nncf.quantize`` on the OpenVINO model with the same ViT-aware choices
+  expressed as NNCF settings (ignored scope = everything but the linear MatMuls, blocks kept float, percentile
+  ranges, overflow fix). The table below (DeiT-tiny, benchmark split) is why ``"qdq"`` is the default.
+- ``int8w``: int8 weight-only (``nncf.compress_weights`` INT8_ASYM, per output channel): activations stay float.
+- ``int4``: int4 weight-only (``nncf.compress_weights``), group size fitted to the hidden size (the largest of
+  the preferred sizes that divides every compressed matrix's input size; 128 does not divide 192) and recorded.
+
+Measured: see ``MEASURED`` below and the module's report rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..artifacts import Artifact, write_manifest
+from ..errors import VitexportError
+from . import Calibration
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install vitexport[openvino]  (or: pip install openvino nncf)"
+DEVICE_ENV = "VITEXPORT_OPENVINO_DEVICE"  # overrides the device an artifact runs on (CPU, GPU, AUTO, ...)
+# The CPU plugin computes in bf16 by default on CPUs with AVX512_BF16 or AMX (measured here, AMD EPYC with
+# AVX512_BF16: the fp32 IR drifted 0.6% from onnxruntime fp32). Rows are measured in f32 so that a row's precision
+# is the artifact's, not the host's; set this to bf16 (or f16) to measure what OpenVINO's default does on such a CPU.
+PRECISION_ENV = "VITEXPORT_OPENVINO_INFERENCE_PRECISION"
+XML = "model.xml"
+
+# Defaults of each precision's recipe; override per build with options {"openvino": {"int8": {...}, "int4": {...}}}
+# (a target profile's [options.openvino.int8] table). Keys are documented where they are read.
+INT8_DEFAULTS: dict[str, Any] = {
+    "method": "qdq",  # "qdq": the core recipe's QDQ ONNX converted by OpenVINO; "nncf": nncf.quantize, ViT-aware settings
+    # "qdq": vitexport.quantization.int8.Int8Recipe overrides. OpenVINO keeps the 20% most sensitive linear MACs float
+    # (the core default is 10%): measured on DeiT-tiny, benchmark split, OpenVINO CPU: 10% -> 97.1% agreement, -1.1
+    # top-1 points; 20% -> 98.4%, -0.3 (OpenVINO's int8 arithmetic rounds differently from onnxruntime's: the same
+    # QDQ model at 20% gives 97.6%, -0.3 in onnxruntime).
+    "recipe": {"fallback_budget": 0.2},
+    # "nncf" only:
+    "keep_float_blocks": (0, 1),  # encoder blocks whose linears stay float (DeiT-tiny: the most sensitive ~10% of MACs)
+    "percentile": 99.999,  # activation range estimator; None = NNCF's default for the model type
+    "smooth_quant": False,  # NNCF SmoothQuant (alpha 0.95 for MatMul by default); measured no better here
+    "overflow_fix": "enable",  # 7-bit weights against int16 saturation of u8*s8 pairs on AVX2 without VNNI
+    "fast_bias_correction": True,
+}
+INT4_DEFAULTS: dict[str, Any] = {
+    "method": "gptq",  # "nncf": nncf.compress_weights; "gptq": the core GPTQ int4 (MatMulNBits ONNX) converted by OpenVINO
+    # "gptq": vitexport.quantization.int4.Int4Recipe overrides (its defaults are the measured recipe)
+    "recipe": {},
+    # "nncf" only:
+    "mode": "int4_asym",  # nncf CompressWeightsMode value: "int4_asym" | "int4_sym"
+    "group_sizes": (32, 64, 128),  # preference order: the first that divides every compressed matrix's input size
+    "ratio": 1.0,  # fraction of the compressed layers in int4 (the rest int8 weight-only)
+    "awq": False,
+    "scale_estimation": True,
+    "gptq": True,
+    "subset_size": 125,
+}
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    precisions = ("fp32", "fp16", "int8", "int8w", "int4")
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino
+        except ImportError:
+            return False, f"openvino is not installed: {INSTALL_HINT}"
+        return True, f"openvino {openvino.get_version()}"
+
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
+        ov = _openvino()
+        if precision not in self.precisions:
+            raise VitexportError(f"openvino has no precision {precision}: choose from {', '.join(self.precisions)}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        mine = dict(options.get("openvino") or {})
+        target = out_dir / XML
+        progress = options.get("progress")
+        if precision in ("fp32", "fp16"):
+            model = ov.convert_model(str(reference.path))
+            recipe: dict[str, Any] = {"kind": f"OpenVINO IR, {precision} weights", "compress_to_fp16": precision == "fp16"}
+        elif precision == "int8":
+            settings = _settings(INT8_DEFAULTS, mine.get("int8"), "int8")
+            calib = _require(calibration, precision)
+            if settings["method"] == "qdq":
+                model, recipe = _int8_qdq(ov, reference, calib, settings, progress)
+            elif settings["method"] == "nncf":
+                with _quiet_stdout():
+                    model, recipe = _int8_nncf(ov, reference, calib, settings)
+            else:
+                raise VitexportError(f"openvino int8 method must be 'qdq' or 'nncf', not {settings['method']!r}")
+        elif precision == "int8w":
+            nncf = _nncf()
+            with _quiet_stdout():
+                model = nncf.compress_weights(ov.convert_model(str(reference.path)), mode=nncf.CompressWeightsMode.INT8_ASYM)
+            recipe = {"kind": "int8 weight-only (nncf.compress_weights INT8_ASYM, per output channel)", "method": "nncf.compress_weights", "weight_type": "int8_asym"}
+        else:  # int4
+            settings = _settings(INT4_DEFAULTS, mine.get("int4"), "int4")
+            if settings["method"] == "gptq":
+                model, recipe = _int4_gptq(ov, reference, calibration, settings, progress)
+            elif settings["method"] == "nncf":
+                with _quiet_stdout():
+                    model, recipe = _int4(ov, reference, calibration, settings)
+            else:
+                raise VitexportError(f"openvino int4 method must be 'gptq' or 'nncf', not {settings['method']!r}")
+        _embed_rt_info(model, reference, precision)
+        ov.save_model(model, str(target), compress_to_fp16=precision == "fp16")
+        if calibration is not None and precision in ("int8", "int4"):
+            recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
+        recipe["device"] = mine.get("device", "CPU")
+        recipe["summary"] = describe(precision, recipe)
+        art = write_manifest(out_dir, backend=self.name, precision=precision, main=target.name, recipe=recipe, extra_tools=("openvino", "nncf"), **reference.manifest_fields())
+        return _count_bin(art)
+
+    def runner(self, artifact: Artifact, threads: int | None = None) -> "OpenVinoRunner":
+        ok, why = self.available()
+        if not ok:
+            raise VitexportError(why)
+        device = os.environ.get(DEVICE_ENV) or artifact.manifest.get("recipe", {}).get("device") or "CPU"
+        return OpenVinoRunner(artifact.path, threads, device)
+
+
+def _count_bin(art: Artifact) -> Artifact:
+    """An IR is the .xml and its .bin: the manifest's size_bytes (the report's size) counts both.
+    (write_manifest sizes the main file only; the hashes of both files are already in the manifest.)"""
+    from ..artifacts import MANIFEST
+
+    manifest = {**art.manifest, "size_bytes": sum(f["size_bytes"] for f in art.manifest["files"] if f["path"] in (XML, "model.bin"))}
+    (art.directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return Artifact(art.backend, art.precision, art.directory, art.main, manifest)
+
+
+class OpenVinoRunner:
+    """Runs an IR with the OpenVINO runtime on this host: imports only openvino and numpy (no torch, no transformers)."""
+
+    emulated = False
+
+    def __init__(self, path: Path, threads: int | None = None, device: str = "CPU"):
+        ov = _openvino()
+        core = ov.Core()
+        if device.split(":")[0].split(".")[0] not in ("AUTO", "MULTI", "HETERO") and device.split(".")[0] not in core.available_devices:
+            raise VitexportError(f"OpenVINO device {device} is not on this host (available: {', '.join(core.available_devices)}); set {DEVICE_ENV}=CPU to run it on the CPU")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if device.startswith("CPU"):
+            config["INFERENCE_PRECISION_HINT"] = os.environ.get(PRECISION_ENV) or "f32"
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self.compiled = core.compile_model(str(path), device, config)
+        except Exception as e:  # openvino raises RuntimeError subclasses with multi-line messages
+            raise VitexportError(f"openvino cannot load {path} on {device}: {str(e).strip().splitlines()[0][:200]} (rebuild the artifact)") from None
+        self.request = self.compiled.create_infer_request()
+        self.threads = threads
+        self.runtime = f"openvino {ov.get_version().split('-')[0]}"
+        try:
+            hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+            exec_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        except Exception:
+            exec_precision = "?"
+        name = _cpu_name() if device.startswith("CPU") else core.get_property(device.split(".")[0], "FULL_DEVICE_NAME")
+        self.device = f"{name} ({platform.machine()}), OpenVINO {device}, {exec_precision} compute"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[0].copy()
+
+
+# ---------------------------------------------------------------- int8
+
+
+def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, Any], progress) -> tuple[Any, dict[str, Any]]:
+    """The core ViT-aware QDQ recipe, converted by OpenVINO (Q/DQ -> FakeQuantize, int8 weights stay int8)."""
+    import onnx
+
+    from ..quantization.int8 import Int8Recipe, quantize_int8
+    from .onnxruntime import _recipe
+
+    recipe_obj = _recipe(Int8Recipe, {**INT8_DEFAULTS["recipe"], **(settings.get("recipe") or {})})
+    qmodel, summary = quantize_int8(reference.load(), calibration.batches, recipe_obj, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
+        path = Path(tmp) / "qdq.onnx"
+        onnx.save_model(qmodel, str(path))
+        model = ov.convert_model(str(path))
+    summary = {**summary, "kind": "static int8 (core ViT-aware QDQ recipe, converted by OpenVINO to FakeQuantize)", "method": "qdq"}
+    return model, summary
+
+
+def _int8_nncf(ov, reference, calibration: Calibration, settings: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """nncf.quantize on the OpenVINO model, with the core recipe's choices as NNCF settings."""
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters, OverflowFix
+    from nncf.quantization.range_estimator import AggregatorType, RangeEstimatorParameters, StatisticsCollectorParameters, StatisticsType
+
+    model = ov.convert_model(str(reference.path))
+    linear, ignored, kept = _linear_matmuls(model, reference, settings.get("keep_float_blocks") or ())
+    data = [x[i : i + 1] for x in calibration.batches() for i in range(len(x))]
+    pct = settings.get("percentile")
+    act_range = None
+    if pct:
+        act_range = RangeEstimatorParameters(
+            min=StatisticsCollectorParameters(statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MIN, quantile_outlier_prob=1 - pct / 100),
+            max=StatisticsCollectorParameters(statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MAX, quantile_outlier_prob=1 - pct / 100),
+        )
+    sq = AdvancedSmoothQuantParameters() if settings.get("smooth_quant") else AdvancedSmoothQuantParameters(matmul=-1)
+    adv = AdvancedQuantizationParameters(overflow_fix=OverflowFix(settings.get("overflow_fix", "enable")), smooth_quant_alphas=sq, activations_range_estimator_params=act_range)
+    q = nncf.quantize(
+        model,
+        nncf.Dataset(data),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(data),
+        fast_bias_correction=bool(settings.get("fast_bias_correction", True)),
+        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+        advanced_parameters=adv,
+    )
+    recipe = {
+        "kind": "static int8 (nncf.quantize, transformer model type, ViT-aware ignored scope)",
+        "method": "nncf",
+        "settings": {k: v for k, v in settings.items() if k != "recipe"},
+        "counts": {"quantized": len(linear) - len(kept), "kept_float": len(kept), "ignored_nodes": len(ignored)},
+        "kept_float": kept,
+    }
+    return q, recipe
+
+
+def _linear_matmuls(model, reference, keep_blocks) -> tuple[list[str], list[str], list[str]]:
+    """(linear MatMuls with a constant weight, every other op name to ignore, linears kept float by block).
+
+    Roles and blocks come from the core's structural search on the reference ONNX (graph.find_linears); OpenVINO's
+    ONNX frontend keeps the ONNX node names as the friendly names of the MatMuls."""
+    from ..quantization.graph import find_linears
+
+    info = {l.node.name: l for l in find_linears(reference.load())}
+    linear, keep, others = [], [], []
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        l = info.get(name)
+        if op.get_type_name() == "MatMul" and l is not None and l.role in ("qkv", "attn_out", "fc1", "fc2"):
+            linear.append(name)
+            if l.block in tuple(keep_blocks):
+                keep.append(name)
+        elif op.get_type_name() not in ("Parameter", "Constant", "Result"):
+            others.append(name)
+    if not linear:
+        raise VitexportError("openvino int8 (nncf): found no linear MatMul of the reference in the OpenVINO model; use method 'qdq'")
+    return linear, others + keep, keep
+
+
+# ---------------------------------------------------------------- int4
+
+
+def choose_group_size(ks: list[int], preferences) -> int:
+    """The first preferred group size that divides every input size in ``ks``; -1 (per channel) if none does."""
+    for g in preferences:
+        if all(k % int(g) == 0 for k in ks):
+            return int(g)
+    return -1
+
+
+def _matmul_input_sizes(model) -> list[int]:
+    """Input sizes (K) of the MatMuls with a constant weight: what a weight group divides."""
+    ks = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        src = op.input_value(1).get_node()
+        while src.get_type_name() in ("Convert", "Transpose", "Reshape") and src.get_input_size():
+            src = src.input_value(0).get_node()
+        if src.get_type_name() != "Constant":
+            continue
+        shape = list(op.input_value(1).get_partial_shape().to_shape())
+        transposed = op.get_attributes().get("transpose_b", False)
+        ks.append(int(shape[-1] if transposed else shape[-2]))
+    return ks
+
+
+def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping[str, Any], progress) -> tuple[Any, dict[str, Any]]:
+    """The core GPTQ int4 recipe (MatMulNBits ONNX); OpenVINO's ONNX frontend reads MatMulNBits as u4 weight constants
+    behind a Convert/Subtract/Multiply decompression, which the CPU plugin fuses into its weight-compressed MatMul."""
+    import onnx
+
+    from ..quantization.int4 import Int4Recipe, quantize_int4
+    from .onnxruntime import _recipe
+
+    recipe_obj = _recipe(Int4Recipe, settings.get("recipe") or {})
+    if recipe_obj.method == "gptq":
+        _require(calibration, "int4 (gptq)")
+    qmodel, summary = quantize_int4(reference.load(), calibration.batches if calibration else (lambda: iter(())), recipe_obj, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
+        path = Path(tmp) / "int4.onnx"
+        onnx.save_model(qmodel, str(path))
+        model = ov.convert_model(str(path))
+    sizes = sorted({b for bs in (summary.get("block_sizes") or {}).values() for b in bs})
+    summary = {**summary, "kind": "int4 weight-only (core GPTQ MatMulNBits recipe, converted by OpenVINO to u4 weights)", "method": f"core {recipe_obj.method} int4", "weight_type": "uint4 asym" if not recipe_obj.symmetric else "int4 sym", "block_size": sizes[0] if len(sizes) == 1 else sizes}
+    return model, summary
+
+
+def _int4(ov, reference, calibration: Calibration | None, settings: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    nncf = _nncf()
+    model = ov.convert_model(str(reference.path))
+    ks = _matmul_input_sizes(model)
+    group = choose_group_size(ks, settings["group_sizes"])
+    data_aware = any(settings.get(k) for k in ("awq", "scale_estimation", "gptq"))
+    kwargs: dict[str, Any] = {}
+    if data_aware:
+        calib = _require(calibration, "int4 (data-aware: awq / scale_estimation / gptq)")
+        data = [x[i : i + 1] for x in calib.batches() for i in range(len(x))]
+        kwargs = {"dataset": nncf.Dataset(data), "subset_size": int(settings.get("subset_size", len(data))), "awq": bool(settings.get("awq")), "scale_estimation": bool(settings.get("scale_estimation")), "gptq": bool(settings.get("gptq"))}
+    try:
+        mode = nncf.CompressWeightsMode(settings["mode"])
+    except ValueError:
+        raise VitexportError(f"openvino int4 mode must be int4_asym or int4_sym, not {settings['mode']!r}") from None
+    q = nncf.compress_weights(model, mode=mode, group_size=group, ratio=float(settings["ratio"]), **kwargs)
+    recipe = {
+        "kind": f"int4 weight-only (nncf.compress_weights {mode.value})",
+        "method": "nncf.compress_weights" + (" + " + "+".join(k for k in ("awq", "scale_estimation", "gptq") if settings.get(k)) if data_aware else ""),
+        "weight_type": mode.value,
+        "block_size": group,
+        "group_size_choice": {"preferences": list(settings["group_sizes"]), "input_sizes": sorted(set(ks)), "chosen": group},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items() if k != "recipe"},
+    }
+    return q, recipe
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def describe(precision: str, recipe: Mapping[str, Any]) -> str:
+    """One line for the report; the whole recipe stays in the manifest."""
+    if precision == "fp32":
+        return "OpenVINO IR, fp32 weights (openvino.convert_model of the reference ONNX)"
+    if precision == "fp16":
+        return "OpenVINO IR, fp16 weights (compress_to_fp16); the CPU plugin computes in fp32 without native fp16"
+    if precision == "int8":
+        if recipe.get("method") == "qdq":
+            fb = recipe.get("sensitivity_fallback", {}).get("kept_float", [])
+            c = recipe.get("counts", {})
+            return (
+                f"static int8 via the core ViT-aware QDQ recipe -> FakeQuantize: {recipe.get('activations')} activations "
+                f"({recipe.get('calibration', {}).get('method')} ranges), GPTQ-rounded {recipe.get('weights')} weights; {c.get('quantized')} linears int8, "
+                f"{len(fb)} inputs left float by measured sensitivity ({100 * sum(k['mac_fraction'] for k in fb):.1f}% of linear MACs)"
+            )
+        c = recipe.get("counts", {})
+        return f"static int8 via nncf.quantize (transformer, ignored scope = all but linear MatMuls): {c.get('quantized')} linears int8, {c.get('kept_float')} kept float"
+    if precision == "int8w":
+        return "int8 weight-only (nncf.compress_weights INT8_ASYM, per channel), activations float"
+    return f"int4 weight-only: {recipe.get('method')}, {recipe.get('weight_type')}, group size {recipe.get('block_size')}"
+
+
+def _embed_rt_info(model, reference, precision: str) -> None:
+    """Preprocessing, labels and task travel inside the .xml (rt_info), so the IR alone says how to feed it."""
+    for key, value in reference.metadata().items():
+        model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["vitexport", key.removeprefix("vitexport.")])
+    model.set_rt_info(precision, ["vitexport", "precision"])
+
+
+def read_rt_info(xml: str | Path) -> dict[str, Any]:
+    """The vitexport entries of an IR's rt_info (JSON decoded where they are JSON)."""
+    ov = _openvino()
+    model = ov.Core().read_model(str(xml))
+    out: dict[str, Any] = {}
+    for key in ("model", "preprocessing", "labels", "task", "embedding", "precision"):
+        if model.has_rt_info(["vitexport", key]):
+            text = model.get_rt_info(["vitexport", key]).astype(str)
+            try:
+                out[key] = json.loads(text)
+            except json.JSONDecodeError:
+                out[key] = text
+    return out
+
+
+def _settings(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - set(defaults)
+    if unknown:
+        raise VitexportError(f"unknown openvino {what} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(defaults))}")
+    return {**defaults, **overrides}
+
+
+def _require(calibration: Calibration | None, precision: str) -> Calibration:
+    if calibration is None or calibration.count == 0:
+        raise VitexportError(f"openvino {precision} needs calibration images: pass --calib DIR")
+    return calibration
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """NNCF draws its progress bars and tables on stdout: keep stdout clean for --json and build scripts."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise VitexportError(f"openvino is not installed: {INSTALL_HINT}") from None
+    return openvino
+
+
+def _nncf():
+    try:
+        import nncf
+    except ImportError:
+        raise VitexportError(f"nncf is not installed (needed for OpenVINO int8/int8w/int4): {INSTALL_HINT}") from None
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+    return nncf
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
