@@ -1,0 +1,35 @@
+"""Stock CoreML compression recipes (coremltools' documented defaults), as baseline rows beside vitexport's.
+
+Each builder is ``(reference, calibration, tmp: Path) -> Artifact`` like the ones in run_matrix.py; the rows are
+emulated from the saved packages exactly like vitexport's own CoreML rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vitexport.artifacts import MANIFEST, Artifact
+from vitexport.backends.coreml import CoreMLBackend
+
+
+def _stock(reference, calibration, tmp: Path, precision: str, name: str, options: dict, summary: str) -> Artifact:
+    out = tmp / f"coreml-{name}"
+    art = CoreMLBackend().build(reference, calibration, precision, {"coreml": options}, out)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["precision"] = name
+    manifest["recipe"]["summary"] = summary
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return Artifact.load(out)
+
+
+def stock_int4_rtn(reference, calibration, tmp: Path) -> Artifact:
+    """coremltools linear_quantize_weights: int4 linear_symmetric per_block 32, round to nearest (iOS 18)."""
+    return _stock(reference, calibration, tmp, "int4", "int4-stock-rtn", {"int4_method": "rtn", "int4_block_size": 32},
+                  "stock: coremltools linear_quantize_weights int4 linear_symmetric per_block 32 (round to nearest), fp16 compute, iOS18+")
+
+
+def stock_palette4(reference, calibration, tmp: Path) -> Artifact:
+    """coremltools palettize_weights: 4-bit k-means, per tensor (the OpPalettizerConfig default granularity, iOS 16)."""
+    return _stock(reference, calibration, tmp, "palette4", "palette4-stock-per-tensor", {"palette_granularity": "per_tensor"},
+                  "stock: coremltools palettize_weights 4-bit kmeans per tensor, fp16 compute, iOS16+")
