@@ -19,6 +19,9 @@ from ..errors import VitexportError
 # name -> "module:Class"; the module is imported only when the backend is asked for.
 REGISTRY: dict[str, str] = {
     "onnxruntime": "vitexport.backends.onnxruntime:OnnxRuntimeBackend",
+    "coreml": "vitexport.backends.coreml:CoreMLBackend",
+    "openvino": "vitexport.backends.openvino:OpenVinoBackend",
+    "tensorrt": "vitexport.backends.tensorrt:TensorRTBackend",
 }
 
 
