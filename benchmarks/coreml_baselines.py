@@ -31,5 +31,5 @@ def stock_int4_rtn(reference, calibration, tmp: Path) -> Artifact:
 
 def stock_palette4(reference, calibration, tmp: Path) -> Artifact:
     """coremltools palettize_weights: 4-bit k-means, per tensor (the OpPalettizerConfig default granularity, iOS 16)."""
-    return _stock(reference, calibration, tmp, "palette4", "palette4-stock-per-tensor", {"palette_granularity": "per_tensor"},
+    return _stock(reference, calibration, tmp, "palette4", "palette4-stock-per-tensor", {"palette_method": "kmeans", "palette_granularity": "per_tensor"},
                   "stock: coremltools palettize_weights 4-bit kmeans per tensor, fp16 compute, iOS16+")

@@ -131,6 +131,23 @@ def test_reader_dequantizes_like_coremltools(tiny_build, precision):
     assert n >= 12
 
 
+def test_palette4_package_holds_the_gptq_palettes(tiny_build):
+    """Every linear of the palette4 package is a constexpr_lut_to_dense whose groups of output channels use at most
+    16 values: the palettes vitexport computed, stored as is (not re-clustered by coremltools)."""
+    art = _pkg(tiny_build[0], "palette4")
+    recipe = art.manifest["recipe"]
+    assert recipe["palette"]["method"].startswith("k-means palettes per group + GPTQ") and recipe["palette"]["linears"] == 12
+    reader = cm.PackageReader(art.path)
+    luts = [op for op in reader.block.operations if op.type == "constexpr_lut_to_dense"]
+    assert len(luts) == 12
+    group = TINY_OPTIONS["coreml"]["palette_group_size"]
+    for op in luts:
+        w = reader.value(op.outputs[0].name).astype(np.float32)
+        rows = w.reshape(w.shape[0], -1)
+        for g in range(0, rows.shape[0], group):
+            assert len(np.unique(rows[g : g + group])) <= 16
+
+
 def test_emulation_runs_what_the_package_holds(tiny_build, tmp_path):
     """Perturb one weight inside a copy of the package: the emulated outputs change accordingly."""
     out, _ = tiny_build
@@ -198,6 +215,10 @@ def test_w8a8_needs_macos_and_bad_options_are_clear(tmp_path):
         backend.build(None, None, "fp16", {"coreml": {"bogus": 1}}, tmp_path / "b")
     with pytest.raises(VitexportError, match="palette_granularity"):
         backend.build(None, None, "palette4", {"coreml": {"palette_granularity": "per_row"}}, tmp_path / "c")
+    with pytest.raises(VitexportError, match="palette_method"):
+        backend.build(None, None, "palette4", {"coreml": {"palette_method": "magic"}}, tmp_path / "d")
+    with pytest.raises(VitexportError, match="needs calibration images"):
+        backend.build(None, None, "palette4", {}, tmp_path / "e")
     assert not any(tmp_path.iterdir())
 
 

@@ -66,8 +66,9 @@ def get(name: str) -> Backend:
 
 
 def needs_calibration(precision: str) -> bool:
-    # int4 uses calibration activations too: its rounding minimises the error on real inputs, not on weights alone
-    return precision in {"int8", "int4"}
+    # int4 and palette4 use calibration activations too: their rounding minimises the error on real inputs, not on
+    # weights alone
+    return precision in {"int8", "int4", "palette4"}
 
 
 def parse_precisions(text: str | Iterable[str], backend: Backend) -> list[str]:

@@ -17,7 +17,9 @@ The whole story of this target is here:
   ``fp32`` / ``fp16`` (iOS 15 / macOS 12), ``int8`` linear symmetric per-channel weights (iOS 16 / macOS 13),
   ``int4`` block-wise weights (iOS 18 / macOS 15) whose codes are the core's GPTQ int4 weights
   (vitexport.quantization.int4) written into the package through coremltools' torch compression metadata,
-  ``palette4`` 4-bit k-means palettization (per grouped channel: iOS 18 / macOS 15), and ``w8a8`` (int8 activations,
+  ``palette4`` 4-bit palettization, one 16-entry palette per 16 output channels (iOS 18 / macOS 15), whose palettes
+  and rounding come from vitexport.quantization.palette (k-means + GPTQ on calibration images; coremltools' own
+  k-means with ``palette_method = "kmeans"``), and ``w8a8`` (int8 activations,
   iOS 17 / macOS 14), which calibrates by running CoreML predictions and can therefore only be built on macOS.
 - **Measuring.** On macOS a runner calls ``MLModel.predict`` on the real package (compute units: cpu_only,
   cpu_and_gpu, all). Elsewhere CoreML cannot predict, so the runner *emulates* the package: it reads the weights back
@@ -81,7 +83,8 @@ class CoreMLOptions:
     compute_units: str = "all"  # macOS runner: cpu_only | cpu_and_gpu | cpu_and_ne | all
     int4_method: str = "gptq"  # "gptq": the core's GPTQ codes (needs calibration) | "rtn": coremltools round-to-nearest
     int4_block_size: int = 32
-    palette_granularity: str = "per_grouped_channel"  # or "per_tensor" (iOS16)
+    palette_method: str = "gptq"  # "gptq": vitexport.quantization.palette (needs calibration) | "kmeans": coremltools'
+    palette_granularity: str = "per_grouped_channel"  # or "per_tensor" (iOS16; kmeans only)
     palette_group_size: int = 16  # output channels sharing one 16-entry palette
     palette_kmeans_workers: int = 1
     palette_per_channel_scale: bool = False  # iOS18: scale each output channel before sharing a palette
@@ -95,8 +98,12 @@ class CoreMLOptions:
             raise VitexportError(f"coreml compute_units must be one of {', '.join(COMPUTE_UNITS)}, not {self.compute_units!r}")
         if self.int4_method not in ("gptq", "rtn"):
             raise VitexportError(f"coreml int4_method must be gptq or rtn, not {self.int4_method!r}")
+        if self.palette_method not in ("gptq", "kmeans"):
+            raise VitexportError(f"coreml palette_method must be gptq or kmeans, not {self.palette_method!r}")
         if self.palette_granularity not in ("per_tensor", "per_grouped_channel"):
             raise VitexportError(f"coreml palette_granularity must be per_tensor or per_grouped_channel, not {self.palette_granularity!r}")
+        if self.palette_method == "gptq" and self.palette_granularity != "per_grouped_channel":
+            raise VitexportError("coreml palette_method gptq is per grouped channel: set palette_method = \"kmeans\" for per_tensor")
 
 
 def deployment_target(precision: str, opts: CoreMLOptions, ) -> str:
@@ -133,6 +140,8 @@ class CoreMLBackend:
             )
         if precision == "int4" and opts.int4_method == "gptq" and (calibration is None or calibration.count == 0):
             raise VitexportError("coreml int4 uses GPTQ rounding, which needs calibration images: pass --calib DIR")
+        if precision == "palette4" and opts.palette_method == "gptq" and (calibration is None or calibration.count == 0):
+            raise VitexportError("coreml palette4 uses GPTQ rounding, which needs calibration images: pass --calib DIR")
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         spec = reference.spec
@@ -157,6 +166,8 @@ class CoreMLBackend:
             }
             if precision == "int4" and opts.int4_method == "gptq":
                 recipe["int4"] = _attach_gptq_int4(module, head, reference, calibration, options, opts)
+            if precision == "palette4" and opts.palette_method == "gptq":
+                recipe["palette"] = _attach_gptq_palette(head, reference, calibration, options, opts)
 
             c, h, w = spec.input_shape
             example = torch.rand(1, c, h, w)
@@ -218,7 +229,8 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
         m = recipe.get("int4", {}).get("method", "rtn")
         return f"CoreML ML Program, int4 block-{recipe.get('block_size')} weights ({m} rounding) on linears, fp16 compute, {t}+"
     if precision == "palette4":
-        return f"CoreML ML Program, 4-bit k-means palettized linears ({recipe.get('granularity')}), fp16 compute, {t}+"
+        how = "k-means + GPTQ rounding" if "palette" in recipe else "k-means"
+        return f"CoreML ML Program, 4-bit palettized linears ({how}, {recipe.get('granularity')}), fp16 compute, {t}+"
     if precision == "w8a8":
         return f"CoreML ML Program, int8 weights and activations, {t}+"
     return f"CoreML ML Program, {precision} weights and compute, {t}+"
@@ -331,6 +343,47 @@ def _torch_weight_names(head, reference) -> dict[str, tuple[str, bool]]:
     return out
 
 
+def _attach_gptq_palette(head, reference, calibration, options, opts: CoreMLOptions) -> dict[str, Any]:
+    """Palettize the linears with vitexport.quantization.palette and hand coremltools the exact palettes.
+
+    coremltools' torch frontend turns ``_COREML_/weight/*`` buffers (compression_type 2 = palettization, ``lut``
+    [N/group, 1, 16, 1]) into constexpr_lut_to_dense ops; the weight's values are already palette entries, so its
+    index lookup is exact.
+    """
+    import torch
+
+    from ..quantization.calibration import stream_activations
+    from ..quantization.graph import find_linears
+    from ..quantization.int4 import HessianObserver, _weight_nk
+    from ..quantization.palette import PaletteRecipe, palettize_gptq
+
+    t0 = time.perf_counter()
+    recipe = PaletteRecipe(group_size=opts.palette_group_size)
+    model = reference.load()
+    linears = [l for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")]
+    obs = HessianObserver()
+    stream_activations(model, sorted({l.activation for l in linears}), calibration.batches, obs, progress=options.get("progress"))
+    names = _torch_weight_names(head, reference)
+    params = dict(head.named_parameters())
+    errors = []
+    for l in linears:
+        if l.weight not in names:
+            raise VitexportError(f"coreml palette4: cannot map {l.node.name} back to a torch weight")
+        tname, _ = names[l.weight]
+        w = _weight_nk(model, l)  # [N, K]: torch Linear's own layout
+        q, lut = palettize_gptq(w, obs.h[l.activation], recipe)
+        errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
+        mod_name, pname = tname.rsplit(".", 1)
+        with torch.no_grad():
+            params[tname].copy_(torch.from_numpy(q))
+        mod = head.get_submodule(mod_name)
+        mod.register_buffer(f"_COREML_/{pname}/compression_type", torch.tensor([2]))
+        mod.register_buffer(f"_COREML_/{pname}/lut", torch.from_numpy(lut[:, None, :, None].copy()))
+    return {"method": "k-means palettes per group + GPTQ rounding", "group_size": recipe.group_size, "refine": recipe.refine, "damp": recipe.damp,
+            "linears": len(linears), "roles": ["qkv", "attn_out", "fc1", "fc2"], "rel_weight_error_mean": round(float(np.mean(errors)), 5),
+            "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr_lut_to_dense", "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreMLOptions) -> dict[str, Any]:
     """Run the core's GPTQ int4 recipe on the reference ONNX and hand its exact codes to coremltools.
 
@@ -418,6 +471,9 @@ def _compress(ct, mlmodel, precision: str, opts: CoreMLOptions, calibration: Cal
         config = _config(cto, mlmodel, cfg, ("patch_embeddings",) + tuple(opts.keep_float))
         return cto.linear_quantize_weights(mlmodel, config), {"kept_float": ["patch_embeddings", *opts.keep_float],
             "compression": "linear_quantize_weights", "int4": {"method": "rtn"}, "weight_type": "int4", "mode": "linear_symmetric", "granularity": "per_block", "block_size": opts.int4_block_size}
+    if precision == "palette4" and opts.palette_method == "gptq":
+        return mlmodel, {"compression": "GPTQ palettes from vitexport.quantization.palette", "weight_type": "4-bit palette", "granularity": "per_grouped_channel",
+                         "group_size": opts.palette_group_size, "per_channel_scale": False}
     if precision == "palette4":
         kw: dict[str, Any] = {"nbits": 4, "mode": "kmeans", "granularity": opts.palette_granularity, "weight_threshold": opts.weight_threshold,
                               "num_kmeans_workers": opts.palette_kmeans_workers}

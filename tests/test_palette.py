@@ -1,0 +1,52 @@
+"""GPTQ palettization (vitexport.quantization.palette): palettes, exact placement on them, and the GPTQ gain."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vitexport.quantization.palette import PaletteRecipe, kmeans_1d, palettize_gptq
+
+
+def _layer(n=32, k=64, rows=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)  # correlated inputs, as activations are: where GPTQ has work to do
+    x = rng.standard_normal((rows, k)) @ mix + 0.3 * rng.standard_normal((rows, k))
+    w = rng.standard_normal((n, k)) * 0.05
+    return w, x
+
+
+def test_kmeans_1d_is_a_weighted_lloyd_fixed_point():
+    rng = np.random.default_rng(1)
+    x, wt = rng.standard_normal((2, 3000)), rng.random((2, 3000))
+    c = kmeans_1d(x, wt, 8, iters=1000)  # run to convergence
+    assert c.shape == (2, 8) and np.all(np.diff(c, axis=1) > 0)
+    for i in range(2):  # each centroid is the weighted mean of the points nearest to it
+        idx = np.abs(x[i][:, None] - c[i]).argmin(1)
+        for j in range(8):
+            np.testing.assert_allclose(c[i, j], np.average(x[i][idx == j], weights=wt[i][idx == j]), atol=1e-6)
+
+
+def test_values_lie_on_their_groups_palette():
+    w, x = _layer()
+    q, lut = palettize_gptq(w, x.T @ x, PaletteRecipe(group_size=8))
+    assert lut.shape == (4, 16) and q.shape == w.shape and q.dtype == np.float32
+    np.testing.assert_array_equal(lut, lut.astype(np.float16).astype(np.float32))  # fp16 palettes, as stored
+    for r in range(w.shape[0]):
+        assert np.isin(q[r], lut[r // 8]).all()
+
+
+def test_gptq_rounding_beats_nearest_entry_on_the_layer_output():
+    w, x = _layer()
+    h = x.T @ x
+    q, lut = palettize_gptq(w, h, PaletteRecipe(group_size=8, refine=0))
+    rows = np.repeat(lut, 8, axis=0)
+    nearest = rows[np.arange(w.shape[0])[:, None], np.abs(w[:, :, None] - rows[:, None, :]).argmin(-1)]
+    err = lambda v: np.linalg.norm(x @ (v - w).T)  # noqa: E731
+    assert err(q) < 0.9 * err(nearest)  # measured 0.83 here
+
+
+def test_group_size_must_divide_output_channels():
+    w, x = _layer(n=30)
+    with pytest.raises(ValueError, match="multiple of the palette group size"):
+        palettize_gptq(w, x.T @ x, PaletteRecipe(group_size=8))

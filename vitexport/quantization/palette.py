@@ -1,0 +1,137 @@
+"""4-bit palettization with GPTQ rounding: one 16-entry look-up table per group of output channels.
+
+Stock palettization (coremltools' k-means, per tensor or per grouped channel) rounds every weight to its nearest
+palette entry independently; on DeiT-tiny that loses about 3 points of top-1 (measured, benchmarks/). The same
+rounding error is what GPTQ removes for int4, and nothing in GPTQ needs a uniform grid: only "the nearest
+representable value" changes. So, per linear layer:
+
+1. the palette of each group of output channels is a 1-D k-means of that group's weights, each weight weighted by
+   the energy of the input it multiplies (the Hessian diagonal: errors on busy inputs cost more);
+2. GPTQ then rounds column by column to the nearest entry of the row's own palette, spreading each column's
+   rounding error over the columns not yet rounded (H = X^T X from calibration images, as for int4);
+3. ``refine`` times: the palettes are fitted again to the values GPTQ actually rounded (its error-compensated
+   targets), and GPTQ runs again with them.
+
+The result is a float weight whose values lie exactly on the palettes, plus the palettes: coremltools stores them
+losslessly as ``constexpr_lut_to_dense`` (see vitexport.backends.coreml).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gptq import upper_cholesky_of_inverse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PaletteRecipe:
+    bits: int = 4  # palette of 2**bits entries
+    group_size: int = 16  # output channels sharing one palette
+    damp: float = 0.01  # GPTQ: lambda * mean(diag(H)) added to the Hessian diagonal
+    refine: int = 1  # extra rounds: refit the palettes to GPTQ's targets, then round again
+    kmeans_iters: int = 30
+    lazy_columns: int = 64  # GPTQ lazy-batch width; speed only
+
+    def __post_init__(self):
+        if not 1 <= self.bits <= 8:
+            raise ValueError(f"palette bits must be 1..8, not {self.bits}")
+        if self.group_size < 1:
+            raise ValueError("palette group_size must be >= 1")
+
+
+def kmeans_1d(x: np.ndarray, weights: np.ndarray, k: int, iters: int = 30) -> np.ndarray:
+    """Weighted 1-D k-means of each row of ``x`` [G, M] (``weights`` [G, M] >= 0): sorted centroids [G, k].
+
+    Each row is sorted once; a cluster is then a contiguous run, and its weighted mean comes from prefix sums.
+    """
+    g, m = x.shape
+    order = np.argsort(x, axis=1)
+    xs = np.take_along_axis(x, order, axis=1)
+    ws = np.take_along_axis(np.asarray(weights, np.float64), order, axis=1)
+    cw = np.concatenate([np.zeros((g, 1)), np.cumsum(ws, axis=1)], axis=1)
+    cwx = np.concatenate([np.zeros((g, 1)), np.cumsum(ws * xs, axis=1)], axis=1)
+    c = np.quantile(x, (np.arange(k) + 0.5) / k, axis=1).T.astype(np.float64)  # [G, k], sorted
+    rows = np.arange(g)[:, None]
+    for _ in range(iters):
+        cuts = np.stack([np.searchsorted(xs[i], (c[i, 1:] + c[i, :-1]) / 2) for i in range(g)])  # [G, k-1]
+        bounds = np.concatenate([np.zeros((g, 1), np.int64), cuts, np.full((g, 1), m)], axis=1)
+        cnt = cw[rows, bounds[:, 1:]] - cw[rows, bounds[:, :-1]]
+        tot = cwx[rows, bounds[:, 1:]] - cwx[rows, bounds[:, :-1]]
+        new = np.sort(np.where(cnt > 0, tot / np.maximum(cnt, 1e-300), c), axis=1)
+        if np.allclose(new, c, rtol=0, atol=1e-12):
+            return new
+        c = new
+    return c
+
+
+def _nearest(x: np.ndarray, lut_rows: np.ndarray, mids_rows: np.ndarray) -> np.ndarray:
+    """Each x[n] rounded to the nearest entry of its own sorted palette lut_rows[n]."""
+    idx = (x[:, None] > mids_rows).sum(axis=1)
+    return lut_rows[np.arange(len(x)), idx]
+
+
+def _gptq_round(w: np.ndarray, u: np.ndarray, lut_rows: np.ndarray, lazy: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rounded weight, the error-compensated values GPTQ rounded) for w [N, K], U with H^-1 = U^T U."""
+    w = w.copy()
+    n, k = w.shape
+    mids = (lut_rows[:, 1:] + lut_rows[:, :-1]) / 2
+    q = np.empty_like(w)
+    targets = np.empty_like(w)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = w1[:, i]
+            targets[:, i1 + i] = x
+            qi = _nearest(x, lut_rows, mids)
+            q[:, i1 + i] = qi
+            e = (x - qi) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        if i2 < k:
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return q, targets
+
+
+def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe = PaletteRecipe()) -> tuple[np.ndarray, np.ndarray]:
+    """Palettize ``w_nk`` [N, K] (rows = output channels) given H = X^T X [K, K] of its inputs.
+
+    Returns (weight [N, K] float32 whose every value is an entry of its row group's palette, palettes
+    [N // group_size, 2**bits] float32).
+    """
+    w = np.asarray(w_nk, dtype=np.float64)
+    n, k = w.shape
+    g = recipe.group_size
+    if n % g:
+        raise ValueError(f"{n} output channels are not a multiple of the palette group size {g}")
+    entries = 2**recipe.bits
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    diag = np.arange(k)
+    h[diag, diag] += recipe.damp * float(np.mean(np.diag(h)))
+    hdiag = np.diag(h).copy()
+    for _ in range(6):
+        try:
+            u = upper_cholesky_of_inverse(h)
+            break
+        except np.linalg.LinAlgError:
+            h[diag, diag] += 10 * recipe.damp * float(np.mean(hdiag))
+    else:  # pragma: no cover - degenerate statistics: plain nearest-entry rounding
+        log.warning("palette GPTQ: Hessian not positive definite, rounding to nearest")
+        u = np.eye(k)
+
+    importance = np.broadcast_to(hdiag[None, :], (n, k))
+    fit = w
+    for _ in range(1 + max(0, recipe.refine)):
+        lut = kmeans_1d(fit.reshape(n // g, g * k), importance.reshape(n // g, g * k), entries, recipe.kmeans_iters)
+        lut = lut.astype(np.float16).astype(np.float64)  # the package stores fp16 palettes: round against those
+        q, fit = _gptq_round(w, u, np.repeat(lut, g, axis=0), recipe.lazy_columns)
+    return q.astype(np.float32), lut.astype(np.float32)
