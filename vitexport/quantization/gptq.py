@@ -26,3 +26,45 @@ def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
                 return u.numpy()
         raise np.linalg.LinAlgError("Hessian is not positive definite")
     return np.linalg.cholesky(np.linalg.inv(h)).T
+
+
+def damped_inverse_factor(hessian: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """(U with (H + damp * mean(diag H) * I)^-1 = U^T U, mask of dead inputs) for H = X^T X [K, K].
+
+    Dead inputs (never non-zero in calibration) get a unit diagonal so H stays invertible; their weights do not
+    matter to the output. Raises ``np.linalg.LinAlgError`` when H is numerically not SPD.
+    """
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(len(h))] += damp * float(np.mean(np.diag(h)))
+    return upper_cholesky_of_inverse(h), dead
+
+
+def gptq_round(w: np.ndarray, u: np.ndarray, round_column, lazy: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2022) with any rounding: ``round_column(values [N], column) -> rounded [N]``.
+
+    Rounds ``w`` [N, K] (rows = output channels) one input column at a time and spreads each column's error over
+    the columns not yet rounded through U (H^-1 = U^T U), so the layer's *output* error on the calibration inputs is
+    what gets minimised, not the weights'. Returns (rounded [N, K], the error-compensated values each column was
+    rounded from), both float64.
+    """
+    w = np.array(w, dtype=np.float64)
+    n, k = w.shape
+    q = np.empty_like(w)
+    targets = np.empty_like(w)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2].copy()
+        err = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = w1[:, i]
+            targets[:, i1 + i] = x
+            qi = round_column(x, i1 + i)
+            q[:, i1 + i] = qi
+            e = (x - qi) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return q, targets

@@ -284,3 +284,40 @@ def linears_by_role(linears: Iterable[Linear]) -> dict[str, list[Linear]]:
     for l in linears:
         out[l.role].append(l)
     return out
+
+
+def drop_unused_constants(model: onnx.ModelProto) -> None:
+    """Remove initializers, Constant nodes and value_info nothing uses any more (rewrites leave the originals behind)."""
+    g = model.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    keep = [t for t in g.initializer if t.name in used]
+    if len(keep) != len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    dead = [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]
+    for n in dead:
+        g.node.remove(n)
+    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    vis = [v for v in g.value_info if v.name in produced]
+    if len(vis) != len(g.value_info):
+        del g.value_info[:]
+        g.value_info.extend(vis)
+
+
+def const_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    """An initializer or Constant node's value, by tensor name."""
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output and n.output[0] == name:
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+    raise KeyError(f"{name} is not a constant of the model")
+
+
+def weight_nk(model: onnx.ModelProto, l: Linear) -> np.ndarray:
+    """A linear's weight as [N, K] (rows = output channels, torch.nn.Linear's layout), float32."""
+    w = const_array(model, l.weight).astype(np.float32)
+    return w if l.trans_b else w.T  # MatMul / Gemm(transB=0) store [K, N]

@@ -64,7 +64,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import stream_activations
 from .gptq import upper_cholesky_of_inverse
-from .graph import ROLES, Linear, find_linears
+from .graph import ROLES, Linear, const_array, drop_unused_constants, find_linears, weight_nk
 
 log = logging.getLogger(__name__)
 
@@ -337,28 +337,11 @@ def _kept_float(l: Linear, keep: Iterable[str]) -> str | None:
     return None
 
 
-def _const_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.output and n.output[0] == name:
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-    raise KeyError(f"{name} is not a constant of the model")
-
-
 def _gemm_ok(node: onnx.NodeProto) -> bool:
     attrs = {a.name: a for a in node.attribute}
     alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
     beta = attrs["beta"].f if "beta" in attrs else 1.0
     return alpha == 1.0 and beta == 1.0
-
-
-def _weight_nk(model: onnx.ModelProto, l: Linear) -> np.ndarray:
-    w = _const_array(model, l.weight).astype(np.float32)
-    return w if l.trans_b else w.T  # MatMul / Gemm(transB=0) store [K, N]
 
 
 def _select(linears: list[Linear], recipe: Int4Recipe) -> tuple[list[Linear], list[dict]]:
@@ -410,7 +393,7 @@ def _rewrite(model: onnx.ModelProto, l: Linear, qw: QuantizedWeight, recipe: Int
             add = next(c for c in g.node if c.op_type == "Add" and key in c.input)
             out = add.output[0]
     if bias_name is not None:
-        bias = _const_array(model, bias_name).astype(np.float32).reshape(-1)
+        bias = const_array(model, bias_name).astype(np.float32).reshape(-1)
         if bias.size != n_out:
             raise ValueError(f"{node.name}: bias of size {bias.size} for N={n_out}")
         bias_name = f"{tag}_bias"
@@ -429,23 +412,6 @@ def _rewrite(model: onnx.ModelProto, l: Linear, qw: QuantizedWeight, recipe: Int
     if add is not None:
         apos = next(i for i, nd in enumerate(g.node) if nd.op_type == "Add" and nd.output[0] == out and key in nd.input)
         del g.node[apos]
-
-
-def _drop_unused_constants(model: onnx.ModelProto) -> None:
-    g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    keep = [t for t in g.initializer if t.name in used]
-    if len(keep) != len(g.initializer):
-        del g.initializer[:]
-        g.initializer.extend(keep)
-    dead = [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]
-    for n in dead:
-        g.node.remove(n)
-    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-    vis = [v for v in g.value_info if v.name in produced]
-    if len(vis) != len(g.value_info):
-        del g.value_info[:]
-        g.value_info.extend(vis)
 
 
 def _ensure_ms_opset(model: onnx.ModelProto) -> None:
@@ -522,7 +488,7 @@ def quantize_int4(
         tq = time.perf_counter()
         done = []
         for l, meta in zip(stage, stages[si]):  # meta: role/block as found on the float graph
-            w = _weight_nk(work, l)
+            w = weight_nk(work, l)
             n_out, k = w.shape
             block = choose_block_size(k, recipe.block_sizes)
             if recipe.method == "gptq":
@@ -539,7 +505,7 @@ def quantize_int4(
             count += 1
         quant_s += time.perf_counter() - tq
     quantized = [l for st in stages for l in st]
-    _drop_unused_constants(work)
+    drop_unused_constants(work)
     _ensure_ms_opset(work)
 
     summary = {

@@ -35,8 +35,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import ChannelAbsMaxObserver, HistogramObserver, stream_activations
-from .gptq import upper_cholesky_of_inverse
-from .graph import GraphIndex, Linear, find_linears
+from .gptq import damped_inverse_factor, gptq_round
+from .graph import GraphIndex, Linear, drop_unused_constants, find_linears
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 
@@ -47,7 +47,10 @@ class Int8Recipe:
 
     roles: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2")  # linear roles whose inputs are quantized
     smoothquant_alpha: float | None = 0.5  # None or 0 disables SmoothQuant
-    smooth_outlier_ratio: float = 8.0  # smooth only inputs whose largest channel range is >= this x the median one
+    # smooth only inputs whose largest channel range is >= this x the median one. 1.0 = every LayerNorm-fed input:
+    # DeiT-tiny has no channel outliers (<= 3.3x), yet smoothing all of them measured better (cosine 0.9973 -> 0.9976,
+    # top-1 -1.1 -> -0.3 points on 375 images); it folds into LayerNorm and the weights, so it costs nothing at run time
+    smooth_outlier_ratio: float = 1.0
     smooth_attn_out: bool = False  # also smooth the attention output projection through the value projection
     calibration: str = "percentile"  # "minmax" | "percentile" | "mse"
     percentile: float = 99.999  # for calibration="percentile"
@@ -302,34 +305,16 @@ def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp:
     """
     qmax = 63.0 if reduce_range else 127.0
     w = np.array(w_nk, dtype=np.float64)
-    n, k = w.shape
     scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / qmax
     scale = scale.astype(np.float32).astype(np.float64)  # round against the scale that is stored
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
     try:
-        u = upper_cholesky_of_inverse(h)
+        u, dead = damped_inverse_factor(hessian, damp)
     except np.linalg.LinAlgError:
         q, sc = quantize_weight(np.asarray(w_nk).T, 1, reduce_range)
         return q.T, sc
-    codes = np.empty((n, k), np.int8)
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        w1 = w[:, i1:i2].copy()
-        err = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            x = w1[:, i]
-            q = np.clip(np.round(x / scale), -qmax, qmax)
-            codes[:, i1 + i] = q
-            e = (x - q * scale) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    return codes, scale.astype(np.float32)
+    w[:, dead] = 0.0
+    q, _ = gptq_round(w, u, lambda x, _col: np.clip(np.round(x / scale), -qmax, qmax) * scale, lazy)
+    return np.round(q / scale[:, None]).astype(np.int8), scale.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -631,6 +616,8 @@ def quantize_int8(
         hessians, targets = obs.qq, (obs.qx if recipe.compensate_activations else None)
     records = insert_qdq(work, chosen, ranges, recipe, hessians, targets)
     del hessians, targets
+    # SmoothQuant and the weight rewrite leave the original float weights and LayerNorm parameters unused
+    drop_unused_constants(work)
     onnx.checker.check_model(work) if work.ByteSize() < 2**31 - 1 else None
 
     summary = {

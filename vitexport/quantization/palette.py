@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gptq import upper_cholesky_of_inverse
+from .gptq import damped_inverse_factor, gptq_round
 
 log = logging.getLogger(__name__)
 
@@ -75,31 +75,6 @@ def _nearest(x: np.ndarray, lut_rows: np.ndarray, mids_rows: np.ndarray) -> np.n
     return lut_rows[np.arange(len(x)), idx]
 
 
-def _gptq_round(w: np.ndarray, u: np.ndarray, lut_rows: np.ndarray, lazy: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rounded weight, the error-compensated values GPTQ rounded) for w [N, K], U with H^-1 = U^T U."""
-    w = w.copy()
-    n, k = w.shape
-    mids = (lut_rows[:, 1:] + lut_rows[:, :-1]) / 2
-    q = np.empty_like(w)
-    targets = np.empty_like(w)
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            x = w1[:, i]
-            targets[:, i1 + i] = x
-            qi = _nearest(x, lut_rows, mids)
-            q[:, i1 + i] = qi
-            e = (x - qi) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err1[:, i] = e
-        if i2 < k:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return q, targets
-
-
 def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe = PaletteRecipe()) -> tuple[np.ndarray, np.ndarray]:
     """Palettize ``w_nk`` [N, K] (rows = output channels) given H = X^T X [K, K] of its inputs.
 
@@ -112,26 +87,21 @@ def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe 
     if n % g:
         raise ValueError(f"{n} output channels are not a multiple of the palette group size {g}")
     entries = 2**recipe.bits
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    diag = np.arange(k)
-    h[diag, diag] += recipe.damp * float(np.mean(np.diag(h)))
-    hdiag = np.diag(h).copy()
-    for _ in range(6):
-        try:
-            u = upper_cholesky_of_inverse(h)
-            break
-        except np.linalg.LinAlgError:
-            h[diag, diag] += 10 * recipe.damp * float(np.mean(hdiag))
-    else:  # pragma: no cover - degenerate statistics: plain nearest-entry rounding
+    try:
+        u, dead = damped_inverse_factor(hessian, recipe.damp)
+    except np.linalg.LinAlgError:  # pragma: no cover - degenerate statistics: plain nearest-entry rounding
         log.warning("palette GPTQ: Hessian not positive definite, rounding to nearest")
-        u = np.eye(k)
-
+        u, dead = np.eye(k), np.zeros(k, bool)
+    # k-means weight of each input: its damped energy (as GPTQ sees it; dead inputs get the damping alone)
+    hdiag = np.diag(np.asarray(hessian, np.float64)).copy()
+    hdiag[dead] = 1.0
+    hdiag += recipe.damp * float(np.mean(hdiag))
     importance = np.broadcast_to(hdiag[None, :], (n, k))
     fit = w
     for _ in range(1 + max(0, recipe.refine)):
         lut = kmeans_1d(fit.reshape(n // g, g * k), importance.reshape(n // g, g * k), entries, recipe.kmeans_iters)
         lut = lut.astype(np.float16).astype(np.float64)  # the package stores fp16 palettes: round against those
-        q, fit = _gptq_round(w, u, np.repeat(lut, g, axis=0), recipe.lazy_columns)
+        rows = np.repeat(lut, g, axis=0)
+        mids = (rows[:, 1:] + rows[:, :-1]) / 2
+        q, fit = gptq_round(w, u, lambda x, _col: _nearest(x, rows, mids), recipe.lazy_columns)
     return q.astype(np.float32), lut.astype(np.float32)
