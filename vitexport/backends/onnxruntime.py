@@ -18,6 +18,7 @@ import numpy as np
 
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
+from ..harness.report import cpu_name
 from . import Calibration
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class OrtRunner:
         self.threads = threads
         self.emulated = emulated
         self.runtime = f"onnxruntime {ort.__version__}"
-        self.device = f"{_cpu_name()} ({platform.machine()}), CPUExecutionProvider"
+        self.device = f"{cpu_name()} ({platform.machine()}), CPUExecutionProvider"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: batch})[0]
@@ -113,14 +114,7 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
     return "float32 reference ONNX"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
+
 
 
 def _require(calibration: Calibration | None, precision: str) -> Calibration:

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
+from ..harness.report import cpu_name
 from . import Calibration
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class OpenVinoBackend:
         recipe["device"] = mine.get("device", "CPU")
         recipe["summary"] = describe(precision, recipe)
         art = write_manifest(out_dir, backend=self.name, precision=precision, main=target.name, recipe=recipe, extra_tools=("openvino", "nncf"), **reference.manifest_fields())
-        return _count_bin(art)
+        return with_ir_size(art)
 
     def runner(self, artifact: Artifact, threads: int | None = None) -> "OpenVinoRunner":
         ok, why = self.available()
@@ -151,7 +152,7 @@ class OpenVinoBackend:
         return OpenVinoRunner(artifact.path, threads, device)
 
 
-def _count_bin(art: Artifact) -> Artifact:
+def with_ir_size(art: Artifact) -> Artifact:
     """An IR is the .xml and its .bin: the manifest's size_bytes (the report's size) counts both.
     (write_manifest sizes the main file only; the hashes of both files are already in the manifest.)"""
     from ..artifacts import MANIFEST
@@ -188,7 +189,7 @@ class OpenVinoRunner:
             exec_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         except Exception:
             exec_precision = "?"
-        name = _cpu_name() if device.startswith("CPU") else core.get_property(device.split(".")[0], "FULL_DEVICE_NAME")
+        name = cpu_name() if device.startswith("CPU") else core.get_property(device.split(".")[0], "FULL_DEVICE_NAME")
         self.device = f"{name} ({platform.machine()}), OpenVINO {device}, {exec_precision} compute"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -434,13 +435,3 @@ def _nncf():
         raise VitexportError(f"nncf is not installed (needed for OpenVINO int8/int8w/int4): {INSTALL_HINT}") from None
     logging.getLogger("nncf").setLevel(logging.ERROR)
     return nncf
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"

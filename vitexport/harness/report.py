@@ -69,16 +69,37 @@ class Report:
         (out_dir / "report.md").write_text(render_markdown(self))
 
 
-def host_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
+# CPU features that decide int8/bf16 arithmetic: with VNNI (or ARM dot products) u8*s8 sums accumulate in int32;
+# without, ONNX Runtime's AVX2 kernel sums pairs in int16 (why int8 weights are 7-bit by default); BF16/AMX change
+# what OpenVINO computes in by default. The same artifact can measure differently on hosts that differ here.
+INT8_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp", "i8mm", "bf16")
+
+
+def _cpuinfo() -> list[str]:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        return Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return {"cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
+        return []
+
+
+def cpu_name() -> str:
+    for line in _cpuinfo():
+        if line.startswith(("model name", "Model")):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "CPU"
+
+
+def cpu_features() -> list[str]:
+    """Which of INT8_FEATURES this CPU has (empty where /proc/cpuinfo is not there, e.g. macOS)."""
+    flags: set[str] = set()
+    for line in _cpuinfo():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return [f for f in INT8_FEATURES if f in flags]
+
+
+def host_info() -> dict[str, Any]:
+    return {"cpu": cpu_name(), "cpu_features": cpu_features(), "machine": platform.machine(), "cores": os.cpu_count(), "os": platform.platform(), "python": platform.python_version()}
 
 
 def now() -> str:
@@ -162,7 +183,8 @@ def render_markdown(report: Report) -> str:
         lines.append(f"Reference ONNX (opset {ref.get('opset', '?')}) checked against {v.get('against', 'PyTorch')} on {v.get('n')} images: max abs diff {v.get('max_abs_diff', 0):.2e}, top-1 agreement {100 * v.get('top1_agreement', 0):.1f}%.")
     h = report.host
     if h:
-        lines.append(f"Host: {h.get('cpu', '?')}, {h.get('cores', '?')} cores, {h.get('os', '?')}.")
+        feats = h.get("cpu_features")
+        lines.append(f"Host: {h.get('cpu', '?')}" + (f" ({', '.join(feats) or 'none of ' + ', '.join(INT8_FEATURES)})" if feats is not None else "") + f", {h.get('cores', '?')} cores, {h.get('os', '?')}.")
     lines += ["", "Δ top-1 is in points against the fp32 row, with (−lost/+gained) the labelled images the artifact gets wrong that fp32 gets right and the reverse; agreement is top-1 agreement with the fp32 reference outputs; latency is batch 1; *emulated* rows reproduce the target's arithmetic on another runtime.", ""]
     head, body = table(report)
     lines.append("| " + " | ".join(head) + " |")
