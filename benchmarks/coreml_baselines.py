@@ -23,6 +23,12 @@ def _stock(reference, calibration, tmp: Path, precision: str, name: str, options
     return Artifact.load(out)
 
 
+def stock_int8_rtn(reference, calibration, tmp: Path) -> Artifact:
+    """coremltools linear_quantize_weights: int8 linear_symmetric per channel, round to nearest (iOS 16)."""
+    return _stock(reference, calibration, tmp, "int8", "int8-stock-rtn", {"int8_method": "rtn"},
+                  "stock: coremltools linear_quantize_weights int8 linear_symmetric per channel (round to nearest), fp16 compute, iOS16+")
+
+
 def stock_int4_rtn(reference, calibration, tmp: Path) -> Artifact:
     """coremltools linear_quantize_weights: int4 linear_symmetric per_block 32, round to nearest (iOS 18)."""
     return _stock(reference, calibration, tmp, "int4", "int4-stock-rtn", {"int4_method": "rtn", "int4_block_size": 32},

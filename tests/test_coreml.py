@@ -106,6 +106,7 @@ def test_weights_really_are_compressed(tiny_build):
     assert data_type.tensorType.dataType == 35  # UINT4
     reader8 = cm.PackageReader(_pkg(out, "int8").path)
     assert reader8.storage_by_dtype().get("INT8", 0) > 0
+    assert _pkg(out, "int8").manifest["recipe"]["int8"]["linears"] == 12  # the encoder's linears carry GPTQ codes
     sizes = {p: _pkg(out, p).size_bytes for p in PRECISIONS}
     assert sizes["int4"] < sizes["int8"] < sizes["fp16"] < sizes["fp32"]
 
@@ -219,6 +220,10 @@ def test_w8a8_needs_macos_and_bad_options_are_clear(tmp_path):
         backend.build(None, None, "palette4", {"coreml": {"palette_method": "magic"}}, tmp_path / "d")
     with pytest.raises(VitexportError, match="needs calibration images"):
         backend.build(None, None, "palette4", {}, tmp_path / "e")
+    with pytest.raises(VitexportError, match="needs calibration images"):
+        backend.build(None, None, "int8", {}, tmp_path / "f")
+    with pytest.raises(VitexportError, match="int8_method"):
+        backend.build(None, None, "int8", {"coreml": {"int8_method": "magic"}}, tmp_path / "g")
     assert not any(tmp_path.iterdir())
 
 

@@ -14,7 +14,9 @@ The whole story of this target is here:
 - **Outputs**: a classifier gets CoreML's classifier outputs (``classLabel`` + ``classLabel_probs``, softmax
   probabilities over the checkpoint's own labels); a backbone outputs its embedding as an MLMultiArray.
 - **Precisions** (the minimum deployment target each needs is chosen and recorded):
-  ``fp32`` / ``fp16`` (iOS 15 / macOS 12), ``int8`` linear symmetric per-channel weights (iOS 16 / macOS 13),
+  ``fp32`` / ``fp16`` (iOS 15 / macOS 12), ``int8`` linear symmetric per-channel weights (iOS 16 / macOS 13) whose
+  codes on the encoder's linears are GPTQ-rounded by the core int8 recipe's ``gptq_weight`` (coremltools' own
+  round-to-nearest with ``int8_method = "rtn"``),
   ``int4`` block-wise weights (iOS 18 / macOS 15) whose codes are the core's GPTQ int4 weights
   (vitexport.quantization.int4) written into the package through coremltools' torch compression metadata,
   ``palette4`` 4-bit palettization, one 16-entry palette per 16 output channels (iOS 18 / macOS 15), whose palettes
@@ -81,6 +83,7 @@ class CoreMLOptions:
 
     platform: str = "iOS"  # "iOS" | "macOS": which deployment target family is recorded and required
     compute_units: str = "all"  # macOS runner: cpu_only | cpu_and_gpu | cpu_and_ne | all
+    int8_method: str = "gptq"  # "gptq": core GPTQ-rounded per-channel codes (needs calibration) | "rtn": coremltools'
     int4_method: str = "gptq"  # "gptq": the core's GPTQ codes (needs calibration) | "rtn": coremltools round-to-nearest
     int4_block_size: int = 32
     palette_method: str = "gptq"  # "gptq": vitexport.quantization.palette (needs calibration) | "kmeans": coremltools'
@@ -96,6 +99,8 @@ class CoreMLOptions:
             raise VitexportError(f"coreml platform must be iOS or macOS, not {self.platform!r}")
         if self.compute_units not in COMPUTE_UNITS:
             raise VitexportError(f"coreml compute_units must be one of {', '.join(COMPUTE_UNITS)}, not {self.compute_units!r}")
+        if self.int8_method not in ("gptq", "rtn"):
+            raise VitexportError(f"coreml int8_method must be gptq or rtn, not {self.int8_method!r}")
         if self.int4_method not in ("gptq", "rtn"):
             raise VitexportError(f"coreml int4_method must be gptq or rtn, not {self.int4_method!r}")
         if self.palette_method not in ("gptq", "kmeans"):
@@ -140,6 +145,8 @@ class CoreMLBackend:
             )
         if precision == "int4" and opts.int4_method == "gptq" and (calibration is None or calibration.count == 0):
             raise VitexportError("coreml int4 uses GPTQ rounding, which needs calibration images: pass --calib DIR")
+        if precision == "int8" and opts.int8_method == "gptq" and (calibration is None or calibration.count == 0):
+            raise VitexportError("coreml int8 uses GPTQ rounding, which needs calibration images: pass --calib DIR")
         if precision == "palette4" and opts.palette_method == "gptq" and (calibration is None or calibration.count == 0):
             raise VitexportError("coreml palette4 uses GPTQ rounding, which needs calibration images: pass --calib DIR")
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +173,8 @@ class CoreMLBackend:
             }
             if precision == "int4" and opts.int4_method == "gptq":
                 recipe["int4"] = _attach_gptq_int4(module, head, reference, calibration, options, opts)
+            if precision == "int8" and opts.int8_method == "gptq":
+                recipe["int8"] = _attach_gptq_int8(head, reference, calibration, options)
             if precision == "palette4" and opts.palette_method == "gptq":
                 recipe["palette"] = _attach_gptq_palette(head, reference, calibration, options, opts)
 
@@ -224,7 +233,8 @@ class CoreMLBackend:
 def describe(precision: str, recipe: Mapping[str, Any]) -> str:
     t = recipe.get("minimum_deployment_target")
     if precision == "int8":
-        return f"CoreML ML Program, int8 linear symmetric per-channel weights, fp16 compute, {t}+"
+        how = "GPTQ rounding on the encoder linears" if "int8" in recipe else "round to nearest"
+        return f"CoreML ML Program, int8 linear symmetric per-channel weights ({how}), fp16 compute, {t}+"
     if precision == "int4":
         m = recipe.get("int4", {}).get("method", "rtn")
         return f"CoreML ML Program, int4 block-{recipe.get('block_size')} weights ({m} rounding) on linears, fp16 compute, {t}+"
@@ -343,6 +353,51 @@ def _torch_weight_names(head, reference) -> dict[str, tuple[str, bool]]:
     return out
 
 
+def _linear_hessians(head, reference, calibration, options) -> tuple[Any, list, dict[str, np.ndarray], dict[str, tuple[str, bool]]]:
+    """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, X^T X of each linear's input over the calibration
+    images (streamed), reference initializer -> torch parameter name)."""
+    from ..quantization.calibration import stream_activations
+    from ..quantization.graph import find_linears
+    from ..quantization.int4 import HessianObserver
+
+    model = reference.load()
+    linears = [l for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")]
+    obs = HessianObserver()
+    stream_activations(model, sorted({l.activation for l in linears}), calibration.batches, obs, progress=options.get("progress"))
+    names = _torch_weight_names(head, reference)
+    missing = [l.node.name for l in linears if l.weight not in names]
+    if missing:
+        raise VitexportError(f"coreml: cannot map {missing[0]} back to a torch weight")
+    return model, linears, obs.h, names
+
+
+def _attach_gptq_int8(head, reference, calibration, options) -> dict[str, Any]:
+    """GPTQ-rounded symmetric per-channel int8 codes (the core int8 recipe's gptq_weight, full 8 bits: CoreML
+    dequantizes weights, there is no integer accumulation to saturate), handed to coremltools exactly through
+    ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, 8 bits, scale [N, 1], no zero point)."""
+    import torch
+
+    from ..quantization.graph import weight_nk
+    from ..quantization.int8 import gptq_weight
+
+    t0 = time.perf_counter()
+    model, linears, hessians, names = _linear_hessians(head, reference, calibration, options)
+    params = dict(head.named_parameters())
+    for l in linears:
+        tname, _ = names[l.weight]
+        codes, scale = gptq_weight(weight_nk(model, l), hessians[l.activation], reduce_range=False)
+        mod_name, pname = tname.rsplit(".", 1)
+        with torch.no_grad():
+            params[tname].copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
+        mod = head.get_submodule(mod_name)
+        mod.register_buffer(f"_COREML_/{pname}/compression_type", torch.tensor([3]))
+        mod.register_buffer(f"_COREML_/{pname}/quantization_n_bits", torch.tensor(8))
+        mod.register_buffer(f"_COREML_/{pname}/quantization_scale", torch.from_numpy(scale[:, None].copy()))
+    return {"method": "GPTQ (vitexport.quantization.int8.gptq_weight), symmetric per-channel int8", "linears": len(linears),
+            "roles": ["qkv", "attn_out", "fc1", "fc2"], "others": "coremltools linear_quantize_weights (round to nearest)",
+            "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr dequantize", "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def _attach_gptq_palette(head, reference, calibration, options, opts: CoreMLOptions) -> dict[str, Any]:
     """Palettize the linears with vitexport.quantization.palette and hand coremltools the exact palettes.
 
@@ -352,26 +407,18 @@ def _attach_gptq_palette(head, reference, calibration, options, opts: CoreMLOpti
     """
     import torch
 
-    from ..quantization.calibration import stream_activations
-    from ..quantization.graph import find_linears
-    from ..quantization.int4 import HessianObserver, _weight_nk
+    from ..quantization.graph import weight_nk
     from ..quantization.palette import PaletteRecipe, palettize_gptq
 
     t0 = time.perf_counter()
     recipe = PaletteRecipe(group_size=opts.palette_group_size)
-    model = reference.load()
-    linears = [l for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")]
-    obs = HessianObserver()
-    stream_activations(model, sorted({l.activation for l in linears}), calibration.batches, obs, progress=options.get("progress"))
-    names = _torch_weight_names(head, reference)
+    model, linears, hessians, names = _linear_hessians(head, reference, calibration, options)
     params = dict(head.named_parameters())
     errors = []
     for l in linears:
-        if l.weight not in names:
-            raise VitexportError(f"coreml palette4: cannot map {l.node.name} back to a torch weight")
         tname, _ = names[l.weight]
-        w = _weight_nk(model, l)  # [N, K]: torch Linear's own layout
-        q, lut = palettize_gptq(w, obs.h[l.activation], recipe)
+        w = weight_nk(model, l)  # [N, K]: torch Linear's own layout
+        q, lut = palettize_gptq(w, hessians[l.activation], recipe)
         errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
