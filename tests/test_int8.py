@@ -174,3 +174,48 @@ def test_real_deit_recipe_beats_stock_static(tmp_path):
     agree = float((y_ref.argmax(1) == y_ours.argmax(1)).mean())
     assert kl_ours < 0.01 and kl_ours * 5 < kl_stock, (kl_ours, kl_stock, summary["sensitivity_fallback"])
     assert agree >= 0.93, agree  # a floor, not the claim: a broken recipe falls far below it
+
+
+def test_centred_symmetric_activations_are_exact_in_float_and_finer(tiny_onnx):
+    """Symmetric int8 wastes half its codes on a one-sided input; centring subtracts the midpoint before Q and puts
+    W.c back through the bias. With the step made tiny the rewrite must reproduce the float model (the bias
+    correction is right), and at int8 it must be closer to float than plain symmetric quantization."""
+    sym = Int8Recipe(fallback_budget=0.0, symmetric_activations=True, reduce_range=False, weight_rounding="rtn", smoothquant_alpha=None)
+    cen = dataclasses.replace(sym, center_activations=True)
+    q_sym, _ = quantize_int8(tiny_onnx, _batches(), sym)
+    q_cen, summary = quantize_int8(tiny_onnx, _batches(), cen)
+    shifted = [r for r in summary["quantized"] if r["activation_shift"]]
+    assert shifted and {r["role"] for r in shifted} >= {"fc2"}  # post-GELU inputs are one-sided
+    subs = [n for n in q_cen.graph.node if n.op_type == "Sub" and n.name.endswith("_Sub")]
+    assert subs and all(any(c.op_type == "QuantizeLinear" and s.output[0] in c.input for c in q_cen.graph.node) for s in subs)
+    x = np.random.default_rng(5).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    ref = _run(tiny_onnx, x)
+    err = lambda m: float(np.abs(_run(m, x) - ref).max())  # noqa: E731
+    assert err(q_cen) < err(q_sym)
+    # exactness of the bias correction: bypass every activation Q->DQ; both graphs then compute with the same RTN
+    # weights in float, and the centred one (x - c, bias + W.c) must give the same outputs
+    from vitexport.backends.tensorrt import check_tensorrt_qdq
+
+    check_tensorrt_qdq(q_cen)
+    # (graph optimizations off: onnxruntime otherwise fuses DQ(weight) -> MatMul into a kernel that is not float)
+    np.testing.assert_allclose(_run_float(_without_activation_qdq(q_cen), x), _run_float(_without_activation_qdq(q_sym), x), rtol=0, atol=2e-6)
+
+
+def _run_float(model, x):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+
+
+def _without_activation_qdq(model):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    for dq in [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]:
+        source = producer[dq.input[0]].input[0]  # the QuantizeLinear's float input
+        for n in m.graph.node:
+            for i, name in enumerate(n.input):
+                if name == dq.output[0]:
+                    n.input[i] = source
+    return m

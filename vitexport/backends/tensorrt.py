@@ -71,6 +71,12 @@ INT8_RECIPE: dict[str, Any] = {
     "reduce_range": False,  # TensorRT accumulates int8 products in int32: full 8-bit weights cannot saturate
     "per_channel": True,  # per-output-channel weight scales
     "roles": ("qkv", "attn_out", "fc1", "fc2"),  # Q/DQ on the linear layers' inputs only
+    # symmetric int8 spends half its codes on the negative side that post-GELU inputs (>= -0.17) hardly use, so more
+    # of the most sensitive inputs stay float; in the engine those run in fp16 on the tensor cores, not in fp32
+    "fallback_budget": 0.2,
+    # ... and each one-sided input is centred before its Q (Sub fused by TensorRT, W.c folded into the bias): measured
+    # on DeiT-tiny (emulated): cosine to fp32 0.9978 -> 0.9987, agreement 98.4% -> 98.9%
+    "center_activations": True,
 }
 
 

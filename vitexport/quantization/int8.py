@@ -56,6 +56,9 @@ class Int8Recipe:
     percentile: float = 99.999  # for calibration="percentile"
     histogram_bins: int = 2048
     symmetric_activations: bool = False  # int8 activations with zero point 0 (e.g. for TensorRT)
+    # symmetric only: subtract the range's midpoint c before Q and add W.c back through the bias, so a one-sided
+    # input (post-GELU: >= -0.17) uses all 256 codes instead of half; TensorRT fuses the Sub into the producer
+    center_activations: bool = False
     reduce_range: bool = True  # 7-bit weights ([-63, 63]): avoids int16 saturation of u8*s8 pairs on AVX2 without VNNI
     per_channel: bool = True  # per-output-channel weight scales
     weight_rounding: str = "gptq"  # "gptq": error-compensating rounding from calibration X^T X; "rtn": round to nearest
@@ -231,6 +234,15 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup]) -> None:
 # quantization parameters
 
 
+def activation_shift(lo: float, hi: float, recipe: "Int8Recipe") -> float:
+    """The midpoint subtracted before a symmetric Q (0 unless centering makes the step at least 10% finer)."""
+    if not (recipe.symmetric_activations and recipe.center_activations):
+        return 0.0
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    c = (lo + hi) / 2
+    return float(np.float32(c)) if (hi - lo) / 2 < 0.9 * max(abs(lo), abs(hi)) else 0.0
+
+
 def activation_qparams(lo: float, hi: float, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """(scale float32 scalar, zero point uint8/int8 scalar) for the range [lo, hi]."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -264,8 +276,9 @@ class _QuantizedGramObserver:
     With no qparams for a tensor it keeps plain X^T X (then Q(X) = X).
     """
 
-    def __init__(self, qparams: dict[str, tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, qparams: dict[str, tuple[np.ndarray, np.ndarray]], shifts: dict[str, float] | None = None):
         self.qparams = qparams
+        self.shifts = shifts or {}
         self.qq: dict[str, np.ndarray] = {}
         self.qx: dict[str, np.ndarray] = {}
 
@@ -276,7 +289,8 @@ class _QuantizedGramObserver:
             scale, zp = self.qparams[name]
             lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
             z = float(zp)
-            xq = ((np.clip(np.round(x / scale) + z, lo, hi) - z) * scale).astype(np.float32)  # round half to even, as ONNX
+            c = np.float32(self.shifts.get(name, 0.0))
+            xq = ((np.clip(np.round((x - c) / scale) + z, lo, hi) - z) * scale + c).astype(np.float32)  # half to even, as ONNX
             self.qx[name] = self.qx.get(name, 0) + xq.T @ x  # float32 sums: ViT-Base's 48 pairs of K x K fit in ~1 GB
         self.qq[name] = self.qq.get(name, 0) + xq.T @ xq
 
@@ -344,6 +358,14 @@ class _Namer:
         return name
 
 
+def _bias_user(model: onnx.ModelProto, node: onnx.NodeProto, bias: str) -> onnx.NodeProto | None:
+    """The Add that adds ``bias`` to ``node``'s output (the second half of an exported Linear)."""
+    for n in model.graph.node:
+        if n.op_type == "Add" and node.output[0] in n.input and bias in n.input:
+            return n
+    return None
+
+
 def insert_qdq(
     model: onnx.ModelProto,
     chosen: list[Linear],
@@ -358,6 +380,7 @@ def insert_qdq(
     new_nodes_before: dict[int, list[onnx.NodeProto]] = {}  # id(target node) -> nodes to insert before it
     q_out: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized tensor, scale name, zp name)
     act_scale: dict[str, float] = {}
+    shift: dict[str, float] = {}  # activation -> midpoint subtracted before Q (centred symmetric activations)
     records = []
     drop_inits: set[str] = set()
     weight_users: dict[str, int] = {}
@@ -376,10 +399,17 @@ def insert_qdq(
         act = l.activation
         if act not in q_out:
             lo, hi = ranges[act]
-            scale, zp = activation_qparams(lo, hi, recipe.symmetric_activations)
+            c = activation_shift(lo, hi, recipe) if all(x.bias for x in chosen if x.activation == act) else 0.0
+            shift[act] = c
+            scale, zp = activation_qparams(lo - c, hi - c, recipe.symmetric_activations)
             s_name, z_name, qx = namer(f"{act}_scale"), namer(f"{act}_zero_point"), namer(f"{act}_quantized")
             model.graph.initializer.extend([numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zp, z_name)])
-            qn = helper.make_node("QuantizeLinear", [act, s_name, z_name], [qx], name=namer(f"{act}_QuantizeLinear"))
+            q_in = act
+            if c:
+                c_name, q_in = namer(f"{act}_center"), namer(f"{act}_centered")
+                model.graph.initializer.append(numpy_helper.from_array(np.array(c, np.float32), c_name))
+                new_nodes_before.setdefault(id(first_consumer[act]), []).append(helper.make_node("Sub", [act, c_name], [q_in], name=namer(f"{act}_Sub")))
+            qn = helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [qx], name=namer(f"{act}_QuantizeLinear"))
             new_nodes_before.setdefault(id(first_consumer[act]), []).append(qn)
             q_out[act] = (qx, s_name, z_name)
             act_scale[act] = float(scale)
@@ -403,6 +433,17 @@ def insert_qdq(
         )
         dq_w = helper.make_node("DequantizeLinear", [qw_name, ws_name, wz_name], [dqw], name=namer(f"{base}_weight_DequantizeLinear"), axis=axis) if recipe.per_channel else helper.make_node("DequantizeLinear", [qw_name, ws_name, wz_name], [dqw], name=namer(f"{base}_weight_DequantizeLinear"))
         new_nodes_before.setdefault(id(node), []).extend([dq_a, dq_w])
+        if shift.get(act):  # the MatMul sees x - c: put W_q^T c back through the bias (exactly what GPTQ assumed)
+            w_deq = (qw.astype(np.float32) * (ws[:, None] if l.trans_b else ws[None, :])) if recipe.per_channel else qw.astype(np.float32) * ws
+            colsum = w_deq.sum(axis=1 if l.trans_b else 0)
+            old_b = l.bias
+            new_b = namer(f"{base}_bias_centered")
+            model.graph.initializer.append(numpy_helper.from_array((idx.const_array(old_b).astype(np.float32) + shift[act] * colsum).astype(np.float32), new_b))
+            for user in model.graph.node:
+                if user is not node and old_b in user.input and (user is _bias_user(model, node, old_b)):
+                    user.input[list(user.input).index(old_b)] = new_b
+            if l.op_type == "Gemm" and len(node.input) > 2 and node.input[2] == old_b:
+                node.input[2] = new_b
         old_w = node.input[1]
         weight_users[old_w] -= 1
         if weight_users[old_w] == 0:
@@ -418,6 +459,7 @@ def insert_qdq(
                 "activation": act,
                 "activation_range": [round(float(lo), 6), round(float(hi), 6)],
                 "activation_scale": act_scale[act],
+                "activation_shift": shift.get(act, 0.0),
                 "weight_shape": list(w.shape),
             }
         )
@@ -610,8 +652,9 @@ def quantize_int8(
         acts = [a for a in acts if a not in dropped]
     hessians = targets = None
     if recipe.weight_rounding == "gptq" and acts:
-        qparams = {a: activation_qparams(*ranges[a], recipe.symmetric_activations) for a in acts}
-        obs = _QuantizedGramObserver(qparams if recipe.compensate_activations else {})
+        shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
+        qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
+        obs = _QuantizedGramObserver(qparams if recipe.compensate_activations else {}, shifts)
         stream_activations(work, acts, batches, obs, threads=recipe.calibration_threads, progress=progress)
         hessians, targets = obs.qq, (obs.qx if recipe.compensate_activations else None)
     records = insert_qdq(work, chosen, ranges, recipe, hessians, targets)
