@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 
 from vitexport.artifacts import Artifact, write_manifest
+from vitexport.backends.openvino import with_ir_size
 
 
 def _save(model, reference, out: Path, name: str, recipe: dict) -> Artifact:
@@ -23,7 +24,8 @@ def _save(model, reference, out: Path, name: str, recipe: dict) -> Artifact:
 
     out.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(out / "model.xml"), compress_to_fp16=False)
-    return write_manifest(out, backend="openvino", precision=name, main="model.xml", recipe=recipe, extra_tools=("openvino", "nncf"), **reference.manifest_fields())
+    art = write_manifest(out, backend="openvino", precision=name, main="model.xml", recipe=recipe, extra_tools=("openvino", "nncf"), **reference.manifest_fields())
+    return with_ir_size(art)  # an IR's size is its .xml and its .bin, as for vitexport's own rows
 
 
 def stock_nncf_int8(reference, calibration, tmp: Path) -> Artifact:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stock_calibration import ort_reader
 from vitexport.artifacts import Artifact, write_manifest
 from vitexport.backends.tensorrt import EngineSettings, engine_plan, write_engine_kit
 
@@ -24,26 +25,14 @@ def stock_tensorrt_qdq(max_images: int = 128):
     """onnxruntime quantize_static with TensorRT's explicit-quantization settings (MatMul/Gemm only, s8s8, MinMax)."""
 
     def make(reference, calibration, tmp: Path) -> Artifact:
-        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.it = (x[i : i + 1] for x in calibration.batches() for i in range(len(x)))
-                self.left = max_images
-
-            def get_next(self):
-                if self.left == 0:
-                    return None
-                self.left -= 1
-                x = next(self.it, None)
-                return None if x is None else {reference.input_name: x}
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         out = tmp / "tensorrt-int8-stock-ort-qdq"
         out.mkdir()
         quantize_static(
             str(reference.path),
             str(out / "model.onnx"),
-            Reader(),
+            ort_reader(calibration, reference.input_name, max_images),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
