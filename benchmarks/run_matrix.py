@@ -180,6 +180,9 @@ def main() -> int:
     args = ap.parse_args()
     shared, out, work = Path(args.shared), Path(args.out), Path(args.work)
     if args.summary_only:
+        for name in ("deit-tiny", "vit-base"):
+            if (out / f"{name}.report.json").exists():
+                (out / f"{name}.report.md").write_text(render_markdown(Report.from_dict(json.loads((out / f"{name}.report.json").read_text()))))
         (out / "RESULTS.md").write_text(summary_markdown(out, json.loads((out / "results.json").read_text())))
         return 0
     out.mkdir(parents=True, exist_ok=True)
