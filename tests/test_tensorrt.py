@@ -394,5 +394,8 @@ def test_report_rows_side_by_side(tiny_vit, image_folder, calib_folder, tmp_path
     if not HAVE_TRT:
         assert int8.accuracy["emulated"] is True and int8.latency is None
         assert rows["tensorrt-fp16"].accuracy is None and any("build_engine.py" in n for n in rows["tensorrt-fp16"].notes)
+        # the note names the artifact where it ends up, not the staging folder it was measured in
+        assert any(str(out / "tensorrt-fp16") in n for n in rows["tensorrt-fp16"].notes)
+        assert not any(".partial" in n for r in report.rows for n in r.notes)
     assert int8.accuracy["n"] == 24
     assert (out / "tensorrt-int8" / "trtexec.sh").is_file()

@@ -155,7 +155,8 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         shutil.rmtree(cache, ignore_errors=True)
         report = Report(
             model=spec.summary(reference.num_parameters),
-            rows=tuple(replace(r, path=str(Path(opts.out) / Path(r.path).relative_to(tmp))) for r in rows),
+            # rows were measured in the staging folder: point paths (and notes that name them) at where they will be
+            rows=tuple(replace(r, path=str(Path(opts.out) / Path(r.path).relative_to(tmp)), notes=tuple(n.replace(str(tmp), str(opts.out)) for n in r.notes)) for r in rows),
             reference={"opset": reference.opset, "verification": dict(reference.verification)},
             evaluation={
                 "images": len(evalset),
