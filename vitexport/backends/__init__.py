@@ -7,6 +7,8 @@ Backend modules import their runtime inside functions, so a missing runtime is a
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,3 +81,14 @@ def parse_precisions(text: str | Iterable[str], backend: Backend) -> list[str]:
     if bad:
         raise VitexportError(f"backend {backend.name} has no precision {', '.join(bad)}: choose from {', '.join(backend.precisions)}")
     return sorted(set(items), key=backend.precisions.index)  # the backend's order: the fp32 reference row first
+
+
+def recipe_from(cls, overrides: Mapping[str, Any] | None):
+    """A recipe dataclass (Int8Recipe, Int4Recipe, ...) from a profile's or caller's overrides: unknown keys are one
+    clear error, and TOML's lists become the tuples the frozen recipes use."""
+    overrides = dict(overrides or {})
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise VitexportError(f"unknown {cls.__name__} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})

@@ -53,7 +53,7 @@ import numpy as np
 
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
-from . import Calibration
+from . import Calibration, recipe_from
 
 log = logging.getLogger(__name__)
 
@@ -445,8 +445,7 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
 
     raw = dict(options.get("int4", {}))
     raw.setdefault("block_sizes", (opts.int4_block_size,))
-    fields = {f.name for f in dataclasses.fields(Int4Recipe)}
-    recipe = Int4Recipe(**{k: v for k, v in raw.items() if k in fields})
+    recipe = recipe_from(Int4Recipe, raw)
     from ..quantization.int4 import quantize_int4
 
     ref_model = reference.load()

@@ -7,7 +7,6 @@ shared with other backends that consume QDQ ONNX.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import shutil
@@ -19,7 +18,7 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration
+from . import Calibration, recipe_from
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +45,13 @@ class OnnxRuntimeBackend:
         elif precision == "int8":
             from ..quantization.int8 import Int8Recipe, quantize_int8
 
-            recipe_obj = _recipe(Int8Recipe, options.get("int8", {}))
+            recipe_obj = recipe_from(Int8Recipe, options.get("int8", {}))
             model, recipe = quantize_int8(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
             from ..quantization.int4 import Int4Recipe, quantize_int4
 
-            recipe_obj = _recipe(Int4Recipe, options.get("int4", {}))
+            recipe_obj = recipe_from(Int4Recipe, options.get("int4", {}))
             model, recipe = quantize_int4(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         else:
@@ -122,10 +121,3 @@ def _require(calibration: Calibration | None, precision: str) -> Calibration:
         raise VitexportError(f"{precision} needs calibration images: pass --calib DIR")
     return calibration
 
-
-def _recipe(cls, overrides: Mapping[str, Any]):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise VitexportError(f"unknown {cls.__name__} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
-    return cls(**overrides)

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,7 +45,7 @@ import numpy as np
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration
+from . import Calibration, recipe_from
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +62,10 @@ XML = "model.xml"
 INT8_DEFAULTS: dict[str, Any] = {
     "method": "qdq",  # "qdq": the core recipe's QDQ ONNX converted by OpenVINO; "nncf": nncf.quantize, ViT-aware settings
     # "qdq": vitexport.quantization.int8.Int8Recipe overrides. OpenVINO keeps the 20% most sensitive linear MACs float
-    # (the core default is 10%): measured on DeiT-tiny, benchmark split, OpenVINO CPU: 10% -> 97.1% agreement, -1.1
-    # top-1 points; 20% -> 98.4%, -0.3 (OpenVINO's int8 arithmetic rounds differently from onnxruntime's: the same
-    # QDQ model at 20% gives 97.6%, -0.3 in onnxruntime).
+    # (the core default is 10%): measured on DeiT-tiny, benchmark split, OpenVINO CPU (AVX2 host, before SmoothQuant on
+    # every LayerNorm input): 10% -> 97.1% agreement, -1.1 top-1 points; 20% -> 98.4%, -0.3 (OpenVINO's int8
+    # arithmetic rounds differently from onnxruntime's: the same QDQ model at 20% gives 97.6%, -0.3 in onnxruntime).
+    # Today's figures at 20%: README results.
     "recipe": {"fallback_budget": 0.2},
     # "nncf" only:
     "keep_float_blocks": (0, 1),  # encoder blocks whose linears stay float (DeiT-tiny: the most sensitive ~10% of MACs)
@@ -204,9 +204,8 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
     import onnx
 
     from ..quantization.int8 import Int8Recipe, quantize_int8
-    from .onnxruntime import _recipe
 
-    recipe_obj = _recipe(Int8Recipe, {**INT8_DEFAULTS["recipe"], **(settings.get("recipe") or {})})
+    recipe_obj = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **(settings.get("recipe") or {})})
     qmodel, summary = quantize_int8(reference.load(), calibration.batches, recipe_obj, progress=progress)
     with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
         path = Path(tmp) / "qdq.onnx"
@@ -310,9 +309,8 @@ def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping
     import onnx
 
     from ..quantization.int4 import Int4Recipe, quantize_int4
-    from .onnxruntime import _recipe
 
-    recipe_obj = _recipe(Int4Recipe, settings.get("recipe") or {})
+    recipe_obj = recipe_from(Int4Recipe, settings.get("recipe") or {})
     if recipe_obj.method == "gptq":
         _require(calibration, "int4 (gptq)")
     qmodel, summary = quantize_int4(reference.load(), calibration.batches if calibration else (lambda: iter(())), recipe_obj, progress=progress)

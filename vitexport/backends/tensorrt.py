@@ -47,7 +47,7 @@ import numpy as np
 
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
-from . import Calibration
+from . import Calibration, recipe_from
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +247,9 @@ def int8_recipe(options: Mapping[str, Any], cls=None):
     """The core Int8Recipe with TensorRT's settings, then the profile's overrides."""
     if cls is None:
         from ..quantization.int8 import Int8Recipe as cls
-    overrides = dict(((options.get("tensorrt") or {}).get("int8") or {}).get("recipe") or {})
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise VitexportError(f"unknown Int8Recipe option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
-    merged = {**INT8_RECIPE, **overrides}
-    merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
-    return cls(**merged)
+    overrides = ((options.get("tensorrt") or {}).get("int8") or {}).get("recipe") or {}
+    recipe_from(cls, overrides)  # unknown keys: one clear error before TensorRT's defaults are merged in
+    return recipe_from(cls, {**INT8_RECIPE, **overrides})
 
 
 def write_engine_kit(out_dir: Path, plan: Mapping[str, Any]) -> None:

@@ -27,14 +27,14 @@ What it does, on a copy of the float model:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from .calibration import ChannelAbsMaxObserver, HistogramObserver, stream_activations
+from .calibration import HistogramObserver, stream_activations
 from .gptq import damped_inverse_factor, gptq_round
 from .graph import GraphIndex, Linear, drop_unused_constants, find_linears
 
