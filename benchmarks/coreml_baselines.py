@@ -6,21 +6,17 @@ emulated from the saved packages exactly like vitexport's own CoreML rows.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from vitexport.artifacts import MANIFEST, Artifact
+from stock import relabel
+from vitexport.artifacts import Artifact
 from vitexport.backends.coreml import CoreMLBackend
 
 
 def _stock(reference, calibration, tmp: Path, precision: str, name: str, options: dict, summary: str) -> Artifact:
     out = tmp / f"coreml-{name}"
     art = CoreMLBackend().build(reference, calibration, precision, {"coreml": options}, out)
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["precision"] = name
-    manifest["recipe"]["summary"] = summary
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return Artifact.load(out)
+    return relabel(art, name, summary)
 
 
 def stock_int8_rtn(reference, calibration, tmp: Path) -> Artifact:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from vitexport import api
-from stock_calibration import ort_reader
+from stock import ort_reader, relabel
 from vitexport.artifacts import Artifact, write_manifest
 from vitexport.data import ImageSet, Preprocessing
 from vitexport.harness.latency import compare
@@ -106,10 +106,7 @@ def ort_int8_full_weights(reference, calibration, tmp: Path) -> Artifact:
 
     out = tmp / "onnxruntime-int8-8bit-weights"
     art = OnnxRuntimeBackend().build(reference, calibration, "int8", {"int8": {"reduce_range": False}}, out)
-    manifest = {**art.manifest, "precision": "int8-8bit-weights"}
-    manifest["recipe"] = {**manifest["recipe"], "summary": "vitexport int8 with full 8-bit weights (targets/x86-cpu-vnni.toml, reduce_range = false): " + manifest["recipe"]["summary"]}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    return Artifact.load(out)
+    return relabel(art, "int8-8bit-weights", "vitexport int8 with full 8-bit weights (targets/x86-cpu-vnni.toml, reduce_range = false): " + art.manifest["recipe"]["summary"])
 
 
 def vit_base_checkpoint(dest: Path) -> Path:

@@ -1,6 +1,10 @@
-"""The calibration reader the stock onnxruntime quantizers take, fed from vitexport's Calibration (one image a time)."""
+"""Helpers the benchmark baselines share: the stock onnxruntime calibration reader, and relabelling a variant row."""
 
 from __future__ import annotations
+
+import json
+
+from vitexport.artifacts import MANIFEST, Artifact
 
 
 def ort_reader(calibration, input_name: str, max_images: int):
@@ -20,3 +24,10 @@ def ort_reader(calibration, input_name: str, max_images: int):
             return None if x is None else {input_name: x}
 
     return Reader()
+
+
+def relabel(art: Artifact, precision: str, summary: str) -> Artifact:
+    """The same artifact under another row name (precision) and recipe summary: a variant built by a backend."""
+    manifest = {**art.manifest, "precision": precision, "recipe": {**art.manifest["recipe"], "summary": summary}}
+    (art.directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return Artifact.load(art.directory)

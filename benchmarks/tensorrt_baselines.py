@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stock_calibration import ort_reader
+from stock import ort_reader
 from vitexport.artifacts import Artifact, write_manifest
 from vitexport.backends.tensorrt import EngineSettings, engine_plan, write_engine_kit
 
