@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import shlex
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from vitexport.artifacts import Artifact, sha256
 from vitexport.backends import tensorrt as trt_backend
 from vitexport.backends.tensorrt import (
     EngineSettings,
-    QdqEmulationRunner,
+    EmulationRunner,
     TensorRTBackend,
     check_tensorrt_qdq,
     engine_plan,
@@ -179,7 +180,7 @@ def test_emulation_is_float_fake_quant_and_close_to_fp32(built, reference, input
     import onnxruntime as ort
 
     path = built["int8"].directory / "model.onnx"
-    got = QdqEmulationRunner(path).run(inputs)
+    got = EmulationRunner(path).run(inputs)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # Q, DQ, float MatMul: one op at a time
     plain = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"pixel_values": inputs})[0]
@@ -344,13 +345,25 @@ def test_build_engine_script_drives_the_tensorrt_api(built, monkeypatch, tmp_pat
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
-def test_without_tensorrt_int8_is_emulated_and_fp16_says_why(built, inputs):
+def test_without_tensorrt_int8_and_fp16_are_emulated_and_fp32_says_why(built, inputs):
     be = TensorRTBackend()
-    r = be.runner(Artifact.load(built["int8"].directory))
-    assert r.emulated and "emulating TensorRT" in r.runtime and r.run(inputs).shape == (8, 4)
-    for p in ("fp16", "fp32"):
-        with pytest.raises(VitexportError, match="build_engine.py"):
-            be.runner(Artifact.load(built[p].directory))
+    for p in ("int8", "fp16"):  # the default plans carry the FP16 flag: float16 storage between kernels
+        r = be.runner(Artifact.load(built[p].directory))
+        assert r.emulated and r.float16 and "emulating the TensorRT engine" in r.runtime and r.run(inputs).shape == (8, 4)
+    with pytest.raises(VitexportError, match="build_engine.py"):
+        be.runner(Artifact.load(built["fp32"].directory))
+
+
+def test_strongly_typed_int8_is_emulated_in_float32(built, inputs, tmp_path):
+    """--stronglyTyped keeps the ONNX's fp32 for float layers: no float16 rounding in the emulation then."""
+    d = tmp_path / "st"
+    shutil.copytree(built["int8"].directory, d)
+    plan = json.loads((d / "tensorrt.json").read_text())
+    (d / "tensorrt.json").write_text(json.dumps({**plan, **engine_plan("int8", EngineSettings(strongly_typed=True), "pixel_values", [3, 32, 32])}))
+    r32, r16 = TensorRTBackend().runner(Artifact.load(d)), TensorRTBackend().runner(Artifact.load(built["int8"].directory))
+    assert not r32.float16 and r16.float16
+    a, b = r32.run(inputs), r16.run(inputs)
+    assert not np.array_equal(a, b) and np.allclose(a, b, atol=5e-2)
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here")
@@ -381,7 +394,7 @@ def test_emulated_runner_imports_no_torch(built, inputs, tmp_path):
 
 
 def test_report_rows_side_by_side(tiny_vit, image_folder, calib_folder, tmp_path):
-    """`--backend onnxruntime,tensorrt`: int8 row emulated without latency, fp16 row says it was not run here."""
+    """`--backend onnxruntime,tensorrt`: int8 and fp16 rows emulated without latency, the fp32 row says it was not run here."""
     from vitexport.api import BuildOptions, build
 
     out = tmp_path / "dist"
@@ -389,13 +402,15 @@ def test_report_rows_side_by_side(tiny_vit, image_folder, calib_folder, tmp_path
         BuildOptions(model=str(tiny_vit), backend="onnxruntime,tensorrt", precisions=("fp32", "fp16", "int8"), calib=str(calib_folder), eval=str(image_folder), out=str(out), latency=False, options=NO_FALLBACK)
     )
     rows = {r.name: r for r in report.rows}
-    assert {"onnxruntime-fp32", "tensorrt-fp16", "tensorrt-int8"} <= set(rows)
-    int8 = rows["tensorrt-int8"]
+    assert {"onnxruntime-fp32", "tensorrt-fp32", "tensorrt-fp16", "tensorrt-int8"} <= set(rows)
+    int8, fp16 = rows["tensorrt-int8"], rows["tensorrt-fp16"]
     if not HAVE_TRT:
         assert int8.accuracy["emulated"] is True and int8.latency is None
-        assert rows["tensorrt-fp16"].accuracy is None and any("build_engine.py" in n for n in rows["tensorrt-fp16"].notes)
+        assert fp16.accuracy["emulated"] is True and fp16.latency is None and fp16.accuracy["agreement"] >= 0.95
+        assert fp16.accuracy["cosine"] < 1 - 1e-9  # float16 storage, not the fp32 reference again
+        assert rows["tensorrt-fp32"].accuracy is None and any("build_engine.py" in n for n in rows["tensorrt-fp32"].notes)
         # the note names the artifact where it ends up, not the staging folder it was measured in
-        assert any(str(out / "tensorrt-fp16") in n for n in rows["tensorrt-fp16"].notes)
+        assert any(str(out / "tensorrt-fp32") in n for n in rows["tensorrt-fp32"].notes)
         assert not any(".partial" in n for r in report.rows for n in r.notes)
     assert int8.accuracy["n"] == 24
     assert (out / "tensorrt-int8" / "trtexec.sh").is_file()

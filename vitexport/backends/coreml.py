@@ -901,7 +901,9 @@ class EmulatedRunner:
     def __init__(self, artifact: Artifact, threads: int | None = None):
         import onnx
         import onnxruntime as ort
-        from onnx import helper, numpy_helper
+        from onnx import numpy_helper
+
+        from ..harness.emulation import round_to_float16
 
         d = artifact.directory / EMULATION_DIR
         if not (d / SKELETON).is_file() or not (d / WEIGHT_MAP).is_file():
@@ -915,7 +917,7 @@ class EmulatedRunner:
             model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.reshape(m["shape"])), name))
         self.fp16 = pkg.computes_in_fp16()
         if self.fp16:
-            _round_outputs_to_fp16(model, helper)
+            round_to_float16(model)
         self.scale, self.bias = pkg.image_preprocessing()
         pre = artifact.manifest.get("preprocessing", {})
         self.rescale = float(pre.get("rescale") or 1.0)
@@ -940,35 +942,6 @@ class EmulatedRunner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = self.pixels(np.asarray(batch, np.float32)) * self.scale + self.bias.reshape(1, -1, 1, 1)
         return self.session.run([self.output_name], {self.input_name: x.astype(np.float32)})[0]
-
-
-def _round_outputs_to_fp16(model, helper) -> None:
-    """Insert Cast(float16) -> Cast(float32) after every float tensor a node produces."""
-    import onnx
-
-    g = model.graph
-    floats = {i.name for i in g.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types_ = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    nodes = []
-    for n in g.node:
-        new_outs = []
-        extra = []
-        for o in n.output:
-            if o and types_.get(o) == onnx.TensorProto.FLOAT and n.op_type not in ("Shape", "Constant"):
-                raw = o + "__fp32"
-                new_outs.append(raw)
-                extra.append(helper.make_node("Cast", [raw], [o + "__fp16"], to=onnx.TensorProto.FLOAT16))
-                extra.append(helper.make_node("Cast", [o + "__fp16"], [o], to=onnx.TensorProto.FLOAT))
-            else:
-                new_outs.append(o)
-        del n.output[:]
-        n.output.extend(new_outs)
-        nodes.append(n)
-        nodes.extend(extra)
-    del floats
-    del g.node[:]
-    g.node.extend(nodes)
 
 
 class CoreMLRunner:  # pragma: no cover - needs macOS (CoreML predictions); not run on vitexport's Linux CI

@@ -237,8 +237,11 @@ class TensorRTBackend:
         ok, why = tensorrt_status() if engine.is_file() else (False, "")
         if ok:
             return TensorRTRunner(artifact.directory)
-        if artifact.precision.startswith("int8"):  # int8, and int8 baselines (benchmarks/tensorrt_baselines.py)
-            return QdqEmulationRunner(artifact.directory / ONNX, threads)
+        plan_file = artifact.directory / PLAN
+        plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+        # fp16 and int8 (and the int8 baselines of benchmarks/tensorrt_baselines.py); fp32 would only repeat the reference
+        if "FP16" in plan.get("builder_flags", ()) or artifact.precision.startswith("int8"):
+            return EmulationRunner(artifact.directory / ONNX, threads, float16="FP16" in plan.get("builder_flags", ()))
         reason = (why or f"TensorRT is not installed here ({INSTALL_HINT})") if engine.is_file() else "no TensorRT engine in the artifact"
         raise VitexportError(f"{reason}; build it on the device with `python3 build_engine.py` (or trtexec.sh) in {artifact.directory}, then run vitexport eval/bench there")
 
@@ -347,31 +350,46 @@ def check_tensorrt_qdq(model) -> dict[str, Any]:
     return counts
 
 
-class QdqEmulationRunner:
-    """Runs an int8 QDQ ONNX in ONNX Runtime on the CPU as float fake-quantization, the arithmetic of TensorRT's
-    explicit quantization: every Q/DQ pair stays as separate ops (ORT's QDQ fusion into integer kernels is off), so
-    each quantized MatMul is DQ(Q(x)) @ DQ(w_int8) in float32. Imports onnxruntime and numpy only."""
+class EmulationRunner:
+    """Runs a TensorRT artifact's ONNX in ONNX Runtime on the CPU with the arithmetic its engine plan asks for.
+
+    int8: each Q/DQ pair stays as separate ops (ORT's QDQ fusion into integer kernels is off, because its AVX2 kernels
+    saturate int16 pair sums where TensorRT accumulates in int32), so each quantized MatMul is DQ(Q(x)) @ DQ(w_int8)
+    in float32, which is what TensorRT's int8 GEMM computes. ``float16``: the plan has the FP16 flag (fp16, and
+    weakly typed int8, whose float layers run in fp16), so every tensor between kernels is rounded to float16 and the
+    float weights too; dequantized tensors and Q/DQ scales stay float32, since TensorRT fuses them into its int8 GEMM.
+    Imports onnx, onnxruntime and numpy only."""
 
     emulated = True
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, float16: bool = False):
+        import onnx
         import onnxruntime as ort
 
+        from ..harness.emulation import round_to_float16
+
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # float fusions are fine
-        so.add_session_config_entry("session.disable_quant_qdq", "1")  # ...but no QDQ -> integer-kernel fusion
+        so.add_session_config_entry("session.disable_quant_qdq", "1")  # no QDQ -> integer-kernel fusion
+        # float fusions are fine in float32; in float16 they would remove the rounding casts
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if float16 else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
         so.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            if float16:
+                model = round_to_float16(onnx.load(str(path)), exact_ops=("DequantizeLinear",), weights=True)
+                self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            else:
+                self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise VitexportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.threads = threads
-        self.runtime = f"onnxruntime {ort.__version__} (emulating TensorRT int8: float fake-quant of the QDQ graph)"
+        self.float16 = float16
+        storage = "float16 storage" if float16 else "float32"
+        self.runtime = f"onnxruntime {ort.__version__} (emulating the TensorRT engine: QDQ as float fake-quant, {storage})"
         self.device = f"{platform.machine()} CPU, emulation (the TensorRT engine was not run)"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
