@@ -75,6 +75,10 @@ def test_classifier_export_is_verified_and_self_describing(tiny_vit, tmp_path):
     model = onnx.load(ref.path)
     ops = {n.op_type for n in model.graph.node}
     assert "LayerNormalization" in ops and "ReduceMean" not in ops  # LayerNorm kept whole
+    # scores go straight from their scaling into Softmax: no all-visible additive mask in between
+    producer = {o: n for n in model.graph.node for o in n.output}
+    softmax_inputs = [producer[n.input[0]].op_type for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmax_inputs and "Add" not in softmax_inputs and "Where" not in ops
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
     meta = {p.key: p.value for p in model.metadata_props}
     assert '"cat"' in meta["vitexport.labels"] and "mean" in meta["vitexport.preprocessing"]

@@ -103,6 +103,9 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
             raise VitexportError(f"torch.onnx could not export {spec.source} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
     model = program.model_proto
     model.producer_name = "vitexport"
+    dropped = drop_all_visible_attention_mask(model)
+    if dropped:
+        log.info("dropped an all-visible attention mask added to %d attention score tensors", dropped)
     ref = Reference(path, spec, opset, num_parameters)
     save_onnx(model, path, ref.metadata())
 
@@ -115,6 +118,79 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
         )
     log.info("reference ONNX verified on %d images: max abs diff %.2e", verification["n"], verification["max_abs_diff"])
     return Reference(path, spec, opset, num_parameters, verification)
+
+
+def drop_all_visible_attention_mask(model) -> int:
+    """Remove an additive attention mask that masks nothing. Returns how many score Adds were removed.
+
+    Without an ``attention_mask`` argument transformers 5 still builds one for eager attention: Where(all true, 0,
+    -3.4e38) expanded to [batch, 1, N, N] and added to every layer's scores before Softmax. It adds zero, costs an op
+    per layer, and an Add between the score MatMul and Softmax is more than the fused attention patterns of TensorRT
+    and OpenVINO have to match. The verification against PyTorch that follows checks the result like any export.
+    """
+    from onnx import numpy_helper
+
+    g = model.graph
+    consts = {t.name: t for t in g.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in g.node if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    ranks = _ranks(model)
+    outputs = {o.name for o in g.output}
+
+    def const(name):
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    removed = 0
+    for where in [n for n in g.node if n.op_type == "Where"]:
+        cond, x, mask = where.input[0], where.input[1], where.output[0]
+        if producer.get(cond) is not None and producer[cond].op_type == "Expand":
+            cond = producer[cond].input[0]
+        c, zero = const(cond), const(x)
+        if c is None or zero is None or not c.all() or np.any(zero != 0) or mask in outputs:
+            continue
+        users = consumers.get(mask, [])
+        others = [u.input[1] if u.input[0] == mask else u.input[0] for u in users]
+        # dropping "+ 0" is only exact when the Add does not broadcast its other input up to the mask's rank
+        if not users or any(u.op_type != "Add" or u.output[0] in outputs for u in users):
+            continue
+        if any(ranks.get(o) is None or ranks.get(mask) is None or ranks[o] < ranks[mask] for o in others):
+            continue
+        for u, other in zip(users, others):
+            for n in consumers.get(u.output[0], []):
+                for k, i in enumerate(n.input):
+                    if i == u.output[0]:
+                        n.input[k] = other
+            g.node.remove(u)
+            removed += 1
+    if removed:
+        _drop_dead_nodes(model)
+    return removed
+
+
+def _ranks(model) -> dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+
+
+def _drop_dead_nodes(model) -> None:
+    from .quantization.graph import drop_unused_constants
+
+    g = model.graph
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    drop_unused_constants(model)
 
 
 def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> dict[str, Any]:
