@@ -272,3 +272,35 @@ def test_deit_tiny_int4_agrees_with_fp32(tmp_path):
     ref, out = run(fp32), run(q)
     agreement = float(np.mean(ref.argmax(1) == out.argmax(1)))
     assert agreement >= 0.92, f"int4 top-1 agreement {agreement:.3f}"
+
+
+def test_one_build_runs_gptq_int4_once_for_every_backend(tiny_vit, calib_folder, tmp_path, monkeypatch):
+    """ONNX Runtime, OpenVINO and CoreML int4 use the same core recipe: calibrated once, each gets its own copy."""
+    pytest.importorskip("openvino")
+    from vitexport.api import BuildOptions, build
+    from vitexport.quantization import int4
+
+    calls = []
+    real = int4.quantize_int4
+
+    def counting(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(int4, "quantize_int4", counting)
+    out = tmp_path / "dist"
+    build(BuildOptions(model=str(tiny_vit), backend="onnxruntime,openvino", precisions=("int4",), calib=str(calib_folder), out=str(out), latency=False))
+    assert len(calls) == 1
+    layers = [json.loads((out / d / "manifest.json").read_text())["recipe"]["layers"] for d in ("onnxruntime-int4", "openvino-int4")]
+    assert layers[0] == layers[1] and layers[0]
+
+
+def test_shared_results_are_copies():
+    from vitexport.backends import Calibration
+
+    cal = Calibration(batches=lambda: iter(()), count=0, source="none")
+    runs = []
+    first = cal.shared(("k", 1), lambda: runs.append(1) or {"a": [1]})
+    first["a"].append(2)
+    assert cal.shared(("k", 1), lambda: runs.append(1) or {"a": []}) == {"a": [1]} and len(runs) == 1
+    assert cal.shared(("k", 2), lambda: {"b": 0}) == {"b": 0}  # another key is another computation

@@ -7,12 +7,12 @@ Backend modules import their runtime inside functions, so a missing runtime is a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -34,6 +34,18 @@ class Calibration:
     batches: Callable[[], Iterator[np.ndarray]]
     count: int
     source: str
+    _shared: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per key for these images; later callers get a deep copy of the first result.
+
+        Backends that run the same recipe on the same reference (GPTQ int4 for ONNX Runtime, OpenVINO and CoreML)
+        then calibrate once per build instead of once per backend. The key must name everything the result depends
+        on besides these images: the reference file and the full recipe.
+        """
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return copy.deepcopy(self._shared[key])
 
 
 class Runner(Protocol):
@@ -65,6 +77,16 @@ def get(name: str) -> Backend:
         raise VitexportError(f"unknown backend '{name}': choose one of {', '.join(REGISTRY)}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+def shared_int4(reference, calibration: "Calibration | None", recipe, progress=None):
+    """The core int4 recipe on ``reference``: (MatMulNBits model, summary), computed once per build and recipe."""
+    from ..quantization.int4 import quantize_int4
+
+    if calibration is None:  # RTN needs no images, and there is nothing to share it through
+        return quantize_int4(reference.load(), None, recipe, progress=progress)
+    key = ("int4", str(Path(reference.path).resolve()), recipe)
+    return calibration.shared(key, lambda: quantize_int4(reference.load(), calibration.batches, recipe, progress=progress))
 
 
 def needs_calibration(precision: str) -> bool:

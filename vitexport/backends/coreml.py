@@ -53,7 +53,7 @@ import numpy as np
 
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
-from . import Calibration, recipe_from
+from . import Calibration, recipe_from, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -446,11 +446,8 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
     raw = dict(options.get("int4", {}))
     raw.setdefault("block_sizes", (opts.int4_block_size,))
     recipe = recipe_from(Int4Recipe, raw)
-    from ..quantization.int4 import quantize_int4
-
-    ref_model = reference.load()
-    linears = {l.node.name: l for l in find_linears(ref_model)}
-    qmodel, summary = quantize_int4(ref_model, calibration.batches, recipe, progress=options.get("progress"))
+    linears = {l.node.name: l for l in find_linears(reference.load())}
+    qmodel, summary = shared_int4(reference, calibration, recipe, progress=options.get("progress"))
     names = _torch_weight_names(head, reference)
     inits = {t.name: t for t in qmodel.graph.initializer}
     params = dict(head.named_parameters())

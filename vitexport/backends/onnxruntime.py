@@ -18,7 +18,7 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, recipe_from
+from . import Calibration, recipe_from, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ class OnnxRuntimeBackend:
             model, recipe = quantize_int8(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
-            from ..quantization.int4 import Int4Recipe, quantize_int4
+            from ..quantization.int4 import Int4Recipe
 
             recipe_obj = recipe_from(Int4Recipe, options.get("int4", {}))
-            model, recipe = quantize_int4(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
+            model, recipe = shared_int4(reference, _require(calibration, precision), recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         else:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")

@@ -45,7 +45,7 @@ import numpy as np
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, recipe_from
+from . import Calibration, recipe_from, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -308,12 +308,12 @@ def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping
     behind a Convert/Subtract/Multiply decompression, which the CPU plugin fuses into its weight-compressed MatMul."""
     import onnx
 
-    from ..quantization.int4 import Int4Recipe, quantize_int4
+    from ..quantization.int4 import Int4Recipe
 
     recipe_obj = recipe_from(Int4Recipe, settings.get("recipe") or {})
     if recipe_obj.method == "gptq":
         _require(calibration, "int4 (gptq)")
-    qmodel, summary = quantize_int4(reference.load(), calibration.batches if calibration else (lambda: iter(())), recipe_obj, progress=progress)
+    qmodel, summary = shared_int4(reference, calibration, recipe_obj, progress=progress)
     with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
         path = Path(tmp) / "int4.onnx"
         onnx.save_model(qmodel, str(path))
