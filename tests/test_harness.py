@@ -37,3 +37,28 @@ def test_host_records_the_cpu_features_that_decide_int8_arithmetic(monkeypatch):
     monkeypatch.setattr(report, "_cpuinfo", lambda: ["flags\t\t: fpu sse2"])
     md = report.render_markdown(report.Report(model={}, rows=(), host=report.host_info()))
     assert "none of avx2" in md
+
+
+def test_latency_is_timed_interleaved_across_artifacts():
+    """Rows of one table are timed round by round, so drift on the host hits every row alike (no timing asserted)."""
+    from vitexport.harness.latency import measure_all
+
+    calls = []
+
+    class Fake:
+        threads, device, runtime = 1, "cpu", "fake"
+
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, x):
+            calls.append((self.name, len(x)))
+            return x
+
+    x = np.zeros((4, 3, 8, 8), np.float32)
+    lat = measure_all({"a": Fake("a"), "b": Fake("b")}, x, rounds=3, seconds=0.01, warmup_seconds=0.01, throughput_batch=8)
+    batch1 = [n for n, b in calls if b == 1]
+    switches = sum(1 for p, q in zip(batch1, batch1[1:]) if p != q)
+    assert switches >= 2 * 3 - 1  # a, b, a, b, a, b after the warm-up of each
+    assert set(lat) == {"a", "b"} and all(v.rounds == 3 and v.spread >= 1.0 and v.throughput_batch == 8 for v in lat.values())
+    assert ("a", 8) in calls and ("b", 8) in calls  # throughput at the requested batch

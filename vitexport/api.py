@@ -21,7 +21,7 @@ from .artifacts import Artifact, check_output, staged_output, tool_versions
 from .data import ImageSet, Preprocessing, overlap
 from .errors import VitexportError
 from .harness import accuracy as _accuracy
-from .harness.latency import measure
+from .harness.latency import measure, measure_all
 from .harness.memory import PeakMemory
 from .harness.report import Report, Row, host_info, now
 from .progress import Progress
@@ -228,10 +228,11 @@ def measure_artifacts(
     is_reference = lambda a: a.backend == "onnxruntime" and a.precision == "fp32"  # noqa: E731
     if ref_out is None and reference_path is not None and not any(is_reference(a) for a in artifacts):
         ref_out = _accuracy.run_all(OrtRunner(reference_path, opts.threads), inputs, opts.batch_size)
-    rows = []
+    measured: list[tuple[Artifact, dict | None, dict | None, list[str]]] = []
+    timed: dict[str, Any] = {}  # runners kept for the interleaved timing after every accuracy pass
     for art in sorted(artifacts, key=lambda a: not is_reference(a)):
         notes: list[str] = []
-        acc = lat = mem = None
+        acc = mem = None
         try:
             runner = _backends.get(art.backend).runner(art, opts.threads)
         except VitexportError as e:
@@ -245,12 +246,17 @@ def measure_artifacts(
             acc = _accuracy.score(outputs, labels, ref_out, classifier, runner.emulated).to_dict()
             mem = {"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + evaluate"}
             if opts.latency and not runner.emulated:
-                progress.step(f"timing {art.name}")
-                lat = measure(runner, np.asarray(inputs[:16])).to_dict()
+                timed[art.name] = runner
             elif runner.emulated:
                 notes.append("latency not measured: the target's runtime is not on this host")
             del runner
-        rows.append(_row(art, accuracy=acc, latency=lat, memory=mem, notes=tuple(notes)))
+        measured.append((art, acc, mem, notes))
+    lats: dict[str, Any] = {}
+    if timed:
+        progress.step(f"timing {len(timed)} artifact{'s' if len(timed) > 1 else ''}, interleaved")
+        lats = measure_all(timed, np.asarray(inputs[:16]))
+        timed.clear()
+    rows = [_row(art, accuracy=acc, latency=lats[art.name].to_dict() if art.name in lats else None, memory=mem, notes=tuple(notes)) for art, acc, mem, notes in measured]
     order = {a.name: i for i, a in enumerate(artifacts)}
     return sorted(rows, key=lambda r: order[r.name])
 

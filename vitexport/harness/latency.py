@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -21,6 +22,8 @@ class Latency:
     runtime: str
     throughput_batch: int | None = None
     throughput_ips: float | None = None  # images per second at throughput_batch
+    rounds: int | None = None  # interleaved rounds the batch-1 runs were spread over
+    spread: float | None = None  # slowest round median / fastest round median
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,39 +41,62 @@ def _time_runs(runner, x: np.ndarray, min_runs: int, min_seconds: float, max_sec
             return times
 
 
-def measure(
-    runner,
+def measure(runner, sample: np.ndarray, *, throughput_batch: int | None = 16, **timing) -> Latency:
+    """Batch-1 latency percentiles of one runner on `sample[:1]`, and images/s at `throughput_batch`."""
+    return measure_all({"_": runner}, sample, throughput_batch=throughput_batch, **timing)["_"]
+
+
+def measure_all(
+    runners: Mapping[str, Any],
     sample: np.ndarray,
     *,
+    rounds: int = 3,
+    seconds: float = 1.0,
     warmup_seconds: float = 1.0,
-    min_runs: int = 20,
-    min_seconds: float = 2.0,
-    max_seconds: float = 20.0,
     throughput_batch: int | None = 16,
-) -> Latency:
-    """Batch-1 latency percentiles on `sample[:1]`, and images/s at `throughput_batch` (inputs tiled from `sample`)."""
+) -> dict[str, Latency]:
+    """Batch-1 latency of several runners, interleaved round by round, then each one's throughput.
+
+    Timing artifacts one after another lets drift on a shared host (other jobs, clock and thermal state) land on some
+    rows and not others: measured rows of one table differed by up to 1.4x that way. Interleaved, every row sees the
+    same conditions; percentiles pool each runner's runs over all rounds, ``spread`` is the slowest round's median
+    over the fastest one's (how much to trust a ratio between rows).
+    """
     x1 = np.ascontiguousarray(sample[:1], dtype=np.float32)
-    _time_runs(runner, x1, 3, warmup_seconds, max(warmup_seconds, 5.0), 1000)
-    t = np.asarray(_time_runs(runner, x1, min_runs, min_seconds, max_seconds, 2000)) * 1e3
-    ips = None
-    if throughput_batch and throughput_batch > 1:
-        reps = -(-throughput_batch // len(sample))
-        xb = np.ascontiguousarray(np.concatenate([sample] * reps)[:throughput_batch], dtype=np.float32)
-        runner.run(xb)
-        tb = _time_runs(runner, xb, 3, min_seconds / 2, max_seconds / 2, 50)
-        ips = float(throughput_batch / np.median(tb))
-    return Latency(
-        batch=1,
-        p50_ms=float(np.percentile(t, 50)),
-        p90_ms=float(np.percentile(t, 90)),
-        mean_ms=float(t.mean()),
-        runs=int(len(t)),
-        threads=int(getattr(runner, "threads", None) or os.cpu_count() or 1),
-        device=getattr(runner, "device", "?"),
-        runtime=getattr(runner, "runtime", "?"),
-        throughput_batch=throughput_batch if ips else None,
-        throughput_ips=ips,
-    )
+    for r in runners.values():
+        _time_runs(r, x1, 3, warmup_seconds, max(warmup_seconds, 5.0), 1000)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    medians: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, r in runners.items():
+            t = _time_runs(r, x1, 5, seconds, 4 * seconds, 1000)
+            times[name] += t
+            medians[name].append(float(np.median(t)))
+    out = {}
+    for name, r in runners.items():
+        t = np.asarray(times[name]) * 1e3
+        ips = None
+        if throughput_batch and throughput_batch > 1:
+            reps = -(-throughput_batch // len(sample))
+            xb = np.ascontiguousarray(np.concatenate([sample] * reps)[:throughput_batch], dtype=np.float32)
+            r.run(xb)
+            tb = _time_runs(r, xb, 3, seconds, 5 * seconds, 50)
+            ips = float(throughput_batch / np.median(tb))
+        out[name] = Latency(
+            batch=1,
+            p50_ms=float(np.percentile(t, 50)),
+            p90_ms=float(np.percentile(t, 90)),
+            mean_ms=float(t.mean()),
+            runs=int(len(t)),
+            threads=int(getattr(r, "threads", None) or os.cpu_count() or 1),
+            device=getattr(r, "device", "?"),
+            runtime=getattr(r, "runtime", "?"),
+            throughput_batch=throughput_batch if ips else None,
+            throughput_ips=ips,
+            rounds=rounds,
+            spread=float(max(medians[name]) / min(medians[name])),
+        )
+    return out
 
 
 def compare(runners: dict, sample: np.ndarray, rounds: int = 5, seconds: float = 2.0) -> dict[str, dict[str, float]]:

@@ -186,7 +186,7 @@ def render_markdown(report: Report) -> str:
     if h:
         feats = h.get("cpu_features")
         lines.append(f"Host: {h.get('cpu', '?')}" + (f" ({', '.join(feats) or 'none of ' + ', '.join(INT8_FEATURES)})" if feats is not None else "") + f", {h.get('cores', '?')} cores, {h.get('os', '?')}.")
-    lines += ["", "Δ top-1 is in points against the fp32 row, with (−lost/+gained) the labelled images the artifact gets wrong that fp32 gets right and the reverse; agreement is top-1 agreement with the fp32 reference outputs; latency is batch 1; *emulated* rows reproduce the target's arithmetic on another runtime.", ""]
+    lines += ["", "Δ top-1 is in points against the fp32 row, with (−lost/+gained) the labelled images the artifact gets wrong that fp32 gets right and the reverse; agreement is top-1 agreement with the fp32 reference outputs; latency is batch 1, timed interleaved with the other rows; *emulated* rows reproduce the target's arithmetic on another runtime.", ""]
     head, body = table(report)
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" for _ in head) + "|")
@@ -200,7 +200,8 @@ def render_markdown(report: Report) -> str:
         if r.build:
             details.append(f"built in {r.build.get('seconds', 0):.0f} s, peak memory +{r.build.get('peak_mb') or 0:.0f} MB")
         if r.latency:
-            details.append(f"latency on {r.latency.get('device', '?')}, {r.latency.get('runtime', '?')}, {r.latency.get('threads', '?')} threads, {r.latency.get('runs', '?')} runs")
+            rounds = f" over {r.latency['rounds']} interleaved rounds (round spread {r.latency['spread']:.2f})" if r.latency.get("rounds") else ""
+            details.append(f"latency on {r.latency.get('device', '?')}, {r.latency.get('runtime', '?')}, {r.latency.get('threads', '?')} threads, {r.latency.get('runs', '?')} runs{rounds}")
         details += list(r.notes)
         if details:
             lines.append(f"- **{r.name}** (`{r.path}`): " + "; ".join(details))
