@@ -144,7 +144,8 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         for backend, precisions in plan:
             for precision in precisions:
                 progress.step(f"building {backend.name} {precision}")
-                with progress.bar(f"{backend.name} {precision}: calibration images", total=None) as tick:
+                # recipes stream the images several times (ranges, Hessians, ...): the count runs over all passes
+                with progress.bar(f"{backend.name} {precision}: calibration images, all passes", total=None) as tick:
                     options = {**opts.options, "progress": tick}
                     timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision) else None, precision, options, tmp / f"{backend.name}-{precision}"))
         for make_extra in extra_builders:
