@@ -59,6 +59,26 @@ def tiny_vit(tmp_path_factory) -> Path:
     return save_checkpoint(model, tmp_path_factory.mktemp("tiny_vit"), 32)
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_vit, tmp_path_factory):
+    """The tiny ViT's verified reference ONNX, as backends receive it."""
+    from vitexport.export import export_reference
+    from vitexport.model import ModelSpec
+
+    spec = ModelSpec.load(str(tiny_vit))
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    return export_reference(spec, tmp_path_factory.mktemp("ref"), x)
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    """32 random calibration inputs for the tiny ViT, in batches of 16."""
+    from vitexport import backends
+
+    x = np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    return backends.Calibration(batches=lambda: (x[i : i + 16] for i in range(0, len(x), 16)), count=len(x), source="random")
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     """A random-weight ViTModel (no head, with pooler), like the in21k backbones."""

@@ -22,23 +22,6 @@ from vitexport.backends.openvino import OpenVinoBackend, choose_group_size, read
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_vit, tmp_path_factory):
-    from vitexport.export import export_reference
-    from vitexport.model import ModelSpec
-
-    spec = ModelSpec.load(str(tiny_vit))
-    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    return export_reference(spec, tmp_path_factory.mktemp("ref"), x)
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((32, 3, 32, 32)).astype(np.float32)
-    return backends.Calibration(batches=lambda: (x[i : i + 16] for i in range(0, len(x), 16)), count=len(x), source="random")
-
-
-@pytest.fixture(scope="module")
 def inputs():
     return np.random.default_rng(2).standard_normal((8, 3, 32, 32)).astype(np.float32)
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import types
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -38,22 +37,6 @@ from vitexport.quantization.graph import find_linears
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 # the tiny ViT has too few linears for a MAC-budget fallback to mean anything: keep every linear int8 there
 NO_FALLBACK = {"tensorrt": {"int8": {"recipe": {"fallback_budget": 0.0}}}}
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_vit, tmp_path_factory):
-    from vitexport.export import export_reference
-    from vitexport.model import ModelSpec
-
-    spec = ModelSpec.load(str(tiny_vit))
-    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
-    return export_reference(spec, tmp_path_factory.mktemp("ref"), x)
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    x = np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)
-    return backends.Calibration(batches=lambda: (x[i : i + 16] for i in range(0, len(x), 16)), count=len(x), source="random")
 
 
 @pytest.fixture(scope="module")
