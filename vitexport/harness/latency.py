@@ -62,19 +62,11 @@ def measure_all(
     same conditions; percentiles pool each runner's runs over all rounds, ``spread`` is the slowest round's median
     over the fastest one's (how much to trust a ratio between rows).
     """
-    x1 = np.ascontiguousarray(sample[:1], dtype=np.float32)
-    for r in runners.values():
-        _time_runs(r, x1, 3, warmup_seconds, max(warmup_seconds, 5.0), 1000)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    medians: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, r in runners.items():
-            t = _time_runs(r, x1, 5, seconds, 4 * seconds, 1000)
-            times[name] += t
-            medians[name].append(float(np.median(t)))
+    per_round = _interleaved(runners, sample, rounds, seconds, warmup_seconds)
     out = {}
     for name, r in runners.items():
-        t = np.asarray(times[name]) * 1e3
+        t = np.concatenate(per_round[name]) * 1e3
+        medians = [float(np.median(x)) for x in per_round[name]]
         ips = None
         if throughput_batch and throughput_batch > 1:
             reps = -(-throughput_batch // len(sample))
@@ -94,7 +86,7 @@ def measure_all(
             throughput_batch=throughput_batch if ips else None,
             throughput_ips=ips,
             rounds=rounds,
-            spread=float(max(medians[name]) / min(medians[name])),
+            spread=float(max(medians) / min(medians)),
         )
     return out
 
@@ -104,11 +96,21 @@ def compare(runners: dict, sample: np.ndarray, rounds: int = 5, seconds: float =
 
     Returns {name: {"p50_ms": median over rounds of each round's median, "spread": max/min of the round medians}}.
     """
+    per_round = _interleaved(runners, sample, rounds, seconds, warmup_seconds=0.5)
+    out = {}
+    for name, rs in per_round.items():
+        v = [float(np.median(x)) * 1e3 for x in rs]
+        out[name] = {"p50_ms": float(np.median(v)), "spread": float(max(v) / min(v))}
+    return out
+
+
+def _interleaved(runners: Mapping[str, Any], sample: np.ndarray, rounds: int, seconds: float, warmup_seconds: float) -> dict[str, list[np.ndarray]]:
+    """Warm every runner up, then time batch 1 round by round, every runner once per round: seconds per run, per round."""
     x1 = np.ascontiguousarray(sample[:1], dtype=np.float32)
     for r in runners.values():
-        _time_runs(r, x1, 3, 0.5, 5.0, 1000)
-    per_round: dict[str, list[float]] = {name: [] for name in runners}
+        _time_runs(r, x1, 3, warmup_seconds, max(warmup_seconds, 5.0), 1000)
+    per_round: dict[str, list[np.ndarray]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, r in runners.items():
-            per_round[name].append(float(np.median(_time_runs(r, x1, 5, seconds, 4 * seconds, 1000))) * 1e3)
-    return {name: {"p50_ms": float(np.median(v)), "spread": float(max(v) / min(v))} for name, v in per_round.items()}
+            per_round[name].append(np.asarray(_time_runs(r, x1, 5, seconds, 4 * seconds, 1000)))
+    return per_round
