@@ -397,3 +397,11 @@ def test_report_rows_side_by_side(tiny_vit, image_folder, calib_folder, tmp_path
         assert not any(".partial" in n for r in report.rows for n in r.notes)
     assert int8.accuracy["n"] == 24
     assert (out / "tensorrt-int8" / "trtexec.sh").is_file()
+
+
+def test_corrupt_plan_is_one_clear_error(built, tmp_path):
+    d = tmp_path / "bad"
+    shutil.copytree(built["int8"].directory, d)
+    (d / "tensorrt.json").write_text("{not json")
+    with pytest.raises(VitexportError, match="tensorrt.json.*rebuild the artifact"):
+        TensorRTBackend().runner(Artifact.load(d))

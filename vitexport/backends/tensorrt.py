@@ -245,10 +245,14 @@ class TensorRTBackend:
         if ok:
             return TensorRTRunner(artifact.directory)
         plan_file = artifact.directory / PLAN
-        plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+        try:
+            plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise VitexportError(f"cannot read {plan_file} ({e.__class__.__name__}): rebuild the artifact") from None
+        fp16 = "FP16" in plan.get("builder_flags", ())
         # fp16 and int8 (and the int8 baselines of benchmarks/tensorrt_baselines.py); fp32 would only repeat the reference
-        if "FP16" in plan.get("builder_flags", ()) or artifact.precision.startswith("int8"):
-            return EmulationRunner(artifact.directory / ONNX, threads, float16="FP16" in plan.get("builder_flags", ()))
+        if fp16 or artifact.precision.startswith("int8"):
+            return EmulationRunner(artifact.directory / ONNX, threads, float16=fp16)
         reason = (why or f"TensorRT is not installed here ({INSTALL_HINT})") if engine.is_file() else "no TensorRT engine in the artifact"
         raise VitexportError(f"{reason}; build it on the device with `python3 build_engine.py` (or trtexec.sh) in {artifact.directory}, then run vitexport eval/bench there")
 
