@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "coreml": "vitexport.backends.coreml:CoreMLBackend",
     "openvino": "vitexport.backends.openvino:OpenVinoBackend",
     "tensorrt": "vitexport.backends.tensorrt:TensorRTBackend",
+    "litert": "vitexport.backends.litert:LiteRTBackend",
 }
 
 
