@@ -121,7 +121,8 @@ class LiteRTBackend:
         head = spec.load_torch()
         if precision == "int8" and opts.int8_method == "vitexport":
             int8 = _carry_int8_recipe(head, reference, calibration, options)
-            recipe["int8"] = int8.summary
+            _clamp_inputs(head, int8.ranges)
+            recipe["int8"] = dict(int8.summary)
         module = _AppModule(head, pre).eval()
         example = torch.rand(1, h, w, 3) * 255
         with _quiet(), tempfile.TemporaryDirectory() as tmp:
@@ -286,7 +287,6 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
     from onnx import numpy_helper
 
     from ..quantization.int8 import Int8Recipe, quantize_int8
-    from .coreml import _torch_weight_names
 
     # TFLite's int8 spec: weights symmetric in [-127, 127], int32 accumulation (XNNPACK QS8): no 7-bit workaround
     recipe = recipe_from(Int8Recipe, {"reduce_range": False, **options.get("int8", {})})
@@ -294,7 +294,7 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
         raise VitexportError("litert int8 does not carry centred activations (center_activations): LiteRT's int8 activations are asymmetric")
     ref = reference.load()
     qmodel, summary = quantize_int8(ref, calibration.batches, recipe, progress=options.get("progress"))
-    names = _torch_weight_names(head, reference)  # reference initializer -> (torch parameter, transposed?)
+    params_of = _node_parameters(head, ref)  # reference node -> {input position: (torch parameter, transposed?)}
     inits = {t.name: t for t in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
     qnodes = {n.name: n for n in qmodel.graph.node if n.name}
@@ -313,37 +313,28 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
         shape[axis] = -1
         return codes.astype(np.float32) * scale.reshape(shape), (codes, scale)
 
-    codes_by, scales_by, changed = {}, {}, 0
-    for node in ref.graph.node:
-        q = qnodes.get(node.name)
+    codes_by, scales_by, ranges, changed = {}, {}, {}, 0
+    quantized = {r["node"] for r in summary["quantized"]}
+    for node_name, positions in params_of.items():
+        q = qnodes.get(node_name)
         if q is None:
-            continue
-        for pos, name in enumerate(node.input):
-            if name not in names or pos >= len(q.input) or q.input[pos] == name:
-                continue  # not a weight, or left as it was
-            tname, transposed = names[name]
+            raise VitexportError(f"litert int8: node {node_name} is missing from the quantized reference")
+        for pos, (tname, transposed) in positions.items():
             arr, quant = value(q.input[pos])
             with torch.no_grad():
                 params[tname].copy_(torch.from_numpy(np.ascontiguousarray(arr.T if transposed else arr)).reshape(params[tname].shape))
             changed += 1
             if quant is not None:
-                codes, scale = quant
-                codes_by[tname.rsplit(".", 1)[0]] = np.ascontiguousarray(codes.T if transposed else codes).astype(np.int8)
-                scales_by[tname.rsplit(".", 1)[0]] = scale
-    ranges = {}
-    by_node = {r["node"]: r for r in summary["quantized"]}
-    for node in ref.graph.node:
-        if node.name not in by_node:
-            continue
-        dq_act = producer[qnodes[node.name].input[0]]
-        s = float(numpy_helper.to_array(inits[dq_act.input[1]]))
-        zp = int(numpy_helper.to_array(inits[dq_act.input[2]]))
-        weight = node.input[1]
-        if weight not in names:
-            raise VitexportError(f"litert int8: cannot map {node.name} back to a torch weight")
-        lo, hi = (0 - zp) * s, (255 - zp) * s  # the uint8 grid [0, 255] is the int8 grid [-128, 127] shifted by 128
-        ranges[names[weight][0].rsplit(".", 1)[0]] = (lo, hi)
-    if set(ranges) != set(codes_by):
+                module = tname.rsplit(".", 1)[0]
+                codes_by[module] = np.ascontiguousarray(quant[0].T if transposed else quant[0]).astype(np.int8)
+                scales_by[module] = quant[1]
+        if node_name in quantized:
+            dq_act = producer[q.input[0]]
+            s = float(numpy_helper.to_array(inits[dq_act.input[1]]))
+            zp = int(numpy_helper.to_array(inits[dq_act.input[2]]))
+            # the uint8 grid [0, 255] is the int8 grid [-128, 127] shifted by 128: the same range, the same codes
+            ranges[positions[1][0].rsplit(".", 1)[0]] = ((0 - zp) * s, (255 - zp) * s)
+    if set(ranges) != set(codes_by) or len(ranges) != len(quantized):
         raise VitexportError("litert int8: quantized linears and their GPTQ codes do not match")
     fb = summary.get("sensitivity_fallback", {}).get("kept_float", [])
     keep = {
@@ -360,6 +351,82 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
         "activations": "int8 asymmetric per tensor: the recipe's uint8 ranges shifted by 128 (same grid)",
     }
     return _CarriedInt8(codes_by, scales_by, ranges, keep)
+
+
+def _node_parameters(head, ref) -> dict[str, dict[int, tuple[str, bool]]]:
+    """Reference ONNX LayerNorm and linear nodes -> the torch parameters their constant inputs hold.
+
+    Matched by execution order (torch forward hooks vs the exporter's topological order), then checked value by value:
+    matching by value alone is ambiguous (identical LayerNorm parameters, which the exporter also deduplicates)."""
+    import torch
+    from onnx import numpy_helper
+
+    from ..quantization.graph import GraphIndex, find_linears
+
+    calls: list[tuple[str, Any]] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append((n, mod)))
+             for n, m in head.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))]
+    try:
+        c, h, w = (d.dim_value for d in ref.graph.input[0].type.tensor_type.shape.dim[1:])
+        with torch.no_grad():
+            head(torch.zeros(1, c, h, w))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    idx = GraphIndex(ref)
+    lns = [n for n in ref.graph.node if n.op_type == "LayerNormalization"]
+    linears = [l for l in find_linears(ref) if l.role != "patch_embed"]
+    t_lns = [(n, m) for n, m in calls if isinstance(m, torch.nn.LayerNorm)]
+    t_lin = [(n, m) for n, m in calls if isinstance(m, torch.nn.Linear)]
+    if len(lns) != len(t_lns) or len(linears) != len(t_lin):
+        raise VitexportError(f"litert int8: the reference has {len(lns)} LayerNorms and {len(linears)} linears, the checkpoint {len(t_lns)} and {len(t_lin)}")
+    out: dict[str, dict[int, tuple[str, bool]]] = {}
+
+    def check(onnx_name: str, param: str, array, transposed: bool) -> None:
+        a = numpy_helper.to_array(idx.const_tensor(onnx_name)).astype(np.float32)
+        t = array.detach().cpu().numpy().astype(np.float32)
+        if (a.T if transposed else a).reshape(t.shape).tobytes() != t.tobytes():
+            raise VitexportError(f"litert int8: the reference's {onnx_name} is not the checkpoint's {param}")
+
+    for node, (name, mod) in zip(lns, t_lns):
+        pos = {}
+        for i, pname in ((1, "weight"), (2, "bias")):
+            if len(node.input) > i and node.input[i] and getattr(mod, pname, None) is not None:
+                check(node.input[i], f"{name}.{pname}", getattr(mod, pname), False)
+                pos[i] = (f"{name}.{pname}", False)
+        out[node.name] = pos
+    for l, (name, mod) in zip(linears, t_lin):
+        check(l.weight, f"{name}.weight", mod.weight, not l.trans_b)
+        out[l.node.name] = {1: (f"{name}.weight", not l.trans_b)}
+        if l.bias is not None and mod.bias is not None:
+            users = [u for u in idx.consumers.get(l.node.output[0], []) if l.bias in u.input] if l.op_type == "MatMul" else [l.node]
+            if len(users) == 1:
+                check(l.bias, f"{name}.bias", mod.bias, False)
+                out.setdefault(users[0].name, {})[list(users[0].input).index(l.bias)] = (f"{name}.bias", False)
+    return out
+
+
+def _clamp_inputs(head, ranges: Mapping[str, tuple[float, float]]) -> None:
+    """Clamp each quantized linear's input to its int8 range, in float, before conversion.
+
+    Quantizing saturates there anyway, so this changes nothing int8 computes. It is there because the LiteRT
+    converter folds a LayerNorm's gamma/beta into the following FULLY_CONNECTED weights: the FC would then read the
+    un-scaled normalised tensor, with other weights than GPTQ rounded and another range than the recipe measured.
+    The clamp keeps the recipe's tensor (the LayerNorm output) as the FC's input, and its weights as they were."""
+    import torch
+
+    class Clamped(torch.nn.Module):
+        def __init__(self, linear, lo: float, hi: float):
+            super().__init__()
+            self.linear, self.lo, self.hi = linear, lo, hi
+
+        def forward(self, x):
+            return self.linear(torch.clamp(x, self.lo, self.hi))
+
+    for name, (lo, hi) in ranges.items():
+        parent, _, child = name.rpartition(".")
+        owner = head.get_submodule(parent) if parent else head
+        setattr(owner, child, Clamped(getattr(owner, child), float(lo), float(hi)))
 
 
 def _fc_modules(model, codes: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray]) -> dict[int, str]:
