@@ -144,7 +144,10 @@ def test_litert_rows_are_measured_on_the_interpreter(litert_build):
     assert rows["litert-fp32"].accuracy["agreement"] == 1.0 and rows["litert-fp32"].accuracy["cosine"] > 0.99999
     assert rows["litert-fp16"].accuracy["cosine"] > 0.999
     assert rows["litert-int8"].accuracy["cosine"] > 0.95
-    assert rows["litert-fp16"].size_bytes < 0.7 * rows["litert-fp32"].size_bytes
+    # fp16: every FULLY_CONNECTED weight stored as float16 behind a DEQUANTIZE (the file's overhead dominates a tiny ViT)
+    ops = Artifact.load(out / "litert-fp16").manifest["recipe"]["ops"]
+    assert ops.get("DEQUANTIZE", 0) >= ops["FULLY_CONNECTED"]
+    assert rows["litert-fp16"].size_bytes < rows["litert-fp32"].size_bytes
 
 
 @needs_litert
@@ -213,8 +216,10 @@ def test_litert_int8_carries_the_recipes_gptq_codes(litert_build, reference, tin
     found = []
     for op in g.operators:
         oc = model.operatorCodes[op.opcodeIndex]
+        if max(oc.builtinCode, oc.deprecatedBuiltinCode) != schema.BuiltinOperator.FULLY_CONNECTED:
+            continue
         w = g.tensors[op.inputs[1]]
-        if max(oc.builtinCode, oc.deprecatedBuiltinCode) == schema.BuiltinOperator.FULLY_CONNECTED and w.type == schema.TensorType.INT8:
+        if w.type == schema.TensorType.INT8:
             found.append((np.frombuffer(bytes(model.buffers[w.buffer].data), np.int8).reshape(w.shape), np.asarray(w.quantization.scale, np.float32)))
     assert len(found) == len(expected) == i8["quantized"] > 0
     for codes, scale in expected:  # match by per-channel scale (the converter renames and reorders tensors)

@@ -611,8 +611,11 @@ class LiteRTRunner:
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise VitexportError(f"LiteRT cannot load {artifact.path}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
-        self.input_index = self.interpreter.get_input_details()[0]["index"]
-        self.output_index = self.interpreter.get_output_details()[0]["index"]
+        inp, out = self.interpreter.get_input_details()[0], self.interpreter.get_output_details()[0]
+        self.input_index, self.output_index = inp["index"], out["index"]
+        # a fully integer model (the stock recipe) has int8 input/output: quantize and dequantize as an app would
+        self.input_q = (inp["dtype"], *inp["quantization"]) if inp["dtype"] != np.float32 else None
+        self.output_q = out["quantization"] if out["dtype"] != np.float32 else None
         self.threads = threads
         self.runtime = f"ai-edge-litert {version('ai-edge-litert')} (XNNPACK)"
         from ..harness.report import cpu_name
@@ -622,8 +625,13 @@ class LiteRTRunner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = app_input(batch, self.pre)
         outs = []
+        if self.input_q is not None:
+            dtype, scale, zp = self.input_q
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x / scale) + zp, info.min, info.max).astype(dtype)
         for i in range(len(x)):  # batch-1 model, as an app runs it
             self.interpreter.set_tensor(self.input_index, x[i : i + 1])
             self.interpreter.invoke()
-            outs.append(np.array(self.interpreter.get_tensor(self.output_index)).reshape(1, -1))
+            y = np.array(self.interpreter.get_tensor(self.output_index)).reshape(1, -1)
+            outs.append(((y.astype(np.float32) - self.output_q[1]) * self.output_q[0]) if self.output_q is not None else y)
         return np.concatenate(outs)
