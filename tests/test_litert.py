@@ -259,6 +259,7 @@ def _private_venv() -> Path:
 
 
 @pytest.mark.skipif(HAVE_LITERT, reason="litert-torch is importable here: the LiteRT tests above ran in this process")
+@pytest.mark.skipif(bool(os.environ.get("VITEXPORT_SKIP_LITERT_VENV")), reason="VITEXPORT_SKIP_LITERT_VENV is set: LiteRT runtime tests not run")
 def test_litert_runtime_in_private_venv():
     py = _private_venv()
     p = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "litert and not private_venv and not missing_litert"],
