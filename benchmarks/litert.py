@@ -99,13 +99,39 @@ def summarise(report) -> dict:
     return rows
 
 
+def table(summary: dict) -> str:
+    """The README's Android table from results/litert.json (``python benchmarks/litert.py --table``)."""
+    rows = summary["rows"]
+    ref_p50 = rows["onnxruntime-fp32"]["latency_p50_ms"]
+    lines = [
+        f"Produced by `{summary['command']}` ({summary['evaluation_images']} evaluation images; batch-1 latency at {summary['threads']} thread, "
+        "interleaved round by round on a 2-core host shared with other jobs: compare ratios).",
+        "",
+        "| artifact | size MB | top-1 % | Δ top-1 (95% interval) | lost/gained | agree % (95% interval) | cosine | p50 ms | × onnxruntime-fp32 latency |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        d = "–" if r.get("delta_top1_pt") is None else f"{r['delta_top1_pt']:+.2f} ({r['delta_top1_95'][0]:+.2f}, {r['delta_top1_95'][1]:+.2f})"
+        ag = "–" if r.get("agreement") is None else f"{100 * r['agreement']:.1f} ({100 * r['agreement_95'][0]:.1f}–{100 * r['agreement_95'][1]:.1f})"
+        lat = r.get("latency_p50_ms")
+        lines.append(
+            f"| {name} | {r['size_mb']:.1f} | {100 * r['top1']:.1f} | {d} | {r.get('lost', '–')}/{r.get('gained', '–')} | {ag} | {r['cosine']:.4f} | "
+            f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if lat is None or not ref_p50 else f'{lat / ref_p50:.2f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--num-eval", type=int, default=None, help="fewer evaluation images (a quick check; the README's figures use all 375)")
+    ap.add_argument("--table", action="store_true", help="print the README table from --out/litert.json and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((Path(args.out) / "litert.json").read_text())), end="")
+        return 0
     shared = Path(args.shared)
     work = Path(tempfile.mkdtemp(prefix="vitexport-litert-"))
     try:
@@ -131,6 +157,7 @@ def main() -> int:
             "rows": summarise(report),
         }
         (out / "litert.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (out / "litert.md").write_text(table(summary))
         for name, r in summary["rows"].items():
             print(f"{name:32s} size {r['size_mb']:6.2f} MB  top1 {r['top1']}  agree {r['agreement']}  cos {r['cosine'] and round(r['cosine'], 5)}  "
                   f"Δ {r.get('delta_top1_pt')} {r.get('delta_top1_95')}  lost/gained {r['lost']}/{r['gained']}  p50 {r['latency_p50_ms']} ms")

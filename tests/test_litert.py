@@ -33,6 +33,8 @@ needs_litert = pytest.mark.skipif(
     "test_litert_runtime_in_private_venv runs these tests in a private venv",
 )
 LITERT_SPEC = "litert-torch==0.10.*"  # keep in step with pyproject's [litert] extra
+# what test_litert_runtime_in_private_venv runs there (pytest -k matches the module name too: name the tests)
+LITERT_RUNTIME_TESTS = "rows_are_measured or fp32_matches or metadata_labels or gptq_codes or stock_int8 or litert_options"
 
 
 # ---------------------------------------------------------------------------------------- ONNX Runtime Mobile (.ort)
@@ -262,7 +264,7 @@ def _private_venv() -> Path:
 @pytest.mark.skipif(bool(os.environ.get("VITEXPORT_SKIP_LITERT_VENV")), reason="VITEXPORT_SKIP_LITERT_VENV is set: LiteRT runtime tests not run")
 def test_litert_runtime_in_private_venv():
     py = _private_venv()
-    p = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "litert and not private_venv and not missing_litert"],
+    p = subprocess.run([str(py), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", LITERT_RUNTIME_TESTS],
                        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=1800)
     tail = "\n".join(p.stdout.splitlines()[-25:])
     assert p.returncode == 0, tail
