@@ -146,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             _emit(api.bench(args.artifact, args.images, args.threads, args.batch, progress), args)
         elif args.command == "targets":
-            names = sorted(p.stem for p in api.TARGETS_DIR.glob("*.toml")) if api.TARGETS_DIR.is_dir() else []
-            profiles = [api.load_target(n) for n in names]
+            from .profiles import shipped
+
+            profiles = [api.load_target(n) for n in shipped()]
             if args.json:
                 print(json.dumps(profiles, indent=2))
             else:

@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterable, Iterator, Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -25,6 +25,28 @@ REGISTRY: dict[str, str] = {
     "openvino": "vitexport.backends.openvino:OpenVinoBackend",
     "tensorrt": "vitexport.backends.tensorrt:TensorRTBackend",
 }
+
+
+RunsHere = Literal["measured", "emulated", "not run"]
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What one precision of a backend needs and where it runs: central code derives from these, keeps no lists.
+
+    ``runs_here`` is what a Linux x86 host without the target's hardware (vitexport's CI) measures; the runner still
+    decides on each host (a Mac predicts CoreML for real, a host with TensorRT and a GPU runs the engine).
+    ``recipe`` names the core recipe class ("module:Class", imported only when a profile is checked or a build
+    runs) that ``[options.<backend>.<precision>] recipe = {...}`` overrides; ``settings`` are the other keys that
+    precision table accepts, with their defaults (their types are the defaults' types).
+    """
+
+    calibration: bool  # uses calibration images by default: the build passes them
+    runs_here: RunsHere
+    min_target: str | None = None  # minimum deployment target, where the target has one
+    recipe: str | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    builds_on: str | None = None  # platform.system() the build needs (None: anywhere)
 
 
 @dataclass(frozen=True)
@@ -59,7 +81,10 @@ class Runner(Protocol):
 
 class Backend(Protocol):
     name: str
-    precisions: tuple[str, ...]
+    precisions: tuple[str, ...]  # == tuple(capabilities): the fp32 reference first
+    capabilities: Mapping[str, Capability]
+    settings: Any  # [options.<backend>]: a frozen dataclass type, or a mapping of key -> default
+    summary: Mapping[str, str]  # the README target table's words: devices, artifact
 
     def available(self) -> tuple[bool, str]: ...
 
@@ -89,10 +114,36 @@ def shared_int4(reference, calibration: "Calibration | None", recipe, progress=N
     return calibration.shared(key, lambda: quantize_int4(reference.load(), calibration.batches, recipe, progress=progress))
 
 
-def needs_calibration(precision: str) -> bool:
-    # int4 and palette4 use calibration activations too: their rounding minimises the error on real inputs, not on
-    # weights alone
-    return precision in {"int8", "int4", "palette4"}
+def needs_calibration(precision: str, backend: "Backend | str | None" = None) -> bool:
+    """Whether ``backend`` builds ``precision`` from calibration images, as the backend declares it. Without a
+    backend: whether any registered backend does (int4 and palette4 use calibration activations too: their rounding
+    minimises the error on real inputs, not on weights alone)."""
+    if backend is None:
+        return any(needs_calibration(precision, n) for n in REGISTRY if precision in get(n).capabilities)
+    b = get(backend) if isinstance(backend, str) else backend
+    cap = b.capabilities.get(precision)
+    return bool(cap and cap.calibration)
+
+
+def precision_options(options: Mapping[str, Any] | None, backend: str, precision: str) -> dict[str, Any]:
+    """The ``[options.<backend>.<precision>]`` table (empty if absent)."""
+    return dict(((options or {}).get(backend) or {}).get(precision) or {})
+
+
+def backend_options(options: Mapping[str, Any] | None, backend: str) -> dict[str, Any]:
+    """The ``[options.<backend>]`` settings, without its precision tables."""
+    mine = dict((options or {}).get(backend) or {})
+    return {k: v for k, v in mine.items() if not isinstance(v, Mapping)}
+
+
+def recipe_overrides(options: Mapping[str, Any] | None, backend: str, precision: str) -> dict[str, Any]:
+    """``recipe = {...}`` of ``[options.<backend>.<precision>]``: overrides of the precision's core recipe."""
+    return dict(precision_options(options, backend, precision).get("recipe") or {})
+
+
+def load_class(ref: str) -> type:
+    module, cls = ref.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def parse_precisions(text: str | Iterable[str], backend: Backend) -> list[str]:
@@ -113,4 +164,7 @@ def recipe_from(cls, overrides: Mapping[str, Any] | None):
     unknown = set(overrides) - fields
     if unknown:
         raise VitexportError(f"unknown {cls.__name__} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    except (ValueError, TypeError) as e:  # a recipe's own checks: the user's value, not a bug
+        raise VitexportError(f"bad {cls.__name__} option: {e}") from None

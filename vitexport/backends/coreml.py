@@ -53,7 +53,7 @@ import numpy as np
 
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
-from . import Calibration, recipe_from, shared_int4
+from . import Calibration, Capability, backend_options, recipe_from, recipe_overrides, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,25 @@ def deployment_target(precision: str, opts: CoreMLOptions, ) -> str:
     return ios if opts.platform == "iOS" else mac
 
 
+def _capability(precision: str, calibration: bool, **kw: Any) -> Capability:
+    return Capability(calibration=calibration, runs_here="emulated", min_target=" / ".join(_TARGETS[precision]), **kw)
+
+
 class CoreMLBackend:
     name = "coreml"
-    precisions = ("fp32", "fp16", "int8", "int4", "palette4", "w8a8")
+    # int8/int4/palette4 round with GPTQ on calibration activations; w8a8 calibrates its activation ranges with
+    # CoreML predictions, so it builds on a Mac only. On a Mac the runner predicts for real (measured).
+    capabilities = {
+        "fp32": _capability("fp32", False),
+        "fp16": _capability("fp16", False),
+        "int8": _capability("int8", True),
+        "int4": _capability("int4", True, recipe="vitexport.quantization.int4:Int4Recipe"),
+        "palette4": _capability("palette4", True),
+        "w8a8": _capability("w8a8", True, builds_on="Darwin"),
+    }
+    precisions = tuple(capabilities)
+    settings = CoreMLOptions
+    summary = {"devices": "iPhone, iPad, Mac", "artifact": "`model.mlpackage` (ML Program)", "measured": "emulated on Linux, `MLModel.predict` on a Mac"}
 
     def available(self) -> tuple[bool, str]:
         if importlib.util.find_spec("coremltools") is None:
@@ -137,7 +153,7 @@ class CoreMLBackend:
         ok, why = self.available()
         if not ok:
             raise VitexportError(why)
-        opts = _options(options.get("coreml", {}))
+        opts = _options(backend_options(options, self.name))
         if precision == "w8a8" and platform.system() != "Darwin":
             raise VitexportError(
                 "coreml w8a8 (int8 activations) calibrates by running CoreML predictions, which only run on macOS: "
@@ -443,7 +459,7 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
     from ..quantization.graph import find_linears
     from ..quantization.int4 import Int4Recipe, unpack_matmulnbits
 
-    raw = dict(options.get("int4", {}))
+    raw = recipe_overrides(options, "coreml", "int4")
     raw.setdefault("block_sizes", (opts.int4_block_size,))
     recipe = recipe_from(Int4Recipe, raw)
     linears = {l.node.name: l for l in find_linears(reference.load())}

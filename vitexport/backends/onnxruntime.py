@@ -18,14 +18,21 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, recipe_from, shared_int4
+from . import Calibration, Capability, recipe_from, recipe_overrides, shared_int4
 
 log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
-    precisions = ("fp32", "int8", "int4")
+    capabilities = {
+        "fp32": Capability(calibration=False, runs_here="measured"),
+        "int8": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int8:Int8Recipe"),
+        "int4": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int4:Int4Recipe"),
+    }
+    precisions = tuple(capabilities)
+    settings: dict[str, Any] = {}  # threads come from the profile's top level
+    summary = {"devices": "x86/ARM CPUs, Raspberry Pi", "artifact": "`model.onnx` (QDQ int8, `MatMulNBits` int4)", "measured": "the real runtime"}
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -45,13 +52,13 @@ class OnnxRuntimeBackend:
         elif precision == "int8":
             from ..quantization.int8 import Int8Recipe, quantize_int8
 
-            recipe_obj = recipe_from(Int8Recipe, options.get("int8", {}))
+            recipe_obj = recipe_from(Int8Recipe, recipe_overrides(options, self.name, "int8"))
             model, recipe = quantize_int8(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
             from ..quantization.int4 import Int4Recipe
 
-            recipe_obj = recipe_from(Int4Recipe, options.get("int4", {}))
+            recipe_obj = recipe_from(Int4Recipe, recipe_overrides(options, self.name, "int4"))
             model, recipe = shared_int4(reference, _require(calibration, precision), recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         else:

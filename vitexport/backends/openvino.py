@@ -45,7 +45,7 @@ import numpy as np
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, recipe_from, shared_int4
+from . import Calibration, Capability, recipe_from, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,22 @@ INT4_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _precision_settings(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in defaults.items() if k != "recipe"}
+
+
 class OpenVinoBackend:
     name = "openvino"
-    precisions = ("fp32", "fp16", "int8", "int8w", "int4")
+    capabilities = {
+        "fp32": Capability(calibration=False, runs_here="measured"),
+        "fp16": Capability(calibration=False, runs_here="measured"),
+        "int8": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int8:Int8Recipe", settings=_precision_settings(INT8_DEFAULTS)),
+        "int8w": Capability(calibration=False, runs_here="measured"),
+        "int4": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int4:Int4Recipe", settings=_precision_settings(INT4_DEFAULTS)),
+    }
+    precisions = tuple(capabilities)
+    settings: dict[str, Any] = {"device": "CPU"}  # the device the runner uses (VITEXPORT_OPENVINO_DEVICE overrides)
+    summary = {"devices": "Intel CPU, iGPU", "artifact": "`model.xml` + `model.bin`, preprocessing and labels in its rt_info", "measured": "the real runtime (CPU, f32 compute)"}
 
     def available(self) -> tuple[bool, str]:
         try:

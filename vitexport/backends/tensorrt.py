@@ -49,7 +49,7 @@ import numpy as np
 
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
-from . import Calibration, recipe_from
+from . import Calibration, Capability, backend_options, recipe_from, recipe_overrides
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class EngineSettings:
 
 def settings_from(options: Mapping[str, Any]) -> EngineSettings:
     """EngineSettings from ``options["tensorrt"]`` (precision sub-tables such as ``int8`` are not engine settings)."""
-    mine = {k: v for k, v in dict(options.get("tensorrt") or {}).items() if k not in ("int8", "fp16", "fp32")}
+    mine = backend_options(options, "tensorrt")
     fields = {f.name for f in dataclasses.fields(EngineSettings)}
     unknown = set(mine) - fields
     if unknown:
@@ -197,7 +197,19 @@ def tensorrt_status() -> tuple[bool, str]:
 
 class TensorRTBackend:
     name = "tensorrt"
-    precisions = ("fp32", "fp16", "int8")
+    # where TensorRT and a GPU are, the runner runs the engine instead (measured)
+    capabilities = {
+        "fp32": Capability(calibration=False, runs_here="not run"),  # emulating it would only repeat the reference
+        "fp16": Capability(calibration=False, runs_here="emulated"),
+        "int8": Capability(calibration=True, runs_here="emulated", recipe="vitexport.quantization.int8:Int8Recipe"),
+    }
+    precisions = tuple(capabilities)
+    settings = EngineSettings
+    summary = {
+        "devices": "Jetson, NVIDIA GPUs",
+        "artifact": "`model.onnx` (TensorRT-ready QDQ) + engine kit; `model.engine` where TensorRT is",
+        "measured": "int8 emulated (QDQ arithmetic in ONNX Runtime); engines where TensorRT is",
+    }
 
     def available(self) -> tuple[bool, str]:
         """Buildable everywhere onnxruntime is (the QDQ ONNX and the engine scripts); engines need TensorRT."""
@@ -261,7 +273,7 @@ def int8_recipe(options: Mapping[str, Any], cls=None):
     """The core Int8Recipe with TensorRT's settings, then the profile's overrides."""
     if cls is None:
         from ..quantization.int8 import Int8Recipe as cls
-    overrides = ((options.get("tensorrt") or {}).get("int8") or {}).get("recipe") or {}
+    overrides = recipe_overrides(options, "tensorrt", "int8")
     recipe_from(cls, overrides)  # unknown keys: one clear error before TensorRT's defaults are merged in
     return recipe_from(cls, {**INT8_RECIPE, **overrides})
 
