@@ -84,16 +84,9 @@ class OrtRunner:
     def __init__(self, path: Path, threads: int | None = None, emulated: bool = False):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise VitexportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
+        from ..ort_session import ort_session
+
+        self.session = ort_session(path, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.threads = threads

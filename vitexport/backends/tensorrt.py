@@ -390,23 +390,11 @@ class EmulationRunner:
         import onnxruntime as ort
 
         from ..harness.emulation import round_to_float16
+        from ..ort_session import ort_session
 
-        so = ort.SessionOptions()
-        so.add_session_config_entry("session.disable_quant_qdq", "1")  # no QDQ -> integer-kernel fusion
-        # float fusions are fine in float32; in float16 they would remove the rounding casts
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if float16 else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            if float16:
-                model = round_to_float16(onnx.load(str(path)), exact_ops=("DequantizeLinear",), weights=True)
-                self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            else:
-                self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise VitexportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
+        # no QDQ -> integer-kernel fusion; float fusions are fine in float32, in float16 they would remove the rounding casts
+        model = round_to_float16(onnx.load(str(path)), exact_ops=("DequantizeLinear",), weights=True) if float16 else path
+        self.session = ort_session(model, threads, optimization="basic" if float16 else "all", qdq_fusion=False, what=str(path))
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.threads = threads
