@@ -21,8 +21,8 @@ from ..errors import VitexportError
 # name -> "module:Class"; the module is imported only when the backend is asked for.
 REGISTRY: dict[str, str] = {
     "onnxruntime": "vitexport.backends.onnxruntime:OnnxRuntimeBackend",
-    "coreml": "vitexport.backends.coreml:CoreMLBackend",
     "openvino": "vitexport.backends.openvino:OpenVinoBackend",
+    "coreml": "vitexport.backends.coreml:CoreMLBackend",
     "tensorrt": "vitexport.backends.tensorrt:TensorRTBackend",
 }
 
@@ -168,3 +168,30 @@ def recipe_from(cls, overrides: Mapping[str, Any] | None):
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     except (ValueError, TypeError) as e:  # a recipe's own checks: the user's value, not a bug
         raise VitexportError(f"bad {cls.__name__} option: {e}") from None
+
+
+def target_table() -> str:
+    """The README's target table, derived from every registered backend's declarations (a test keeps them equal)."""
+    rows = [
+        "| backend | precisions | calibration images for | artifact | on a Linux host without the device | minimum deployment target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names():
+        b = get(name)
+        caps = b.capabilities
+        precisions = ", ".join(p + (f" ({'macOS' if c.builds_on == 'Darwin' else c.builds_on} only)" if c.builds_on else "") for p, c in caps.items())
+        calib = ", ".join(p for p, c in caps.items() if c.calibration) or "–"
+        targets = _grouped({p: c.min_target for p, c in caps.items() if c.min_target})
+        runs = _grouped({p: c.runs_here for p, c in caps.items()})
+        rows.append(f"| `{name}` ({b.summary['devices']}) | {precisions} | {calib} | {b.summary['artifact']} | {runs} ({b.summary['measured']}) | {targets or '–'} |")
+    return "\n".join(rows)
+
+
+def _grouped(values: Mapping[str, str]) -> str:
+    """{"fp32": "a", "fp16": "a", "int8": "b"} -> "fp32, fp16: a; int8: b" (just "a" when all agree)."""
+    groups: dict[str, list[str]] = {}
+    for p, v in values.items():
+        groups.setdefault(v, []).append(p)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{', '.join(ps)}: {v}" for v, ps in groups.items())

@@ -104,7 +104,7 @@ class OpenVinoBackend:
     }
     precisions = tuple(capabilities)
     settings: dict[str, Any] = {"device": "CPU"}  # the device the runner uses (VITEXPORT_OPENVINO_DEVICE overrides)
-    summary = {"devices": "Intel CPU, iGPU", "artifact": "`model.xml` + `model.bin`, preprocessing and labels in its rt_info", "measured": "the real runtime (CPU, f32 compute)"}
+    summary = {"devices": "Intel CPU, iGPU", "artifact": "`model.xml` + `model.bin`, preprocessing and labels in its rt_info", "measured": "the real runtime: CPU plugin, f32 compute"}
 
     def available(self) -> tuple[bool, str]:
         try:

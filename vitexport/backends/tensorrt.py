@@ -208,7 +208,7 @@ class TensorRTBackend:
     summary = {
         "devices": "Jetson, NVIDIA GPUs",
         "artifact": "`model.onnx` (TensorRT-ready QDQ) + engine kit; `model.engine` where TensorRT is",
-        "measured": "int8 emulated (QDQ arithmetic in ONNX Runtime); engines where TensorRT is",
+        "measured": "QDQ arithmetic and fp16 storage in ONNX Runtime; the engine itself where TensorRT and a GPU are",
     }
 
     def available(self) -> tuple[bool, str]:

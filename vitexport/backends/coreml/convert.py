@@ -124,6 +124,7 @@ def _compress(ct, mlmodel, precision: str, opts: CoreMLOptions, calibration: Cal
             act = cto.OptimizationConfig(global_config=OpActivationLinearQuantizerConfig(mode="linear_symmetric"))
             mlmodel = linear_quantize_activations(mlmodel, act, samples)
             out["activation_type"] = "int8"
+            out["activation_calibration"] = {"images": len(samples), "method": "coremltools linear_quantize_activations (CoreML predictions)"}
         return cto.linear_quantize_weights(mlmodel, config), out
     if precision == "int4":
         if opts.int4_method == "gptq":
