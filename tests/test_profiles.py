@@ -111,3 +111,11 @@ def test_a_bad_recipe_value_is_a_vitexport_error():
 
     with pytest.raises(VitexportError, match="smoothquant_alpha"):
         recipe_from(Int8Recipe, {"smoothquant_alpha": 3.0})
+
+
+def test_the_readme_example_profile_loads(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("```toml\n", readme.index("**Device profiles**")) + len("```toml\n")
+    (tmp_path / "example.toml").write_text(readme[start : readme.index("```", start)])
+    p = profiles.load(str(tmp_path / "example.toml"))
+    assert p["options"]["onnxruntime"]["int8"]["recipe"] == {"reduce_range": False} and p["threads"] == 4
