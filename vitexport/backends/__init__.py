@@ -114,6 +114,22 @@ def shared_int4(reference, calibration: "Calibration | None", recipe, progress=N
     return calibration.shared(key, lambda: quantize_int4(reference.load(), calibration.batches, recipe, progress=progress))
 
 
+def require_calibration(calibration: "Calibration | None", what: str) -> "Calibration":
+    """The calibration images ``what`` (e.g. "openvino int8") cannot build without, or one clear error."""
+    if calibration is None or calibration.count == 0:
+        raise VitexportError(f"{what} needs calibration images: pass --calib DIR")
+    return calibration
+
+
+def copy_reference(reference, target: Path) -> None:
+    """The verified fp32 reference ONNX as an artifact's model file (with its external weights, if it has them)."""
+    import shutil
+
+    shutil.copyfile(reference.path, target)
+    if Path(str(reference.path) + ".data").exists():
+        shutil.copyfile(str(reference.path) + ".data", str(target) + ".data")
+
+
 def needs_calibration(precision: str, backend: "Backend | str | None" = None) -> bool:
     """Whether ``backend`` builds ``precision`` from calibration images, as the backend declares it. Without a
     backend: whether any registered backend does (int4 and palette4 use calibration activations too: their rounding

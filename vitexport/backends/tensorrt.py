@@ -49,7 +49,7 @@ import numpy as np
 
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
-from . import Calibration, Capability, backend_options, recipe_from, recipe_overrides
+from . import Calibration, Capability, backend_options, copy_reference, recipe_from, recipe_overrides, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +227,12 @@ class TensorRTBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / ONNX
         if precision in ("fp32", "fp16"):
-            shutil.copyfile(reference.path, target)
-            if Path(str(reference.path) + ".data").exists():
-                shutil.copyfile(str(reference.path) + ".data", str(target) + ".data")
+            copy_reference(reference, target)
             recipe: dict[str, Any] = {"kind": f"fp32 reference ONNX for a TensorRT {precision} engine", "opset": reference.opset, "layernorm": "one LayerNormalization op"}
         else:
             from ..quantization.int8 import Int8Recipe, quantize_int8
 
-            if calibration is None or calibration.count == 0:
-                raise VitexportError("int8 needs calibration images: pass --calib DIR")
+            require_calibration(calibration, "tensorrt int8")
             recipe_obj = int8_recipe(options, Int8Recipe)
             model, recipe = quantize_int8(reference.load(), calibration.batches, recipe_obj, progress=options.get("progress"))
             recipe = {**recipe, "kind": "TensorRT-ready int8 QDQ ONNX (explicit quantization, ViT-aware)", "qdq_check": check_tensorrt_qdq(model)}

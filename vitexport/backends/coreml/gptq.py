@@ -110,7 +110,7 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
     from onnx import numpy_helper
 
     from ...quantization.graph import find_linears
-    from ...quantization.int4 import Int4Recipe, unpack_matmulnbits
+    from ...quantization.int4 import Int4Recipe, unpack_matmulnbits, unpack_zero_points
 
     raw = recipe_overrides(options, "coreml", "int4")
     raw.setdefault("block_sizes", (opts.int4_block_size,))
@@ -136,12 +136,7 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
         if k % block:
             raise VitexportError(f"coreml int4: K={k} is not a multiple of block {block}")
         w_kn = unpack_matmulnbits(b, scales, zp_packed, k, n, block)
-        nb = k // block
-        if zp_packed is None:
-            zp = np.full((n, nb), 8, np.float32)
-        else:
-            z = np.asarray(zp_packed, np.uint8).reshape(n, -1)
-            zp = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
+        zp = unpack_zero_points(zp_packed, n, k // block)
         mod_name, pname = tname.rsplit(".", 1)
         mod = head.get_submodule(mod_name)
         with torch.no_grad():

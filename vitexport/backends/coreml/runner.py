@@ -46,10 +46,7 @@ class EmulatedRunner:
         if self.fp16:
             round_to_float16(model)
         self.scale, self.bias = pkg.image_preprocessing()
-        pre = artifact.manifest.get("preprocessing", {})
-        self.rescale = float(pre.get("rescale") or 1.0)
-        self.mean = np.asarray(pre.get("mean") or (0.0, 0.0, 0.0), np.float32).reshape(1, -1, 1, 1)
-        self.std = np.asarray(pre.get("std") or (1.0, 1.0, 1.0), np.float32).reshape(1, -1, 1, 1)
+        self.pre = artifact.manifest.get("preprocessing", {})
         from ...ort_session import ort_session
 
         self.session = ort_session(model, threads, optimization="basic", what=str(artifact.path))  # basic: keeps the float16 rounding casts
@@ -61,7 +58,7 @@ class EmulatedRunner:
 
     def pixels(self, batch: np.ndarray) -> np.ndarray:
         """Back from the harness's normalised batch to the 8-bit RGB pixels an app would hand CoreML."""
-        return np.clip(np.rint((batch * self.std + self.mean) / self.rescale), 0, 255)
+        return app_pixels(batch, self.pre)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         x = self.pixels(np.asarray(batch, np.float32)) * self.scale + self.bias.reshape(1, -1, 1, 1)
@@ -99,14 +96,18 @@ class CoreMLRunner:  # pragma: no cover - needs macOS (CoreML predictions); not 
         return np.stack(outs).astype(np.float32)
 
 
+def app_pixels(batch: np.ndarray, pre: Mapping[str, Any] | None) -> np.ndarray:
+    """Normalised NCHW float batch -> the 8-bit RGB pixel values (as float NCHW) an app would hand CoreML."""
+    pre = pre or {}
+    mean = np.asarray(pre.get("mean") or (0.0, 0.0, 0.0), np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(pre.get("std") or (1.0, 1.0, 1.0), np.float32).reshape(1, -1, 1, 1)
+    rescale = float(pre.get("rescale") or 1.0)
+    return np.clip(np.rint((np.asarray(batch, np.float32) * std + mean) / rescale), 0, 255)
+
+
 def _to_pil(batch: np.ndarray, pre: Mapping[str, Any] | None):
     """Normalised NCHW float batch -> the RGB PIL images the app would feed."""
     from PIL import Image
 
-    pre = pre or {}
-    mean = np.asarray(pre.get("mean") or (0.0, 0.0, 0.0), np.float32).reshape(-1, 1, 1)
-    std = np.asarray(pre.get("std") or (1.0, 1.0, 1.0), np.float32).reshape(-1, 1, 1)
-    rescale = float(pre.get("rescale") or 1.0)
-    for x in np.asarray(batch, np.float32):
-        px = np.clip(np.rint((x * std + mean) / rescale), 0, 255).astype(np.uint8)
+    for px in app_pixels(batch, pre).astype(np.uint8):
         yield Image.fromarray(np.transpose(px, (1, 2, 0)), "RGB")
