@@ -119,3 +119,10 @@ def test_the_readme_example_profile_loads(tmp_path):
     (tmp_path / "example.toml").write_text(readme[start : readme.index("```", start)])
     p = profiles.load(str(tmp_path / "example.toml"))
     assert p["options"]["onnxruntime"]["int8"]["recipe"] == {"reduce_range": False} and p["threads"] == 4
+
+
+def test_coreml_numbers_are_checked_on_load(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('backend = "coreml"\n[options.coreml]\npalette_group_size = 0\n')
+    with pytest.raises(VitexportError, match="palette_group_size must be >= 1"):
+        profiles.load(str(path))

@@ -89,7 +89,7 @@ INT8_RECIPE: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
-    """How the engine is built (``[options.tensorrt]`` in a targets/*.toml profile)."""
+    """How the engine is built (``[options.tensorrt]`` in a device profile)."""
 
     min_batch: int = 1
     opt_batch: int = 1  # the batch TensorRT tunes its kernels for (1: latency on a device)

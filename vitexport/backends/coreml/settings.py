@@ -29,7 +29,7 @@ _TARGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class CoreMLOptions:
-    """Per-target settings (``[options.coreml]`` in a targets/*.toml profile)."""
+    """Per-target settings (``[options.coreml]`` in a device profile)."""
 
     platform: str = "iOS"  # "iOS" | "macOS": which deployment target family is recorded and required
     compute_units: str = "all"  # macOS runner: cpu_only | cpu_and_gpu | cpu_and_ne | all
@@ -57,6 +57,11 @@ class CoreMLOptions:
             raise VitexportError(f"coreml palette_method must be gptq or kmeans, not {self.palette_method!r}")
         if self.palette_granularity not in ("per_tensor", "per_grouped_channel"):
             raise VitexportError(f"coreml palette_granularity must be per_tensor or per_grouped_channel, not {self.palette_granularity!r}")
+        if self.palette_group_size < 1 or self.int4_block_size < 16 or self.int4_block_size & (self.int4_block_size - 1) or self.weight_threshold < 0:
+            raise VitexportError(
+                f"coreml palette_group_size must be >= 1, int4_block_size a power of two >= 16 and weight_threshold >= 0, "
+                f"not {self.palette_group_size}, {self.int4_block_size}, {self.weight_threshold}"
+            )
         if self.palette_method == "gptq" and self.palette_granularity != "per_grouped_channel":
             raise VitexportError("coreml palette_method gptq is per grouped channel: set palette_method = \"kmeans\" for per_tensor")
 
