@@ -46,7 +46,7 @@ import numpy as np
 
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
-from . import Calibration, recipe_from
+from . import Calibration, Capability, backend_options, recipe_from, recipe_overrides, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,15 @@ def _options(raw: Mapping[str, Any]) -> LiteRTOptions:
 
 class LiteRTBackend:
     name = "litert"
-    precisions = ("fp32", "fp16", "int8")
+    capabilities = {
+        "fp32": Capability(calibration=False, runs_here="measured"),
+        "fp16": Capability(calibration=False, runs_here="measured"),
+        "int8": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int8:Int8Recipe"),
+    }
+    precisions = tuple(capabilities)
+    settings = LiteRTOptions  # [options.litert]
+    summary = {"devices": "Android phones; the former TensorFlow Lite", "measured": "the real runtime: ai-edge-litert's interpreter, XNNPACK",
+               "artifact": "`model.tflite` (NHWC RGB 0..255 in, preprocessing inside; labels and preprocessing in its metadata) + `labels.txt`"}
 
     def available(self) -> tuple[bool, str]:
         missing = [m for m in ("litert_torch", "ai_edge_litert", "ai_edge_quantizer") if importlib.util.find_spec(m) is None]
@@ -99,9 +107,9 @@ class LiteRTBackend:
         ok, why = self.available()
         if not ok:
             raise VitexportError(f"backend litert is not available here: {why}")
-        opts = _options(options.get("litert", {}))
-        if precision == "int8" and (calibration is None or calibration.count == 0):
-            raise VitexportError("litert int8 needs calibration images: pass --calib DIR")
+        opts = _options(backend_options(options, self.name))
+        if precision == "int8":
+            require_calibration(calibration, "litert int8")
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         spec = reference.spec
@@ -289,7 +297,7 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
     from ..quantization.int8 import Int8Recipe, quantize_int8
 
     # TFLite's int8 spec: weights symmetric in [-127, 127], int32 accumulation (XNNPACK QS8): no 7-bit workaround
-    recipe = recipe_from(Int8Recipe, {"reduce_range": False, **options.get("int8", {})})
+    recipe = recipe_from(Int8Recipe, {"reduce_range": False, **recipe_overrides(options, "litert", "int8")})
     if recipe.symmetric_activations and recipe.center_activations:
         raise VitexportError("litert int8 does not carry centred activations (center_activations): LiteRT's int8 activations are asymmetric")
     ref = reference.load()
