@@ -1,6 +1,6 @@
 """ONNX Runtime target (x86/ARM CPU hosts, Raspberry Pi): fp32, static int8 (QDQ), int4 weight-only (MatMulNBits).
 
-``[options.onnxruntime] mobile = true`` (targets/android-ort.toml) makes ONNX Runtime Mobile artifacts: the same
+``[options.onnxruntime] mobile = true`` (the android-ort profile) makes ONNX Runtime Mobile artifacts: the same
 model converted to the ``.ort`` format (which a minimal/mobile ONNX Runtime build loads), the operator config for a
 reduced-size build, and what onnxruntime's own mobile usability checker says about NNAPI/CoreML partitioning.
 
