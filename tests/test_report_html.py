@@ -182,7 +182,7 @@ def browse(page: Path, *args: str, fragment: str = "") -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def deit_report(tmp_path_factory) -> Path:
     """The shipped DeiT-tiny with a hostile label, from a folder whose name holds markup: ONNX Runtime and OpenVINO
-    rows measured, CoreML rows emulated, 24 evaluation images."""
+    rows measured and timed, CoreML rows emulated, 24 evaluation images (no calibration: the build stays quick)."""
     root = tmp_path_factory.mktemp("deit")
     model = root / "deit"
     shutil.copytree(DEIT, model)
@@ -196,8 +196,8 @@ def deit_report(tmp_path_factory) -> Path:
     if not (images / "classes.tsv").exists():
         shutil.copy(EVAL / "classes.tsv", images / "classes.tsv")
     out = root / "dist"
-    argv = ["build", "--model", str(model), "--eval", str(images), "--calib", str(CALIB), "--num-calib", "8", "--out", str(out), "--quiet",
-            "--backend", "onnxruntime,openvino,coreml", "--precision", "fp32,fp16,int4", "--min-agreement", "90"]
+    argv = ["build", "--model", str(model), "--eval", str(images), "--calib", str(CALIB), "--out", str(out), "--quiet",
+            "--backend", "onnxruntime,openvino,coreml", "--precision", "fp32,fp16", "--min-agreement", "99"]
     assert main(argv) in (0, 1)  # the gate's verdict is the report's business here
     return out
 
@@ -218,7 +218,7 @@ def test_real_report_opens_in_a_browser_without_errors(deit_report, tmp_path):
     errors = [line for line in res.stderr.splitlines() if "Uncaught" in line or ("CONSOLE" in line and "error" in line.lower())]
     assert not errors, errors
     rows = re.findall(r'<tr class="([^"]*)">', dom.split('id="summary"')[1].split("</table>")[0])
-    assert rows[0] == "reference" and rows.count("emulated") == 3 and len(rows) == 8  # ORT fp32 (reference), int4; OpenVINO x3; CoreML x3
+    assert rows[0] == "reference" and rows.count("emulated") == 2 and len(rows) == 5  # ORT fp32 (the reference); OpenVINO, CoreML fp32 and fp16
     assert dom.count("<svg") >= 3  # size and latency trade-offs, latency spread, build cost
     assert "<b>bold" not in dom and "&lt;b&gt;bold" in dom  # the folder name is text in the live DOM too
     assert "Quality gate" in dom

@@ -214,7 +214,7 @@ def plots(report: Report) -> list[tuple[str, str]]:
 
 CSS = """
 :root{--fg:#1d1d1f;--mut:#666;--bd:#ddd;--ref:#eef5ff;--emu:#fff8e6;--nr:#f4f4f4;--ok:#127a2f;--bad:#b3261e;--warn:#8a6100}
-*{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:var(--fg);margin:0 auto;max-width:1200px;padding:12px}
+*{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:var(--fg);margin:0 auto;max-width:1400px;padding:12px}
 h1{font-size:1.35em;margin:.2em 0}h2{font-size:1.1em;margin:1.4em 0 .4em;border-bottom:1px solid var(--bd)}
 .mut{color:var(--mut)}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums;white-space:nowrap}th,td{padding:4px 8px;border-bottom:1px solid var(--bd);text-align:right}
@@ -226,7 +226,7 @@ tr.notrun{background:var(--nr);color:var(--mut)}
 .b-ref{background:#0072B2;color:#fff}.b-emu{background:#E69F00;color:#000}.b-nr{background:#999;color:#fff}
 .gate{padding:8px 12px;border-radius:6px;margin:8px 0;border:1px solid}.gate.pass{border-color:var(--ok);color:var(--ok)}.gate.fail{border-color:var(--bad);color:var(--bad)}
 .gate li.undecided{color:var(--warn)}.gate li{color:var(--fg)}
-.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:12px}figure{margin:0}figcaption{font-weight:600;margin-bottom:4px}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,480px),1fr));gap:12px}figure{margin:0}figcaption{font-weight:600;margin-bottom:4px}
 svg.plot{width:100%;height:auto}
 details{border:1px solid var(--bd);border-radius:6px;padding:6px 10px;margin:6px 0}summary{cursor:pointer;font-weight:600}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:6px 0}dt{color:var(--mut)}dd{margin:0;overflow-wrap:anywhere}
@@ -304,6 +304,15 @@ def _gate_block(gate: Mapping[str, Any]) -> str:
     )
 
 
+def _short(v: Any) -> str:
+    """Numbers as a person reads them (1/255, not 0.00392156862745098)."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_short(x) for x in v) + ")"
+    return str(v)
+
+
 def _dl(pairs: Sequence[tuple[str, Any]]) -> str:
     return "<dl>" + "".join(f"<dt>{e(k)}</dt><dd>{v}</dd>" for k, v in pairs if v not in (None, "", [])) + "</dl>"
 
@@ -378,7 +387,7 @@ def render_html(report: Report) -> str:
         ("labelled", e(f"{ev.get('labelled', 0)} (labels from {ev.get('label_source', 'none')})") if ev.get("images") is not None else ""),
         ("calibration images", (e(f"{ev['calibration_images']} from ") + f"<code>{e(ev.get('calibration_source'))}</code>") if ev.get("calibration_images") else ""),
         ("calibration ∩ evaluation", e(f"{ev['calibration_overlap']} images in both" + (": the quantized rows' accuracy is flattered" if ev["calibration_overlap"] else " (disjoint)")) if ev.get("calibration_overlap") is not None else ""),
-        ("preprocessing", e(", ".join(f"{k} {v}" for k, v in pre.items() if v is not None)) if pre else ""),
+        ("preprocessing", e(", ".join(f"{k} {_short(v)}" for k, v in pre.items() if v is not None)) if pre else ""),
         ("target profile", e(ev.get("target")) if ev.get("target") else ""),
     ]
     host_pairs = [
