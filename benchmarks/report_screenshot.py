@@ -4,7 +4,7 @@
     python benchmarks/report_screenshot.py --report-dir DIST     # an existing build's report, rendered again from
                                                                  # its report.json by this checkout's html.py
 
-Writes benchmarks/results/report.png (headless Debian chromium, 1440 px wide) and benchmarks/results/report-default.json
+Writes benchmarks/results/report.png (headless Debian chromium, 1600 px wide) and benchmarks/results/report-default.json
 (the report it shows). Needs chromium (`apt-get install chromium`) and the report extra (matplotlib) for the plots.
 """
 
@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
-def screenshot(page: Path, png: Path, width: int = 1440, height: int = 1800) -> None:
+def screenshot(page: Path, png: Path, width: int = 1600, height: int = 1800) -> None:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         sys.exit("report_screenshot.py: chromium is not installed (apt-get install chromium)")

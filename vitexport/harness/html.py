@@ -214,7 +214,7 @@ def plots(report: Report) -> list[tuple[str, str]]:
 
 CSS = """
 :root{--fg:#1d1d1f;--mut:#666;--bd:#ddd;--ref:#eef5ff;--emu:#fff8e6;--nr:#f4f4f4;--ok:#127a2f;--bad:#b3261e;--warn:#8a6100}
-*{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:var(--fg);margin:0 auto;max-width:1400px;padding:12px}
+*{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:var(--fg);margin:0 auto;max-width:1600px;padding:12px}
 h1{font-size:1.35em;margin:.2em 0}h2{font-size:1.1em;margin:1.4em 0 .4em;border-bottom:1px solid var(--bd)}
 .mut{color:var(--mut)}.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
 table{border-collapse:collapse;font-variant-numeric:tabular-nums;white-space:nowrap}th,td{padding:4px 8px;border-bottom:1px solid var(--bd);text-align:right}
@@ -398,7 +398,7 @@ def render_html(report: Report) -> str:
         ("python", e(h.get("python"))),
         ("tools", e(", ".join(f"{k} {v}" for k, v in (report.tools or {}).items()))),
     ]
-    sentence = " ".join(s for s in (evaluation_sentence(report), host_sentence(h) if h else "") if s)
+    sentence = " ".join(s for s in (evaluation_sentence(report), host_sentence(h) if h else "") if s).replace("`", "")  # Markdown quotes
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{e(title)}</title><style>{CSS}</style></head>

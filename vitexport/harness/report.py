@@ -300,9 +300,8 @@ COLUMNS: tuple[Column, ...] = (
 def columns(report: Report, terminal: bool = False, hide_blank: bool = True) -> list[Column]:
     ctx = Ctx(reference_row(report.rows), report)
     keep = [c for c in COLUMNS if c.terminal or not terminal]
-    if hide_blank:
-        keep = [c for i, c in enumerate(keep) if i == 0 or any(c.cell(r, ctx)[0] != c.blank for r in report.rows)]
-    return keep
+    # optional columns (blank other than "–", e.g. "measured on") appear only when a row has something to say
+    return [c for i, c in enumerate(keep) if i == 0 or not (hide_blank or c.blank != "–") or any(c.cell(r, ctx)[0] != c.blank for r in report.rows)]
 
 
 def cells(report: Report, cols: Sequence[Column]) -> list[list[Cell]]:
