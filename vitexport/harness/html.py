@@ -134,7 +134,12 @@ def _tradeoff(rows: Sequence[Row], ref: Row | None, x_of, x_label: str, log_x: b
         fx, fy = [pts[i][1] for i in front], [pts[i][2] for i in front]
         ax.step(fx, fy, where="post", color="#444", ls="--", lw=1, label="Pareto front", zorder=2)
     if log_x:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 20, not 2×10¹
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(x_label)
     ax.set_ylabel(pts[0][4])
     ax.legend(fontsize=8, loc="best")

@@ -420,5 +420,8 @@ def render_terminal(report: Report) -> str:
         notes.append("[..] = 95 % interval")
     out += ["", *notes] if notes else []
     if report.gate:
-        out += ["", gate_sentence(report.gate)]
+        g = report.gate
+        bars = ", ".join(f"{k} {v}" for k, v in (g.get("bars") or {}).items() if v is not None)
+        out += ["", f"quality gate ({bars}; rule {g.get('rule')}): {'passed' if g.get('passed') else 'FAILED'}"]
+        out += [f"  {'failed' if c.get('failed') else 'passed'}: {c['message']}" for c in g.get("checks", []) if c.get("failed") or not c.get("decided")]
     return "\n".join(out)
