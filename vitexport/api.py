@@ -321,8 +321,28 @@ def _row(art: Artifact, **measured: Any) -> Row:
 
 def _recipe_view(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a recipe worth a report column; the whole recipe stays in the artifact's manifest."""
-    keep = ("summary", "kind", "method", "calibration_images", "block_size", "smoothquant_alpha", "activation_type", "weight_type")
-    return {k: recipe[k] for k in keep if k in recipe}
+    keep = ("summary", "kind", "method", "calibration_images", "block_size", "block_sizes", "smoothquant_alpha", "activation_type", "weight_type")
+    view = {k: recipe[k] for k in keep if k in recipe}
+    stayed = _stayed_float(recipe.get("float") or recipe.get("kept_float") or [])
+    if stayed:
+        view["stayed_float"] = stayed
+    if isinstance(recipe.get("kept_float_ops"), str):
+        view["float_ops"] = recipe["kept_float_ops"]
+    return view
+
+
+def _stayed_float(entries: Sequence[Any]) -> str:
+    """Which linear layers a recipe left float and why, in words: 'sensitivity fallback: block 0 qkv ×3, ...'."""
+    by_reason: dict[str, dict[str, int]] = {}
+    for f in entries:
+        if not isinstance(f, Mapping):
+            continue
+        where = f.get("role") or f.get("node") or "?"
+        if f.get("block") is not None:
+            where = f"block {f['block']} {where}"
+        counts = by_reason.setdefault(str(f.get("reason", "not given")), {})
+        counts[where] = counts.get(where, 0) + 1
+    return "; ".join(f"{reason}: " + ", ".join(w + (f" ×{n}" if n > 1 else "") for w, n in c.items()) for reason, c in by_reason.items())
 
 
 # ---------------------------------------------------------------- one artifact
