@@ -240,3 +240,23 @@ def test_screenshot_is_a_picture_of_the_report(deit_report, tmp_path):
     assert shot.is_file(), res.stderr[-2000:]
     px = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert px.shape[:2] == (1600, 1280) and px.std() > 20  # not a blank page
+
+
+def test_rows_from_other_devices_are_shown_side_by_side():
+    """A row may carry `measured_on` (remote devices): it gets a column, and the same artifact on several hosts one line."""
+    import dataclasses
+
+    from vitexport.harness.html import render_html
+
+    @dataclasses.dataclass(frozen=True)
+    class RemoteRow(Row):
+        measured_on: str | None = None
+
+    lat = {"batch": 1, "p50_ms": 12.5, "p90_ms": 13.0, "mean_ms": 12.6, "runs": 40, "threads": 4, "device": "cpu", "runtime": "onnxruntime"}
+    ref = _row("onnxruntime-fp32", 94, 94, 75, role=REFERENCE, sha256="a" * 64)
+    here = _row("onnxruntime-int8", 94, 92, 74, lost=1, sha256="b" * 64, latency=lat)
+    pi = RemoteRow(**{**dataclasses.asdict(here), "notes": (), "latency": {**lat, "p50_ms": 88.25}, "measured_on": "raspberry-pi-5 <rev 1>"})
+    page = render_html(Report(model={}, rows=(ref, here, pi), host={"cores": 2}))
+    assert "<th" in page and ">measured on</th>" in page and "raspberry-pi-5 &lt;rev 1&gt;" in page
+    side = page.split("The same artifacts on each host and device")[1].split("</table>")[0]
+    assert side.count("<tr>") == 3 and "88.25" in side and "12.50" in side  # header + two artifacts, int8 on both
