@@ -207,6 +207,7 @@ def test_real_report_escapes_labels_and_folder_names(deit_report):
     assert EVIL_LABEL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<b>bold" not in page and "eval &lt;b&gt;bold" in page
     assert page.count("<script>") == 1  # the report's own sorting script, nothing else
+    assert not re.findall(r'(?:src|href)="(?!#)', page)  # self-contained: nothing to fetch (SVG links are internal #ids)
 
 
 def test_real_report_opens_in_a_browser_without_errors(deit_report, tmp_path):
