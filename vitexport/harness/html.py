@@ -331,7 +331,7 @@ def _artifact_details(report: Report) -> str:
             ("recipe", e(rec.pop("summary", "") or "")),
             *[(k.replace("_", " "), e(v)) for k, v in rec.items()],
             ("where", e(where(r)) + ("" if measured_on(r) == THIS_HOST else f", on {e(measured_on(r))}")),
-            ("path", f"<code>{e(r.path)}</code>"),
+            ("path", f"<code>{e(r.path)}</code>" if r.path else "not kept"),
             ("sha256", f"<code>{e(r.sha256)}</code>" if r.sha256 else ""),
             ("tools", e(", ".join(f"{k} {v}" for k, v in (r.tools or {}).items()))),
             ("latency", e(f"{lat.get('device', '?')}, {lat.get('runtime', '?')}, {lat.get('threads', '?')} threads, {lat.get('runs', '?')} runs" + (f" over {lat['rounds']} interleaved rounds, round spread {lat['spread']:.2f}" if lat.get("rounds") and lat.get("spread") else "")) if lat else ""),

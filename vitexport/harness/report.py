@@ -389,7 +389,7 @@ def render_markdown(report: Report) -> str:
             details.append(f"latency on {r.latency.get('device', '?')}, {r.latency.get('runtime', '?')}, {r.latency.get('threads', '?')} threads, {r.latency.get('runs', '?')} runs{rounds}")
         details += list(r.notes) + caveats(r, report)
         if details:
-            lines.append(f"- **{r.name}** (`{r.path}`): " + "; ".join(details))
+            lines.append(f"- **{r.name}**" + (f" (`{r.path}`)" if r.path else "") + ": " + "; ".join(details))
     return "\n".join(lines) + "\n"
 
 
