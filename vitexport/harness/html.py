@@ -87,11 +87,8 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def _svg(fig) -> str:
-    import matplotlib.pyplot as plt
-
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
     text = buf.getvalue()
     text = text[text.index("<svg") :]  # drop the XML prolog and DOCTYPE: the SVG sits inside HTML
     # fixed pixel size -> scale with the page (phones)
@@ -99,12 +96,11 @@ def _svg(fig) -> str:
 
 
 def _new_figure(width: float = 6.4, height: float = 4.0):
-    import matplotlib
+    # matplotlib's object API, not pyplot: no global figure state, and a caller's interactive backend is left alone
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
+    ax = fig.subplots()
     ax.grid(True, alpha=0.3)
     return fig, ax
 
@@ -169,9 +165,10 @@ def _build_cost(rows: Sequence[Row]) -> str | None:
     built = [r for r in rows if r.build]
     if not built:
         return None
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(7.2, 0.6 + 0.4 * len(built)), sharey=True)
+    fig = Figure(figsize=(7.2, 0.6 + 0.4 * len(built)))
+    a1, a2 = fig.subplots(1, 2, sharey=True)
     names = [r.name for r in built]
     cols = [colour(r.backend) for r in built]
     a1.barh(names, [r.build.get("seconds") or 0 for r in built], color=cols)
@@ -189,8 +186,6 @@ def plots(report: Report) -> list[tuple[str, str]]:
     """(title, inline SVG) for every plot this report has data for; [] without matplotlib."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg", force=False)
     except ImportError:
         return []
     rows = ordered_rows(report)
