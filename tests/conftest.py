@@ -140,12 +140,12 @@ def validate_report(data: dict) -> None:
 @pytest.fixture(autouse=True)
 def _every_written_report_matches_the_schema(monkeypatch):
     """Every report a test writes (build, eval/bench --out) is validated against the schema as it is written."""
-    from vitexport.harness.report import Report
+    from vitexport.harness import output
 
-    write = Report.write
+    write = output.write
 
-    def checked(self, out_dir):
-        write(self, out_dir)
+    def checked(report, out_dir):
+        write(report, out_dir)
         validate_report(json.loads((Path(out_dir) / "report.json").read_text()))
 
-    monkeypatch.setattr(Report, "write", checked)
+    monkeypatch.setattr(output, "write", checked)

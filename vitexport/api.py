@@ -22,6 +22,7 @@ from .errors import VitexportError
 from .harness import accuracy as _accuracy
 from .harness.latency import measure, measure_all
 from .harness.memory import PeakMemory
+from .harness import output as _output
 from .harness.host import host_info
 from .harness.report import Report, Row, now
 from .progress import Progress
@@ -178,7 +179,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
             created=now(),
         )
         report = with_gate(report, opts.min_agreement, opts.max_top1_drop, opts.gate_rule)
-        report.write(tmp)
+        _output.write(report, tmp)
     return report
 
 
@@ -408,5 +409,5 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
 def write_report(report: Report, out: str, force: bool = False) -> None:
     """report.json, report.md and report.html into the folder `out` (eval and bench --out), staged like a build."""
     with staged_output(Path(out), force) as tmp:
-        report.write(tmp)
+        _output.write(report, tmp)
 

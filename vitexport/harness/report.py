@@ -90,14 +90,6 @@ class Report:
         rows = tuple(Row(**{**{k: v for k, v in r.items() if k in known}, "notes": tuple(r.get("notes", ()))}) for r in d["rows"])
         return cls(d["model"], rows, d.get("reference", {}), d.get("evaluation", {}), d.get("host", {}), d.get("tools", {}), d.get("created", ""), d.get("schema_version", SCHEMA_VERSION), d.get("gate", {}))
 
-    def write(self, out_dir: Path) -> None:
-        """report.json (the source of truth), report.md and report.html, side by side."""
-        from .html import render_html
-
-        (out_dir / "report.json").write_text(self.to_json())
-        (out_dir / "report.md").write_text(render_markdown(self))
-        (out_dir / "report.html").write_text(render_html(self), encoding="utf-8")
-
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
