@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or newer (default: 18)")
     b.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that only have pickle (.bin) weights")
     b.add_argument("--no-latency", action="store_true", help="skip timing (accuracy, size and memory only)")
+    b.add_argument("--cache-dir", metavar="DIR", help="keep the float calibration statistics in DIR, keyed by the reference ONNX's and the calibration images' sha256, and reuse them in later builds (default: no cache)")
     b.add_argument("--min-agreement", type=float, metavar="PCT", help="exit 1 if any artifact agrees with fp32 top-1 on fewer than PCT%% of images")
     b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
 
@@ -131,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 opset=args.opset,
                 trust_pickle=args.trust_pickle,
                 latency=not args.no_latency,
+                cache_dir=args.cache_dir,
                 **api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads),
             )
             report = api.build(opts, progress)

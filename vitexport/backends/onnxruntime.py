@@ -18,7 +18,7 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, recipe_from, shared_int4
+from . import Calibration, quantize_int8_shared, recipe_from, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,16 @@ class OnnxRuntimeBackend:
                 shutil.copyfile(str(reference.path) + ".data", str(target) + ".data")
             recipe: dict[str, Any] = {"kind": "float32 reference", "opset": reference.opset, "verification": dict(reference.verification)}
         elif precision == "int8":
-            from ..quantization.int8 import Int8Recipe, quantize_int8
+            from ..quantization.int8 import Int8Recipe
 
             recipe_obj = recipe_from(Int8Recipe, options.get("int8", {}))
-            model, recipe = quantize_int8(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
+            model, recipe = quantize_int8_shared(reference, _require(calibration, precision), recipe_obj, options)
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
             from ..quantization.int4 import Int4Recipe
 
             recipe_obj = recipe_from(Int4Recipe, options.get("int4", {}))
-            model, recipe = shared_int4(reference, _require(calibration, precision), recipe_obj, progress=options.get("progress"))
+            model, recipe = shared_int4(reference, _require(calibration, precision), recipe_obj, progress=options.get("progress"), stages=options.get("stages"))
             save_onnx(model, target, reference.metadata())
         else:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")

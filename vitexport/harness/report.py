@@ -43,6 +43,9 @@ class Report:
     tools: Mapping[str, str] = field(default_factory=dict)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    # where the build's time went: [{"stage", "seconds", "cpu_seconds"}] in order (export, preprocessing, each
+    # artifact's calibration passes, GPTQ, sensitivity search, conversion, evaluation, timing)
+    stages: tuple[Mapping[str, Any], ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +57,7 @@ class Report:
             "host": dict(self.host),
             "tools": dict(self.tools),
             "rows": [r.to_dict() for r in self.rows],
+            "stages": [dict(s) for s in self.stages],
         }
 
     def to_json(self) -> str:
@@ -62,7 +66,7 @@ class Report:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Report":
         rows = tuple(Row(**{**r, "notes": tuple(r.get("notes", ()))}) for r in d["rows"])
-        return cls(d["model"], rows, d.get("reference", {}), d.get("evaluation", {}), d.get("host", {}), d.get("tools", {}), d.get("created", ""), d.get("schema_version", SCHEMA_VERSION))
+        return cls(d["model"], rows, d.get("reference", {}), d.get("evaluation", {}), d.get("host", {}), d.get("tools", {}), d.get("created", ""), d.get("schema_version", SCHEMA_VERSION), tuple(d.get("stages", ())))
 
     def write(self, out_dir: Path) -> None:
         (out_dir / "report.json").write_text(self.to_json())
@@ -192,6 +196,9 @@ def render_markdown(report: Report) -> str:
     lines.append("|" + "|".join("---" for _ in head) + "|")
     lines += ["| " + " | ".join(row) + " |" for row in body]
     lines.append("")
+    if report.stages:
+        top = sorted(report.stages, key=lambda s: -s.get("seconds", 0))[:5]
+        lines += ["Longest build stages (wall s / CPU s; all stages in report.json): " + "; ".join(f"{s['stage']} {s['seconds']:.1f} / {s.get('cpu_seconds', 0):.1f}" for s in top) + ".", ""]
     for r in report.rows:
         details = []
         rec = r.recipe or {}
