@@ -149,3 +149,26 @@ def test_float_stats_cache_round_trip(tiny_onnx, tmp_path):
     assert entry_path(tmp_path, tiny_onnx.path, images_sha256(_batches(seed=1)()), acts) != path
     path.write_bytes(b"not an npz")
     assert load_float_stats(tmp_path, tiny_onnx.path, fp, acts) is None
+
+
+def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, image_folder, calib_folder, tmp_path):
+    """One build, ORT + TensorRT int8 and int4: one float pass for all of them, every stage in report.json, and a
+    second build with --cache-dir runs no float pass at all."""
+    import json
+
+    from vitexport.cli import main
+
+    args = ["build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--backend", "onnxruntime,tensorrt",
+            "--precision", "fp32,int8,int4", "--no-latency", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    stages = [s["stage"] for s in json.loads((tmp_path / "a" / "report.json").read_text())["stages"]]
+    assert sum("float statistics" in s for s in stages) == 1, stages
+    assert any(s.startswith("onnxruntime int8: sensitivity search") for s in stages) and any(s.startswith("evaluation") for s in stages)
+    assert "export and verification" in stages and "build tensorrt int8" in stages
+    assert len(list((tmp_path / "cache").glob("float-stats-*.npz"))) == 1
+    assert "Longest build stages" in (tmp_path / "a" / "report.md").read_text()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    again = [s["stage"] for s in json.loads((tmp_path / "b" / "report.json").read_text())["stages"]]
+    assert not any("float statistics" in s for s in again), again
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("a", "b"))
+    assert [r["size_bytes"] for r in ra] == [r["size_bytes"] for r in rb]
