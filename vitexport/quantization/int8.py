@@ -739,9 +739,11 @@ def quantize_int8(
     chosen, skipped = select_linears(linears, recipe)
     acts = list(dict.fromkeys(l.activation for l in chosen))
     passes = 0
+    shared_stats = stats is not None
 
     # float statistics: per-channel min/max and extreme tails of every quantized activation (the build's, or one pass)
     if acts and (stats is None or any(a not in stats.min for a in acts)):
+        shared_stats = False
         images_hint = sum(len(x) for x in batches()) if stats is None else stats.images
         with stages.stage("float statistics", total=images_hint) as tick:
             stats = collect_float_stats(work, acts, batches, images_hint, gram=False, threads=recipe.calibration_threads, progress=_both(tick, progress))
@@ -821,7 +823,7 @@ def quantize_int8(
             "images": images,
             "passes": passes,  # this recipe's own passes; the build's float statistics and shared passes not counted
             "streaming": True,
-            "shared_float_statistics": passes == 0 or (recipe.weight_rounding == "gptq" and passes == 1),
+            "float_statistics": "the build's shared pass" if shared_stats else "own pass",
         },
         "activations": "int8 symmetric (zero point 0)" if recipe.symmetric_activations else "uint8 asymmetric",
         "weights": f"int8 symmetric per-{'channel' if recipe.per_channel else 'tensor'}" + (" (7-bit, reduce_range)" if recipe.reduce_range else ""),
