@@ -12,9 +12,11 @@ What it does, on a copy of the float model:
    which are quantized per channel. Optionally the same is done for the attention output projection through the
    value projection (columns of W_v and b_v divided by s, rows of W_o multiplied): exact because attention is
    linear in V;
-3. streaming calibration (``calibration.stream_activations``): pass 1 keeps per-channel min/max/abs-max of every
-   quantized activation; pass 2 (histogram methods) fills fixed-range histograms on the smoothed model. Memory
-   does not depend on the number of images;
+3. streaming calibration (``calibration.stream_activations``): the build's one float pass
+   (``calibration.FloatStats``, shared by every recipe) keeps per-channel min/max and each channel's most extreme
+   values, from which the percentile range of the smoothed activation comes out exactly (the histogram pass's own
+   bin), so only "mse" still streams a histogram pass; the GPTQ statistics Q(X)^T Q(X), Q(X)^T X are one more pass,
+   shared by recipes with the same ranges (``memo``). Memory does not depend on the number of images;
 4. activation ranges per tensor: "minmax", "percentile" or "mse" (range minimising the expected squared
    quantization error over the histogram); uint8 asymmetric by default, int8 with zero point 0 when
    ``symmetric_activations``;
