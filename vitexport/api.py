@@ -6,7 +6,6 @@ Data flows one way: ModelSpec -> ImageSets -> verified reference ONNX -> backend
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -32,7 +31,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "deit-tiny-patch16-224"
 DEFAULT_CALIB = REPO_ROOT / "calibration" / "calib"
 DEFAULT_EVAL = REPO_ROOT / "calibration" / "eval"
-TARGETS_DIR = REPO_ROOT / "targets"
 VERIFY_IMAGES = 16
 
 
@@ -53,25 +51,17 @@ class BuildOptions:
     trust_pickle: bool = False
     latency: bool = True
     batch_size: int = 32
-    options: Mapping[str, Any] = field(default_factory=dict)  # per-precision recipe overrides, e.g. {"int8": {...}}
+    # a profile's [options.*] tables: {"<backend>": {<setting>: ..., "<precision>": {"recipe": {...}, ...}}}
+    options: Mapping[str, Any] = field(default_factory=dict)
     target: str | None = None
     cache_dir: str | None = None  # on-disk cache of the float calibration statistics (vitexport.quantization.cache)
 
 
 def load_target(name_or_path: str) -> dict[str, Any]:
-    """A device profile from targets/ (by name) or a TOML file."""
-    import tomllib
+    """A checked device profile: shipped (by name, inside the package) or a TOML file (see vitexport.profiles)."""
+    from . import profiles
 
-    p = Path(name_or_path)
-    if not p.is_file():
-        p = TARGETS_DIR / f"{name_or_path}.toml"
-    if not p.is_file():
-        known = sorted(x.stem for x in TARGETS_DIR.glob("*.toml")) if TARGETS_DIR.is_dir() else []
-        raise VitexportError(f"unknown target '{name_or_path}': choose one of {', '.join(known) or '(none installed)'} or pass a .toml file")
-    try:
-        return {"name": p.stem, **tomllib.loads(p.read_text())}
-    except tomllib.TOMLDecodeError as e:
-        raise VitexportError(f"target file {p} is not valid TOML: {e}") from None
+    return profiles.load(name_or_path)
 
 
 def target_settings(target: str | None, backend: str | None, precisions: Sequence[str] | None, threads: int | None) -> dict[str, Any]:
@@ -87,8 +77,12 @@ def target_settings(target: str | None, backend: str | None, precisions: Sequenc
 
 
 def _require_default(path: str | None, what: str, flag: str) -> None:
+    """The default DeiT-tiny and its images (46 MB) are in the source checkout, not in the wheel: say so, once."""
     if path and not Path(path).exists() and Path(path).is_relative_to(REPO_ROOT):
-        raise VitexportError(f"the built-in default {what} is not here ({path}): pass {flag}")
+        raise VitexportError(
+            f"the default {what} ({path}) is not installed: the shipped DeiT-tiny and its images come with a clone of "
+            f"vitexport, not with the wheel; pass {flag} (and --model/--calib/--eval as needed) or run from a clone"
+        )
 
 
 def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: Sequence[Callable[..., Artifact]] = ()) -> Report:
@@ -102,6 +96,9 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
         _require_default(path, what, flag)
     plan = _plan(opts.backend, opts.precisions)
+    from .profiles import check_options
+
+    check_options(opts.options, "build options")  # the same checks as a profile's: a typo is an error, not a default
     from .model import ModelSpec  # needs transformers; eval/bench never import it
 
     progress.step(f"loading {opts.model}")
@@ -110,7 +107,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
     evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
     calibset = None
-    needing = sorted({p for _, ps in plan for p in ps if _backends.needs_calibration(p)})
+    needing = sorted({p for b, ps in plan for p in ps if _backends.needs_calibration(p, b)})
     if extra_builders or needing:
         if not opts.calib:
             raise VitexportError(f"{', '.join(needing) or 'the extra builders'} need calibration images: pass --calib DIR")
@@ -159,7 +156,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
                 # the whole build step is one stage too, so conversion is what its sub-stages leave over
                 with stages.stage(f"build {backend.name} {precision}"):
                     options = {**opts.options, "progress": None, "stages": stages.child(f"{backend.name} {precision}")}
-                    timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision) else None, precision, options, tmp / f"{backend.name}-{precision}"))
+                    timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision, backend) else None, precision, options, tmp / f"{backend.name}-{precision}"))
         for make_extra in extra_builders:
             with stages.stage("build extra rows"):
                 timed(lambda: make_extra(reference, calibration, tmp))
@@ -352,6 +349,3 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
     row = _row(art, latency=lat.to_dict(), memory={"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + timing"}, notes=notes)
     return Report(model=art.manifest.get("model", {}), rows=(row,), host=host_info(), tools=tool_versions(), created=now())
 
-
-def default_threads() -> int:
-    return os.cpu_count() or 1

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=str(api.DEFAULT_MODEL), metavar="ID_OR_DIR", help="hub id (google/vit-base-patch16-224, facebook/deit-tiny-patch16-224, google/vit-base-patch16-224-in21k) or checkpoint directory (default: the shipped DeiT-tiny)")
     b.add_argument("--backend", metavar="LIST", help=f"target runtime(s), comma-separated for rows side by side: {', '.join(backends.names())} (default: the --target's, else onnxruntime)")
     b.add_argument("--precision", metavar="LIST", help="comma-separated precisions (default: the --target's, else fp32,int8,int4)")
-    b.add_argument("--target", metavar="NAME_OR_TOML", help="device profile from targets/ (sets backend, precisions, recipe options unless given here)")
+    b.add_argument("--target", metavar="NAME_OR_TOML", help="device profile: a shipped name (vitexport targets) or a .toml file (sets backend, precisions, options unless given here)")
     b.add_argument("--calib", default=str(api.DEFAULT_CALIB), metavar="DIR", help="calibration images (default: the shipped calibration set)")
     b.add_argument("--eval", default=str(api.DEFAULT_EVAL), metavar="DIR", help="evaluation images; labels from an ImageFolder layout or WNID_* names + classes.tsv (default: the shipped quick-eval set)")
     b.add_argument("--classes", metavar="TSV", help="index<TAB>wnid<TAB>label file for WNID_* image names (default: classes.tsv inside the image folder)")
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--images", metavar="DIR", help="time on real images from DIR (default: random inputs of the right shape)")
     n.add_argument("--batch", type=int, default=16, metavar="N", help="batch size for the throughput figure (default: 16)")
 
-    sub.add_parser("targets", parents=[common], help="list the device profiles in targets/")
+    sub.add_parser("targets", parents=[common], help="list the shipped device profiles")
     return p
 
 
@@ -148,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bench":
             _emit(api.bench(args.artifact, args.images, args.threads, args.batch, progress), args)
         elif args.command == "targets":
-            names = sorted(p.stem for p in api.TARGETS_DIR.glob("*.toml")) if api.TARGETS_DIR.is_dir() else []
-            profiles = [api.load_target(n) for n in names]
+            from .profiles import shipped
+
+            profiles = [api.load_target(n) for n in shipped()]
             if args.json:
                 print(json.dumps(profiles, indent=2))
             else:
