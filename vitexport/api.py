@@ -25,7 +25,7 @@ from .harness.memory import PeakMemory
 from .harness import output as _output
 from .harness.host import host_info
 from .harness.report import Report, Row, now
-from .progress import Progress
+from .progress import Progress, Stages
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class BuildOptions:
     min_agreement: float | None = None
     max_top1_drop: float | None = None
     gate_rule: str = "point"
+    cache_dir: str | None = None  # on-disk cache of the float calibration statistics (vitexport.quantization.cache)
 
 
 def load_target(name_or_path: str) -> dict[str, Any]:
@@ -122,18 +123,28 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         if shared:
             log.warning("%d calibration images are also evaluation images: accuracy figures will flatter the quantized rows", shared)
 
+    stages = Stages(progress)
     with staged_output(Path(opts.out), opts.force) as tmp:
         cache = tmp / ".work"
-        eval_x = _materialize(evalset, cache / "eval.npy", progress, "preprocessing eval images")
+        with stages.stage("preprocessing eval images"):
+            eval_x = _materialize(evalset, cache / "eval.npy", progress, "preprocessing eval images")
         calibration = None
         if calibset is not None:
-            calib_x = _materialize(calibset, cache / "calib.npy", progress, "preprocessing calibration images")
-            calibration = _backends.Calibration(batches=lambda: (np.asarray(calib_x[i : i + 16]) for i in range(0, len(calib_x), 16)), count=len(calib_x), source=str(calibset.root))
+            with stages.stage("preprocessing calibration images"):
+                calib_x = _materialize(calibset, cache / "calib.npy", progress, "preprocessing calibration images")
+            batches = lambda: (np.asarray(calib_x[i : i + 16]) for i in range(0, len(calib_x), 16))  # noqa: E731
+            fingerprint = None
+            if opts.cache_dir:
+                from .quantization.cache import images_sha256
+
+                fingerprint = images_sha256(batches())
+            calibration = _backends.Calibration(batches=batches, count=len(calib_x), source=str(calibset.root), cache_dir=opts.cache_dir, fingerprint=fingerprint)
 
         from .export import export_reference
 
         progress.step(f"exporting {spec.architecture} to ONNX (opset {opts.opset}) and checking it against PyTorch")
-        reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset)
+        with stages.stage("export and verification"):
+            reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset)
 
         artifacts: list[Artifact] = []
         builds: dict[str, dict[str, Any]] = {}
@@ -148,14 +159,16 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         for backend, precisions in plan:
             for precision in precisions:
                 progress.step(f"building {backend.name} {precision}")
-                # recipes stream the images several times (ranges, Hessians, ...): the count runs over all passes
-                with progress.bar(f"{backend.name} {precision}: calibration images, all passes", total=None) as tick:
-                    options = {**opts.options, "progress": tick}
+                # each calibration pass, search and rounding step has its own bar and timing (options["stages"]);
+                # the whole build step is one stage too, so conversion is what its sub-stages leave over
+                with stages.stage(f"build {backend.name} {precision}"):
+                    options = {**opts.options, "progress": None, "stages": stages.child(f"{backend.name} {precision}")}
                     timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision, backend) else None, precision, options, tmp / f"{backend.name}-{precision}"))
         for make_extra in extra_builders:
-            timed(lambda: make_extra(reference, calibration, tmp))
+            with stages.stage("build extra rows"):
+                timed(lambda: make_extra(reference, calibration, tmp))
 
-        rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path)
+        rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path, stages=stages)
         rows = [replace(r, build=builds.get(r.name)) for r in rows]
         shutil.rmtree(cache, ignore_errors=True)
         rows = [_final_path(r, tmp, Path(opts.out)) for r in rows]
@@ -177,6 +190,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
             host=host_info(),
             tools=tool_versions(),
             created=now(),
+            stages=tuple(stages.records),
         )
         report = with_gate(report, opts.min_agreement, opts.max_top1_drop, opts.gate_rule)
         _output.write(report, tmp)
@@ -247,6 +261,7 @@ def measure_artifacts(
     reference_path: Path | None = None,
     reference_outputs: np.ndarray | None = None,
     reference: Artifact | None = None,
+    stages: Stages | None = None,
 ) -> list[Row]:
     """Run every artifact that can run here on the same inputs; the reference outputs are computed once.
 
@@ -255,6 +270,9 @@ def measure_artifacts(
     ×smaller and ×faster always have a base, whatever precisions a profile builds.
     """
     from .harness.report import REFERENCE, is_reference_artifact
+
+    stages = stages or Stages()
+    evaluation = stages.child("evaluation")
 
     ref_out = reference_outputs
     artifacts = list(artifacts)
@@ -276,7 +294,7 @@ def measure_artifacts(
             runner = None
             notes.append(f"not run here: {e}")
         if runner is not None:
-            with PeakMemory() as pm, progress.bar(f"evaluating {art.name}", total=len(inputs)) as tick:
+            with PeakMemory() as pm, evaluation.stage(art.name, total=len(inputs)) as tick:
                 outputs = _accuracy.run_all(runner, inputs, opts.batch_size, tick)
             if ref_out is None and is_reference(art):
                 ref_out = outputs
@@ -291,7 +309,8 @@ def measure_artifacts(
     lats: dict[str, Any] = {}
     if timed:
         progress.step(f"timing {len(timed)} artifact{'s' if len(timed) > 1 else ''}, interleaved")
-        lats = measure_all(timed, np.asarray(inputs[:16]))
+        with stages.stage("timing (interleaved)"):
+            lats = measure_all(timed, np.asarray(inputs[:16]))
         timed.clear()
     rows = [
         _row(art, accuracy=acc, latency=lats[art.name].to_dict() if art.name in lats else None, memory=mem, notes=tuple(notes), role=REFERENCE if is_reference(art) else "")

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or newer (default: 18)")
     b.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that only have pickle (.bin) weights")
     b.add_argument("--no-latency", action="store_true", help="skip timing (accuracy, size and memory only)")
+    b.add_argument("--cache-dir", metavar="DIR", help="keep the float calibration statistics in DIR, keyed by the reference ONNX's and the calibration images' sha256, and reuse them in later builds (default: no cache)")
     b.add_argument("--min-agreement", type=float, metavar="PCT", help="exit 1 if any artifact agrees with fp32 top-1 on fewer than PCT%% of images (see --gate-rule)")
     b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
     b.add_argument("--gate-rule", choices=("point", "interval"), default="point", help="when a gate fails: 'point' (default) when the measured figure is beyond the bar; 'interval' only when its whole 95%% interval is (a failure noise cannot explain)")
@@ -142,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 min_agreement=args.min_agreement,
                 max_top1_drop=args.max_top1_drop,
                 gate_rule=args.gate_rule,
+                cache_dir=args.cache_dir,
                 **api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads),
             )
             report = api.build(opts, progress)

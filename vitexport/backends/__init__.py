@@ -58,6 +58,8 @@ class Calibration:
     count: int
     source: str
     _shared: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    cache_dir: str | None = None  # on-disk cache of the float statistics (--cache-dir); None: memory only
+    fingerprint: str | None = None  # sha256 of the preprocessed images (with cache_dir: part of the cache key)
 
     def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per key for these images; later callers get a deep copy of the first result.
@@ -69,6 +71,21 @@ class Calibration:
         if key not in self._shared:
             self._shared[key] = compute()
         return copy.deepcopy(self._shared[key])
+
+    def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per key for these images, the same object to every caller: read-only results only.
+
+        Quantized-input Gram matrices (kind "quantized-gram", about 1 GB on ViT-Base) are kept for the latest
+        recipe only: the recipes that share them build one after the other.
+        """
+        store = self._shared.setdefault("__memo__", {})
+        if key not in store:
+            kind = key[1] if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], tuple) and len(key[1]) > 1 else None
+            if kind is not None and kind[1] == "quantized-gram":
+                for k in [k for k in store if isinstance(k, tuple) and len(k) > 1 and isinstance(k[1], tuple) and len(k[1]) > 1 and k[1][1] == "quantized-gram"]:
+                    del store[k]
+            store[key] = compute()
+        return store[key]
 
 
 class Runner(Protocol):
@@ -105,14 +122,75 @@ def get(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-def shared_int4(reference, calibration: "Calibration | None", recipe, progress=None):
-    """The core int4 recipe on ``reference``: (MatMulNBits model, summary), computed once per build and recipe."""
+def shared_int4(reference, calibration: "Calibration | None", recipe, progress=None, stages=None):
+    """The core int4 recipe on ``reference``: (MatMulNBits model, summary), computed once per build and recipe,
+    its Hessians taken from the build's float statistics."""
     from ..quantization.int4 import quantize_int4
 
     if calibration is None:  # RTN needs no images, and there is nothing to share it through
         return quantize_int4(reference.load(), None, recipe, progress=progress)
     key = ("int4", str(Path(reference.path).resolve()), recipe)
-    return calibration.shared(key, lambda: quantize_int4(reference.load(), calibration.batches, recipe, progress=progress))
+
+    def compute():
+        stats = float_stats(reference, calibration, stages, progress) if recipe.method == "gptq" and not recipe.sequential else None
+        return quantize_int4(reference.load(), calibration.batches, recipe, progress=progress, stats=stats)
+
+    return calibration.shared(key, compute)
+
+
+# linear roles whose inputs the build's one float pass observes: every recipe's default roles
+FLOAT_STATS_ROLES = ("qkv", "attn_out", "fc1", "fc2")
+
+
+def float_stats(reference, calibration: "Calibration", stages=None, progress=None):
+    """The build's float statistics of ``reference`` on the calibration images (calibration.FloatStats): one pass,
+    shared by every recipe (int8 ranges and smoothing, int4 / palette / CoreML int8 Hessians); from
+    ``calibration.cache_dir`` when an earlier build computed them for the same reference file and images."""
+    from ..progress import stages_of
+
+    key = ("float-stats", str(Path(reference.path).resolve()))
+
+    def compute():
+        from ..quantization.cache import load_float_stats, save_float_stats
+        from ..quantization.calibration import collect_float_stats
+        from ..quantization.graph import find_linears
+
+        model = reference.load()
+        acts = sorted({l.activation for l in find_linears(model) if l.role in FLOAT_STATS_ROLES})
+        cached = load_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts) if calibration.cache_dir else None
+        if cached is not None:
+            return cached
+        with stages_of(stages).stage("float statistics (one pass, shared by every recipe)", total=calibration.count) as tick:
+            stats = collect_float_stats(model, acts, calibration.batches, calibration.count, progress=_ticks(tick, progress))
+        if calibration.cache_dir:
+            save_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts, stats)
+        return stats
+
+    return calibration.memo(key, compute)
+
+
+def recipe_memo(reference, calibration: "Calibration"):
+    """memo(key, compute) for one reference: what int8 recipes with the same smoothing and ranges share."""
+    ref = str(Path(reference.path).resolve())
+    return lambda key, compute: calibration.memo((ref, key), compute)
+
+
+def quantize_int8_shared(reference, calibration: "Calibration", recipe, options: Mapping[str, Any]):
+    """The core int8 recipe on ``reference`` with the build's float statistics and shared per-recipe results."""
+    from ..quantization.int8 import quantize_int8
+
+    stages, progress = options.get("stages"), options.get("progress")
+    stats = float_stats(reference, calibration, stages, progress)
+    return quantize_int8(reference.load(), calibration.batches, recipe, progress=progress, stats=stats, memo=recipe_memo(reference, calibration), stages=stages)
+
+
+def _ticks(tick, progress):
+    def both(n: int) -> None:
+        tick(n)
+        if progress is not None:
+            progress(n)
+
+    return both
 
 
 def require_calibration(calibration: "Calibration | None", what: str) -> "Calibration":

@@ -29,7 +29,7 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, Capability, backend_options, copy_reference, recipe_from, recipe_overrides, require_calibration, shared_int4
+from . import Calibration, Capability, backend_options, copy_reference, quantize_int8_shared, recipe_from, recipe_overrides, require_calibration, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,16 @@ class OnnxRuntimeBackend:
             copy_reference(reference, target)
             recipe: dict[str, Any] = {"kind": "float32 reference", "opset": reference.opset, "verification": dict(reference.verification)}
         elif precision == "int8":
-            from ..quantization.int8 import Int8Recipe, quantize_int8
+            from ..quantization.int8 import Int8Recipe
 
             recipe_obj = recipe_from(Int8Recipe, recipe_overrides(options, self.name, "int8"))
-            model, recipe = quantize_int8(reference.load(), require_calibration(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
+            model, recipe = quantize_int8_shared(reference, require_calibration(calibration, precision), recipe_obj, options)
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
             from ..quantization.int4 import Int4Recipe
 
             recipe_obj = recipe_from(Int4Recipe, recipe_overrides(options, self.name, "int4"))
-            model, recipe = shared_int4(reference, require_calibration(calibration, precision), recipe_obj, progress=options.get("progress"))
+            model, recipe = shared_int4(reference, require_calibration(calibration, precision), recipe_obj, progress=options.get("progress"), stages=options.get("stages"))
             save_onnx(model, target, reference.metadata())
         else:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")

@@ -45,7 +45,7 @@ import numpy as np
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, Capability, recipe_from, require_calibration, shared_int4
+from . import Calibration, Capability, quantize_int8_shared, recipe_from, require_calibration, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class OpenVinoBackend:
             settings = _settings(INT8_DEFAULTS, mine.get("int8"), "int8")
             calib = require_calibration(calibration, f"openvino {precision}")
             if settings["method"] == "qdq":
-                model, recipe = _int8_qdq(ov, reference, calib, settings, progress)
+                model, recipe = _int8_qdq(ov, reference, calib, settings, progress, options.get("stages"))
             elif settings["method"] == "nncf":
                 with _quiet_stdout():
                     model, recipe = _int8_nncf(ov, reference, calib, settings)
@@ -142,7 +142,7 @@ class OpenVinoBackend:
         else:  # int4
             settings = _settings(INT4_DEFAULTS, mine.get("int4"), "int4")
             if settings["method"] == "gptq":
-                model, recipe = _int4_gptq(ov, reference, calibration, settings, progress)
+                model, recipe = _int4_gptq(ov, reference, calibration, settings, progress, options.get("stages"))
             elif settings["method"] == "nncf":
                 with _quiet_stdout():
                     model, recipe = _int4(ov, reference, calibration, settings)
@@ -212,14 +212,14 @@ class OpenVinoRunner:
 # ---------------------------------------------------------------- int8
 
 
-def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, Any], progress) -> tuple[Any, dict[str, Any]]:
+def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, Any], progress, stages=None) -> tuple[Any, dict[str, Any]]:
     """The core ViT-aware QDQ recipe, converted by OpenVINO (Q/DQ -> FakeQuantize, int8 weights stay int8)."""
     import onnx
 
-    from ..quantization.int8 import Int8Recipe, quantize_int8
+    from ..quantization.int8 import Int8Recipe
 
     recipe_obj = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **(settings.get("recipe") or {})})
-    qmodel, summary = quantize_int8(reference.load(), calibration.batches, recipe_obj, progress=progress)
+    qmodel, summary = quantize_int8_shared(reference, calibration, recipe_obj, {"progress": progress, "stages": stages})
     with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
         path = Path(tmp) / "qdq.onnx"
         onnx.save_model(qmodel, str(path))
@@ -316,7 +316,7 @@ def _matmul_input_sizes(model) -> list[int]:
     return ks
 
 
-def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping[str, Any], progress) -> tuple[Any, dict[str, Any]]:
+def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping[str, Any], progress, stages=None) -> tuple[Any, dict[str, Any]]:
     """The core GPTQ int4 recipe (MatMulNBits ONNX); OpenVINO's ONNX frontend reads MatMulNBits as u4 weight constants
     behind a Convert/Subtract/Multiply decompression, which the CPU plugin fuses into its weight-compressed MatMul."""
     import onnx
@@ -326,7 +326,7 @@ def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping
     recipe_obj = recipe_from(Int4Recipe, settings.get("recipe") or {})
     if recipe_obj.method == "gptq":
         require_calibration(calibration, "openvino int4 (gptq)")
-    qmodel, summary = shared_int4(reference, calibration, recipe_obj, progress=progress)
+    qmodel, summary = shared_int4(reference, calibration, recipe_obj, progress=progress, stages=stages)
     with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
         path = Path(tmp) / "int4.onnx"
         onnx.save_model(qmodel, str(path))

@@ -58,6 +58,9 @@ class Report:
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     gate: Mapping[str, Any] = field(default_factory=dict)  # harness.gate.check(...).to_dict() when a gate was given
+    # where the build's time went: [{"stage", "seconds", "cpu_seconds"}] in order (export, preprocessing, each
+    # artifact's calibration passes, GPTQ, sensitivity search, conversion, evaluation, timing)
+    stages: tuple[Mapping[str, Any], ...] = ()
 
     def to_dict(self) -> dict:
         ref = reference_row(self.rows)
@@ -76,6 +79,7 @@ class Report:
             "host": dict(self.host),
             "tools": dict(self.tools),
             "rows": rows,
+            "stages": [dict(s) for s in self.stages],
         }
         if self.gate:
             out["gate"] = dict(self.gate)
@@ -88,7 +92,7 @@ class Report:
     def from_dict(cls, d: Mapping[str, Any]) -> "Report":
         known = {f.name for f in dataclasses.fields(Row)}  # derived keys (ci95, caveats) are recomputed, not read
         rows = tuple(Row(**{**{k: v for k, v in r.items() if k in known}, "notes": tuple(r.get("notes", ()))}) for r in d["rows"])
-        return cls(d["model"], rows, d.get("reference", {}), d.get("evaluation", {}), d.get("host", {}), d.get("tools", {}), d.get("created", ""), d.get("schema_version", SCHEMA_VERSION), d.get("gate", {}))
+        return cls(d["model"], rows, d.get("reference", {}), d.get("evaluation", {}), d.get("host", {}), d.get("tools", {}), d.get("created", ""), d.get("schema_version", SCHEMA_VERSION), d.get("gate", {}), tuple(d.get("stages", ())))
 
 
 def now() -> str:
@@ -369,6 +373,9 @@ def render_markdown(report: Report) -> str:
     lines.append("")
     if report.gate:
         lines += [gate_sentence(report.gate), ""]
+    if report.stages:
+        top = sorted(report.stages, key=lambda s: -s.get("seconds", 0))[:5]
+        lines += ["Longest build stages (wall s / CPU s; all stages in report.json): " + "; ".join(f"{s['stage']} {s['seconds']:.1f} / {s.get('cpu_seconds', 0):.1f}" for s in top) + ".", ""]
     for r in ordered_rows(report):
         details = []
         rec = r.recipe or {}

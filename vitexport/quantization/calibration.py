@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -213,3 +215,189 @@ def _quant_mse(x: np.ndarray, counts: np.ndarray, a: float, b: float, levels: in
     q = np.clip(np.round(x / scale) + zp, 0, levels - 1)
     xq = (q - zp) * scale
     return float(np.sum(counts * (x - xq) ** 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one float pass for every recipe of a build
+
+# The float statistics keep each channel's most extreme values down to this percentile (symmetric tails) so that
+# percentile ranges >= it come out exactly, for any positive per-channel scaling (SmoothQuant), without a second pass.
+TAIL_PERCENTILE = 99.999
+
+
+@dataclass(frozen=True)
+class FloatStats:
+    """Statistics of the float reference on the calibration images that no recipe changes, from one pass.
+
+    Per observed tensor (the inputs of the linear layers), channels on the last axis: ``min``/``max`` per channel,
+    ``gram`` X^T X (float64, [K, K]; the GPTQ Hessian of int4, palette and CoreML int8), ``top``/``bottom`` the
+    ``tail`` largest/smallest values of each channel ([tail, K], the rest of each channel lies between them) and
+    ``elements`` the number of values of the tensor. Read-only once built: recipes share one instance.
+    """
+
+    min: dict[str, np.ndarray]
+    max: dict[str, np.ndarray]
+    gram: dict[str, np.ndarray]
+    top: dict[str, np.ndarray]
+    bottom: dict[str, np.ndarray]
+    elements: dict[str, int]
+    images: int
+
+    def absmax(self) -> dict[str, np.ndarray]:
+        return {n: np.maximum(np.abs(self.min[n]), np.abs(self.max[n])) for n in self.min}
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for d in (self.min, self.max, self.gram, self.top, self.bottom) for a in d.values())
+
+
+class FloatStatsObserver:
+    """Folds each batch into per-channel min/max, X^T X and per-channel extreme-value tails (all bounded in size).
+
+    ``tail`` per channel is sized from the first batch for ``images`` images so that a TAIL_PERCENTILE percentile
+    of the whole tensor is among the kept values; the Gram sums run on torch (multi-threaded BLAS) when available.
+    """
+
+    def __init__(self, images: int, gram: bool = True, tail_percentile: float = TAIL_PERCENTILE):
+        self.images, self.want_gram, self.tail_fraction = images, gram, (100.0 - tail_percentile) / 200.0
+        self.min: dict[str, np.ndarray] = {}
+        self.max: dict[str, np.ndarray] = {}
+        self.gram: dict[str, np.ndarray] = {}
+        self.top: dict[str, np.ndarray] = {}
+        self.bottom: dict[str, np.ndarray] = {}
+        self.elements: dict[str, int] = {}
+        self.seen = 0
+
+    def __call__(self, name: str, a: np.ndarray) -> None:
+        x = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
+        rows, k = x.shape
+        lo, hi = x.min(axis=0).astype(np.float64), x.max(axis=0).astype(np.float64)
+        if name not in self.min:
+            per_image = rows / max(int(a.shape[0]) if a.ndim > 2 else 1, 1)
+            # the rank a percentile needs, counted from the end, for the whole tensor (+2: rounding of the rank)
+            tail = int(np.ceil(self.tail_fraction * per_image * max(self.images, 1) * k)) + 2
+            self.min[name], self.max[name] = lo, hi
+            self.top[name] = np.full((tail, k), -np.inf, np.float32)
+            self.bottom[name] = np.full((tail, k), np.inf, np.float32)
+            self.elements[name] = 0
+        else:
+            np.minimum(self.min[name], lo, out=self.min[name])
+            np.maximum(self.max[name], hi, out=self.max[name])
+        self.top[name], self.bottom[name] = _merge_tails(self.top[name], self.bottom[name], x)
+        self.elements[name] += x.size
+        if self.want_gram:
+            g = gram(x)
+            if name in self.gram:
+                self.gram[name] += g
+            else:
+                self.gram[name] = g
+
+    def result(self) -> FloatStats:
+        return FloatStats(self.min, self.max, self.gram, self.top, self.bottom, self.elements, self.images)
+
+
+def _merge_tails(top: np.ndarray, bottom: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``len(top)`` largest and ``len(bottom)`` smallest values per column of [top; x] and [bottom; x].
+
+    Only values beyond the current tails can enter them, so most batches touch only a few columns."""
+    t = top.shape[0]
+    grow = (x > top.min(axis=0)).any(axis=0)
+    shrink = (x < bottom.max(axis=0)).any(axis=0)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the package
+        torch = None
+    for tails, cols, largest in ((top, grow, True), (bottom, shrink, False)):
+        if not cols.any():
+            continue
+        both = np.concatenate([tails[:, cols], x[:, cols]])
+        if torch is not None:  # threaded selection
+            new = torch.topk(torch.from_numpy(both), t, dim=0, largest=largest, sorted=False).values.numpy()
+        else:
+            new = np.partition(both, len(both) - t, axis=0)[len(both) - t :] if largest else np.partition(both, t - 1, axis=0)[:t]
+        tails[:, cols] = new
+    return top, bottom
+
+
+def gram(x: np.ndarray, y: np.ndarray | None = None, dtype=np.float64) -> np.ndarray:
+    """x^T x (or x^T y) of float32 rows, summed in float32 by torch's multi-threaded BLAS, returned as ``dtype``."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the package
+        return ((x.T @ x) if y is None else (x.T @ y)).astype(dtype)
+    tx = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    ty = tx if y is None else torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    return (tx.T @ ty).numpy().astype(dtype, copy=False)
+
+
+def collect_float_stats(
+    model: onnx.ModelProto, tensor_names: list[str], batches: Batches, images: int, gram: bool = True, threads: int = 0, progress: Callable[[int], None] | None = None
+) -> FloatStats:
+    """One streaming pass of ``model`` over the calibration images, folding every named tensor into FloatStats."""
+    obs = FloatStatsObserver(images, gram=gram)
+    seen = [0]
+
+    def count(n: int) -> None:
+        seen[0] += n
+        if progress is not None:
+            progress(n)
+
+    stream_activations(model, list(tensor_names), batches, obs, threads=threads, progress=count)
+    return dataclasses.replace(obs.result(), images=seen[0])
+
+
+def order_statistic(top: np.ndarray, bottom: np.ndarray, rank: int, elements: int, scale: np.ndarray | None = None) -> float | None:
+    """The ``rank``-th smallest (1-based) of all values of a tensor of ``elements`` values, each channel divided by
+    ``scale`` (> 0), from the per-channel tails; None when the tails are too short to know it.
+
+    A value among the r largest of the whole tensor is among the r largest of its own channel, whatever positive
+    per-channel scale is applied, so the tails answer any rank within their length from either end.
+    """
+    t = top.shape[0]
+    s = np.ones(top.shape[1], np.float32) if scale is None else np.asarray(scale, np.float32)
+    from_top = elements - rank + 1
+    if 1 <= from_top <= t:
+        v = (top / s).ravel()
+        v = v[np.isfinite(v)]
+        if len(v) < from_top:
+            return None
+        return float(np.partition(v, len(v) - from_top)[len(v) - from_top])
+    if 1 <= rank <= t:
+        v = (bottom / s).ravel()
+        v = v[np.isfinite(v)]
+        if len(v) < rank:
+            return None
+        return float(np.partition(v, rank - 1)[rank - 1])
+    return None
+
+
+def percentile_range_from_tails(stats: FloatStats, name: str, percentile: float, bins: int, scale: np.ndarray | None = None) -> tuple[float, float] | None:
+    """What ``HistogramObserver.percentile_range`` returns for the tensor (divided by ``scale`` per channel), without
+    a histogram pass: the same fixed bins over [min, max], the same cumulative-count rule, the bin found from the
+    exact order statistic. None when the percentile is beyond the kept tails (then run the histogram pass)."""
+    n = stats.elements[name]
+    s = np.ones_like(stats.min[name]) if scale is None else np.asarray(scale, np.float64)
+    lo, hi = float((stats.min[name] / s).min()), float((stats.max[name] / s).max())
+    lo, hi = float(min(lo, 0.0)), float(max(hi, 0.0))
+    if hi - lo < 1e-12:
+        hi = lo + 1e-6
+    tail = (100.0 - percentile) / 200.0
+    w = (hi - lo) / bins
+
+    def first_rank(target: float) -> int:  # smallest r with r / n >= target, as cumsum(counts) / n compares
+        r = max(int(np.ceil(target * n)), 1)
+        while r > 1 and (r - 1) / n >= target:
+            r -= 1
+        while r < n and r / n < target:
+            r += 1
+        return r
+
+    out = []
+    for target in (tail, 1.0 - tail):
+        v = order_statistic(stats.top[name], stats.bottom[name], first_rank(target), n, None if scale is None else scale)
+        if v is None:
+            return None
+        # the histogram's own bin arithmetic (float32, as HistogramObserver computes on float32 activations)
+        idx = int(np.clip((np.float32(v) - np.float32(lo)) * np.float32(bins / (hi - lo)), 0, bins - 1))
+        out.append(idx)
+    i_lo, i_hi = out
+    return min(lo + i_lo * w, 0.0), max(lo + (i_hi + 1) * w, 0.0)

@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -65,6 +65,9 @@ from onnx import TensorProto, helper, numpy_helper
 from .calibration import stream_activations
 from .gptq import upper_cholesky_of_inverse
 from .graph import ROLES, Linear, const_array, drop_unused_constants, find_linears, weight_nk
+
+if TYPE_CHECKING:
+    from .calibration import FloatStats
 
 log = logging.getLogger(__name__)
 
@@ -432,11 +435,14 @@ def quantize_int4(
     batches: Callable[[], Iterable[np.ndarray]] | None,
     recipe: Int4Recipe = Int4Recipe(),
     progress: Callable[[int], None] | None = None,
+    stats: "FloatStats | None" = None,
 ) -> tuple[onnx.ModelProto, dict]:
     """Int4 block-wise weight-only quantization of ``model``'s linears to MatMulNBits.
 
     ``batches()`` returns a fresh iterator of float32 NCHW arrays (calibration images; only used by GPTQ, may be
     None for RTN). ``progress(n)`` is called with the number of images after each calibration batch.
+    ``stats``: the build's float statistics of ``model`` on the same images (their X^T X are this recipe's
+    Hessians, so one-pass GPTQ then streams nothing).
     Returns a new model (``model`` is not changed) and a JSON-able summary.
     """
     t0 = time.perf_counter()
@@ -478,7 +484,10 @@ def quantize_int4(
         fresh = {(l.op_type, l.node.output[0]): l for l in find_linears(work)} if si else None
         stage = stages[si] if not si else [fresh[k] for k in keys]
         hessians: dict[str, np.ndarray] = {}
-        if recipe.method == "gptq":
+        if recipe.method == "gptq" and not recipe.sequential and stats is not None and all(l.activation in stats.gram for l in stage):
+            hessians = {l.activation: stats.gram[l.activation] for l in stage}
+            images = stats.images
+        elif recipe.method == "gptq":
             obs = HessianObserver()
             counted[0] = 0
             tc = time.perf_counter()

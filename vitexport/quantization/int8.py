@@ -12,9 +12,11 @@ What it does, on a copy of the float model:
    which are quantized per channel. Optionally the same is done for the attention output projection through the
    value projection (columns of W_v and b_v divided by s, rows of W_o multiplied): exact because attention is
    linear in V;
-3. streaming calibration (``calibration.stream_activations``): pass 1 keeps per-channel min/max/abs-max of every
-   quantized activation; pass 2 (histogram methods) fills fixed-range histograms on the smoothed model. Memory
-   does not depend on the number of images;
+3. streaming calibration (``calibration.stream_activations``): the build's one float pass
+   (``calibration.FloatStats``, shared by every recipe) keeps per-channel min/max and each channel's most extreme
+   values, from which the percentile range of the smoothed activation comes out exactly (the histogram pass's own
+   bin), so only "mse" still streams a histogram pass; the GPTQ statistics Q(X)^T Q(X), Q(X)^T X are one more pass,
+   shared by recipes with the same ranges (``memo``). Memory does not depend on the number of images;
 4. activation ranges per tensor: "minmax", "percentile" or "mse" (range minimising the expected squared
    quantization error over the histogram); uint8 asymmetric by default, int8 with zero point 0 when
    ``symmetric_activations``;
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
 
 import numpy as np
 import onnx
@@ -37,6 +39,10 @@ from onnx import helper, numpy_helper
 from .calibration import HistogramObserver, stream_activations
 from .gptq import damped_inverse_factor, gptq_round
 from .graph import GraphIndex, Linear, drop_unused_constants, find_linears
+
+if TYPE_CHECKING:
+    from ..progress import Stages
+    from .calibration import FloatStats
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 
@@ -283,6 +289,8 @@ class _QuantizedGramObserver:
         self.qx: dict[str, np.ndarray] = {}
 
     def __call__(self, name: str, a: np.ndarray) -> None:
+        from .calibration import gram
+
         x = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
         xq = x
         if name in self.qparams:
@@ -291,8 +299,9 @@ class _QuantizedGramObserver:
             z = float(zp)
             c = np.float32(self.shifts.get(name, 0.0))
             xq = ((np.clip(np.round((x - c) / scale) + z, lo, hi) - z) * scale + c).astype(np.float32)  # half to even, as ONNX
-            self.qx[name] = self.qx.get(name, 0) + xq.T @ x  # float32 sums: ViT-Base's 48 pairs of K x K fit in ~1 GB
-        self.qq[name] = self.qq.get(name, 0) + xq.T @ xq
+            # float32 sums (torch BLAS, both cores): ViT-Base's 48 pairs of K x K fit in ~1 GB
+            self.qx[name] = self.qx.get(name, 0) + gram(xq, x, np.float32)
+        self.qq[name] = self.qq.get(name, 0) + gram(xq, None, np.float32)
 
 
 def compensate(w_nk: np.ndarray, qq: np.ndarray, qx: np.ndarray, damp: float) -> np.ndarray:
@@ -302,11 +311,17 @@ def compensate(w_nk: np.ndarray, qq: np.ndarray, qx: np.ndarray, damp: float) ->
     ridge regression that shrinks W itself). Activation quantization error that is a function of the activation
     (the few levels left for GELU's negative lobe, rounding bias) is absorbed by the weights.
     """
+    import torch  # a Cholesky solve on torch's threads: H is SPD, no general LU needed
+
     k = qq.shape[0]
     qq, qx = np.asarray(qq, np.float64), np.asarray(qx, np.float64)
     w_kn = np.asarray(w_nk, np.float64).T
     h = qq + damp * float(np.mean(np.diag(qq))) * np.eye(k)
-    return (w_kn + np.linalg.solve(h, (qx - qq) @ w_kn)).T
+    rhs = (qx - qq) @ w_kn
+    l, info = torch.linalg.cholesky_ex(torch.from_numpy(h))
+    if int(info) != 0:
+        return (w_kn + np.linalg.solve(h, rhs)).T
+    return (w_kn + torch.cholesky_solve(torch.from_numpy(rhs), l).numpy()).T
 
 
 def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp: float = 0.01, lazy: int = 128) -> tuple[np.ndarray, np.ndarray]:
@@ -373,6 +388,8 @@ def insert_qdq(
     recipe: Int8Recipe,
     hessians: dict[str, np.ndarray] | None = None,
     targets: dict[str, np.ndarray] | None = None,
+    memo: "Memo | None" = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Rewrite ``model`` in place: int8 per-channel weights behind DQ, Q->DQ on the activation inputs. Returns per-layer records."""
     idx = GraphIndex(model)
@@ -421,9 +438,14 @@ def insert_qdq(
         axis = 0 if l.trans_b else 1
         if hessians and act in hessians and recipe.per_channel:
             w_nk = w if l.trans_b else w.T
-            if targets and act in targets:
-                w_nk = compensate(w_nk, hessians[act], targets[act], recipe.gptq_damp)
-            codes, ws = gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
+
+            def rounded(w_nk=w_nk, act=act):
+                if targets and act in targets:
+                    w_nk = compensate(w_nk, hessians[act], targets[act], recipe.gptq_damp)
+                return gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
+
+            # the codes depend on the layer, its weight and its input statistics only: same key, same codes
+            codes, ws = memo((node.name, act, float(np.float32(ranges[act][0])), float(np.float32(ranges[act][1]))), rounded) if memo else rounded()
             qw = codes if l.trans_b else np.ascontiguousarray(codes.T)
         else:
             qw, ws = quantize_weight(w, axis, recipe.reduce_range, recipe.per_channel)
@@ -450,6 +472,8 @@ def insert_qdq(
             drop_inits.add(old_w)
         node.input[0] = dqx
         node.input[1] = dqw
+        if progress is not None:
+            progress(1)
         lo, hi = ranges[act]
         records.append(
             {
@@ -552,9 +576,90 @@ def _run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
 
 
+def _both(tick: Callable[[int], None], progress: Callable[[int], None] | None) -> Callable[[int], None]:
+    def both(n: int) -> None:
+        tick(n)
+        if progress is not None:
+            progress(n)
+
+    return both
+
+
+def _channel_stats(stats: "FloatStats", acts: list[str]) -> "_ChannelStats":
+    cs = _ChannelStats()
+    for a in acts:
+        cs.min[a], cs.max[a] = stats.min[a], stats.max[a]
+    return cs
+
+
 def _outlier_ratio(channel_absmax: np.ndarray) -> float:
     """Largest channel range over the median one: how much one per-tensor scale wastes on a few channels."""
     return float(channel_absmax.max() / max(float(np.median(channel_absmax)), 1e-12))
+
+
+def _fallback_groups(chosen: list[Linear]) -> dict[str, list[Linear]]:
+    groups: dict[str, list[Linear]] = {}
+    for l in chosen:
+        groups.setdefault(l.activation, []).append(l)
+    return groups
+
+
+def _fallback_images(batches: Callable[[], Iterable[np.ndarray]], n: int) -> np.ndarray:
+    xs, got = [], 0
+    for x in batches():
+        xs.append(np.asarray(x))
+        got += len(x)
+        if got >= n:
+            break
+    return np.concatenate(xs)[:n]
+
+
+def sensitivity_scores_one_model_each(
+    model: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches: Callable[[], Iterable[np.ndarray]]
+) -> dict[str, float]:
+    """The search as first written: one rewritten model, serialisation and session per input, each run in full.
+    Kept as the reference that ``sensitivity_scores`` is checked against (tests/test_calibration_shared.py)."""
+    x = _fallback_images(batches, recipe.fallback_images)
+    ref = _run(model, x, recipe.calibration_threads)
+    rtn = dataclasses.replace(recipe, weight_rounding="rtn")
+    scores = {}
+    for act, ls in _fallback_groups(chosen).items():
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)
+        names = {l.node.name for l in ls}
+        insert_qdq(trial, [l for l in find_linears(trial) if l.node.name in names], ranges, rtn)
+        scores[act] = _kl(ref, _run(trial, x, recipe.calibration_threads))
+    return scores
+
+
+def sensitivity_scores(
+    model: onnx.ModelProto,
+    chosen: list[Linear],
+    ranges: dict[str, tuple[float, float]],
+    recipe: Int8Recipe,
+    batches: Callable[[], Iterable[np.ndarray]],
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """KL from float when each quantized input alone is quantized (with its linears' weights rounded to nearest):
+    one gated session per transformer block, each candidate run from its block's input (quantization/fallback.py)."""
+    from .fallback import score_candidates
+
+    groups = _fallback_groups(chosen)
+    x = _fallback_images(batches, recipe.fallback_images)
+    centred = {act: activation_shift(*ranges[act], recipe) if all(l.bias for l in ls) else 0.0 for act, ls in groups.items()}
+
+    def act_qdq(act: str):
+        lo, hi = ranges[act]
+        c = centred[act]
+        scale, zp = activation_qparams(lo - c, hi - c, recipe.symmetric_activations)
+        return scale, zp, c
+
+    def weight_codes(l: Linear, w: np.ndarray) -> np.ndarray:
+        axis = 0 if l.trans_b else 1
+        q, sc = quantize_weight(w, axis, recipe.reduce_range, recipe.per_channel)
+        return q.astype(np.float32) * ((sc[:, None] if l.trans_b else sc[None, :]) if recipe.per_channel else sc)
+
+    return score_candidates(model, x, groups, act_qdq, weight_codes, threads=recipe.calibration_threads, progress=progress)
 
 
 def sensitivity_fallback(
@@ -562,46 +667,50 @@ def sensitivity_fallback(
 ) -> tuple[list[dict], float]:
     """Which quantized inputs to leave float: measured, not guessed.
 
-    Each activation (with the linears that read it) is quantized alone on a copy of the model and scored by the KL
-    divergence of the outputs from float on a few calibration images; errors of separate inputs add up closely, so the
-    inputs with the most KL per multiply-accumulate are left float until ``fallback_budget`` of the MACs is used.
+    Each activation (with the linears that read it) is quantized alone and scored by the KL divergence of the
+    outputs from float on a few calibration images; errors of separate inputs add up closely, so the inputs with the
+    most KL per multiply-accumulate are left float until ``fallback_budget`` of the MACs is used.
     Returns (records of the inputs kept float, the summed KL of all inputs).
     """
     if recipe.fallback_budget <= 0:
         return [], 0.0
-    xs, n = [], 0
-    for x in batches():
-        xs.append(x)
-        n += len(x)
-        if n >= recipe.fallback_images:
-            break
-    x = np.concatenate(xs)[: recipe.fallback_images]
-    ref = _run(model, x, recipe.calibration_threads)
-    groups: dict[str, list[Linear]] = {}
-    for l in chosen:
-        groups.setdefault(l.activation, []).append(l)
-    rtn = dataclasses.replace(recipe, weight_rounding="rtn")
+    scores = sensitivity_scores(model, chosen, ranges, recipe, batches)
+    return select_fallback_model(model, chosen, scores, recipe.fallback_budget), float(sum(scores.values()))
+
+
+def select_fallback_model(model: onnx.ModelProto, chosen: list[Linear], scores: dict[str, float], budget: float) -> list[dict]:
+    """``select_fallback`` with MACs counted from ``model``'s weights."""
     index = GraphIndex(model)
+    groups = _fallback_groups(chosen)
     scored = []
     for act, ls in groups.items():
-        trial = onnx.ModelProto()
-        trial.CopyFrom(model)
-        names = {l.node.name for l in ls}
-        insert_qdq(trial, [l for l in find_linears(trial) if l.node.name in names], ranges, rtn)
-        macs = sum(int(np.prod(index.const_array(l.node.input[1]).shape)) for l in ls)
-        scored.append((_kl(ref, _run(trial, x, recipe.calibration_threads)), macs, act, sorted(names)))
+        macs = sum(int(np.prod(index.const_shape(l.node.input[1]) or ())) for l in ls)
+        scored.append((scores[act], macs, act, sorted(l.node.name for l in ls)))
     total_macs = sum(m for _, m, _, _ in scored)
     kept, used = [], 0
     for kl, macs, act, names in sorted(scored, key=lambda t: t[0] / t[1], reverse=True):
-        if used + macs > recipe.fallback_budget * total_macs:
+        if used + macs > budget * total_macs:
             continue
         used += macs
         kept.append({"activation": act, "nodes": names, "kl_alone": round(kl, 6), "mac_fraction": round(macs / total_macs, 4)})
-    return kept, float(sum(kl for kl, _, _, _ in scored))
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # entry point
+
+
+Memo = Callable[[Hashable, Callable[[], Any]], Any]
+
+
+def _no_memo(key: Hashable, compute: Callable[[], Any]) -> Any:
+    return compute()
+
+
+def smoothing_key(recipe: Int8Recipe) -> tuple:
+    """The recipe fields that decide the smoothed model and its activation ranges (not the weights' rounding)."""
+    return ("int8-ranges", recipe.roles, recipe.keep_float, recipe.smoothquant_alpha, recipe.smooth_outlier_ratio, recipe.smooth_attn_out,
+            recipe.calibration, recipe.percentile, recipe.histogram_bins, recipe.symmetric_activations, recipe.center_activations)
 
 
 def quantize_int8(
@@ -609,26 +718,39 @@ def quantize_int8(
     batches: Callable[[], Iterable[np.ndarray]],
     recipe: Int8Recipe = Int8Recipe(),
     progress: Callable[[int], None] | None = None,
+    stats: "FloatStats | None" = None,
+    memo: Memo | None = None,
+    stages: "Stages | None" = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Static int8 QDQ model from the float ``model`` (unchanged) and calibration ``batches`` (a callable returning a
-    fresh iterable of float32 NCHW arrays each call). Returns (quantized model, JSON-able summary)."""
+    fresh iterable of float32 NCHW arrays each call). Returns (quantized model, JSON-able summary).
+
+    ``stats``: the build's float statistics of ``model`` (calibration.collect_float_stats over the same images), so
+    this recipe runs no float pass of its own; ``memo(key, compute)``: a per-build store (Calibration.memo) through
+    which recipes that share their smoothing and ranges (ONNX Runtime's and OpenVINO's) share their sensitivity
+    scores, quantized-input Gram matrices and GPTQ codes; ``stages`` times each step with its own progress bar.
+    """
+    from ..progress import stages_of
+    from .calibration import collect_float_stats, percentile_range_from_tails
+
+    stages = stages_of(stages)
+    memo = memo or _no_memo
     work = onnx.ModelProto()
     work.CopyFrom(model)
     linears = find_linears(work)
     chosen, skipped = select_linears(linears, recipe)
     acts = list(dict.fromkeys(l.activation for l in chosen))
-    n_images = [0]
+    passes = 0
+    shared_stats = stats is not None
 
-    def count(n: int) -> None:
-        n_images[0] += n
-        if progress is not None:
-            progress(n)
-
-    # pass 1: per-channel min/max of every quantized activation (float model)
-    stats = _ChannelStats()
-    if acts:
-        stream_activations(work, acts, batches, stats, threads=recipe.calibration_threads, progress=count)
-    images = n_images[0]
+    # float statistics: per-channel min/max and extreme tails of every quantized activation (the build's, or one pass)
+    if acts and (stats is None or any(a not in stats.min for a in acts)):
+        shared_stats = False
+        images_hint = sum(len(x) for x in batches()) if stats is None else stats.images
+        with stages.stage("float statistics", total=images_hint) as tick:
+            stats = collect_float_stats(work, acts, batches, images_hint, gram=False, threads=recipe.calibration_threads, progress=_both(tick, progress))
+        passes += 1
+    images = stats.images if stats is not None else 0
 
     # SmoothQuant
     groups: list[SmoothGroup] = []
@@ -636,28 +758,59 @@ def quantize_int8(
     if alpha and acts:
         absmax = stats.absmax()
         groups = [g for g in find_smooth_groups(work, chosen, recipe) if _outlier_ratio(absmax[g.activation]) >= recipe.smooth_outlier_ratio]
-        compute_smooth_scales(work, groups, stats.absmax(), alpha)
+        compute_smooth_scales(work, groups, absmax, alpha)
         apply_smoothing(work, groups)
         linears = find_linears(work)  # nodes unchanged, weights renamed
         chosen, skipped = select_linears(linears, recipe)
     scales = {g.activation: g.scales for g in groups}
 
-    # pass 2 (histogram methods): ranges on the smoothed model
-    ranges = calibrate_ranges(work, acts, batches, recipe, stats, scales, progress=progress) if acts else {}
-    fallback, kl_total = sensitivity_fallback(work, chosen, ranges, recipe, batches) if acts else ([], 0.0)
+    # ranges on the smoothed model: percentiles from the float tails (exactly the histogram's answer); else a pass
+    ranges: dict[str, tuple[float, float]] = {}
+    if acts and recipe.calibration == "percentile":
+        for a in acts:
+            r = percentile_range_from_tails(stats, a, recipe.percentile, recipe.histogram_bins, scales.get(a))
+            if r is None:
+                ranges = {}
+                break
+            ranges[a] = r
+    if acts and not ranges:
+        with stages.stage("activation histograms", total=images) as tick:
+            ranges = calibrate_ranges(work, acts, batches, recipe, _channel_stats(stats, acts), scales, progress=_both(tick, progress))
+        passes += recipe.calibration != "minmax"
+
+    key = smoothing_key(recipe)
+    fallback, kl_total = [], 0.0
+    if acts and recipe.fallback_budget > 0:
+        fb_key = (key, "fallback", recipe.fallback_images, recipe.reduce_range, recipe.per_channel)
+        with stages.stage("sensitivity search", total=len(acts), unit="input") as tick:
+            scores = memo(fb_key, lambda: sensitivity_scores(work, chosen, ranges, recipe, batches, progress=tick))
+        fallback, kl_total = select_fallback_model(work, chosen, scores, recipe.fallback_budget), float(sum(scores.values()))
     if fallback:
         dropped = {a["activation"] for a in fallback}
         skipped += [{"node": l.node.name, "role": l.role, "block": l.block, "reason": "sensitivity fallback"} for l in chosen if l.activation in dropped]
         chosen = [l for l in chosen if l.activation not in dropped]
         acts = [a for a in acts if a not in dropped]
     hessians = targets = None
+    gptq_key = None
     if recipe.weight_rounding == "gptq" and acts:
         shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
         qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
-        obs = _QuantizedGramObserver(qparams if recipe.compensate_activations else {}, shifts)
-        stream_activations(work, acts, batches, obs, threads=recipe.calibration_threads, progress=progress)
-        hessians, targets = obs.qq, (obs.qx if recipe.compensate_activations else None)
-    records = insert_qdq(work, chosen, ranges, recipe, hessians, targets)
+        gram_key = (key, "quantized-gram", recipe.compensate_activations)
+        grams = memo(gram_key, dict)  # act -> (Q^T Q, Q^T X): a recipe with the same ranges reuses what is there
+        missing = [a for a in acts if a not in grams]
+        if missing:
+            obs = _QuantizedGramObserver({a: qparams[a] for a in missing} if recipe.compensate_activations else {}, shifts)
+            with stages.stage("quantized-input Gram matrices", total=images) as tick:
+                stream_activations(work, missing, batches, obs, threads=recipe.calibration_threads, progress=_both(tick, progress))
+            passes += 1
+            for a in missing:
+                grams[a] = (obs.qq[a], obs.qx.get(a))
+            del obs
+        hessians = {a: grams[a][0] for a in acts}
+        targets = {a: grams[a][1] for a in acts} if recipe.compensate_activations else None
+        gptq_key = (key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, recipe.compensate_activations)
+    with stages.stage("GPTQ and QDQ rewrite" if hessians else "QDQ rewrite", total=len(chosen), unit="linear") as tick:
+        records = insert_qdq(work, chosen, ranges, recipe, hessians, targets, memo=(lambda k, f: memo((gptq_key, k), f)) if gptq_key else None, progress=tick)
     del hessians, targets
     # SmoothQuant and the weight rewrite leave the original float weights and LayerNorm parameters unused
     drop_unused_constants(work)
@@ -670,8 +823,9 @@ def quantize_int8(
         "calibration": {
             "method": recipe.calibration,
             "images": images,
-            "passes": (1 if recipe.calibration == "minmax" else 2) + (recipe.weight_rounding == "gptq"),
+            "passes": passes,  # this recipe's own passes; the build's float statistics and shared passes not counted
             "streaming": True,
+            "float_statistics": "the build's shared pass" if shared_stats else "own pass",
         },
         "activations": "int8 symmetric (zero point 0)" if recipe.symmetric_activations else "uint8 asymmetric",
         "weights": f"int8 symmetric per-{'channel' if recipe.per_channel else 'tensor'}" + (" (7-bit, reduce_range)" if recipe.reduce_range else ""),

@@ -24,20 +24,19 @@ def _torch_weight_names(head, reference) -> dict[str, tuple[str, bool]]:
 
 def _linear_hessians(head, reference, calibration, options) -> tuple[Any, list, dict[str, np.ndarray], dict[str, tuple[str, bool]]]:
     """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, X^T X of each linear's input over the calibration
-    images (streamed), reference initializer -> torch parameter name)."""
-    from ...quantization.calibration import stream_activations
+    images (the build's shared float statistics), reference initializer -> torch parameter name)."""
     from ...quantization.graph import find_linears
-    from ...quantization.int4 import HessianObserver
+    from .. import float_stats
 
     model = reference.load()
     linears = [l for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")]
-    obs = HessianObserver()
-    stream_activations(model, sorted({l.activation for l in linears}), calibration.batches, obs, progress=options.get("progress"))
+    # the build's one float pass already holds X^T X of every linear input (int4 and the int8 recipes use it too)
+    stats = float_stats(reference, calibration, options.get("stages"), options.get("progress"))
     names = _torch_weight_names(head, reference)
     missing = [l.node.name for l in linears if l.weight not in names]
     if missing:
         raise VitexportError(f"coreml: cannot map {missing[0]} back to a torch weight")
-    return model, linears, obs.h, names
+    return model, linears, stats.gram, names
 
 
 def _attach_gptq_int8(head, reference, calibration, options) -> dict[str, Any]:
@@ -116,7 +115,7 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
     raw.setdefault("block_sizes", (opts.int4_block_size,))
     recipe = recipe_from(Int4Recipe, raw)
     linears = {l.node.name: l for l in find_linears(reference.load())}
-    qmodel, summary = shared_int4(reference, calibration, recipe, progress=options.get("progress"))
+    qmodel, summary = shared_int4(reference, calibration, recipe, progress=options.get("progress"), stages=options.get("stages"))
     names = _torch_weight_names(head, reference)
     inits = {t.name: t for t in qmodel.graph.initializer}
     params = dict(head.named_parameters())

@@ -1,0 +1,181 @@
+"""How long the whole build takes, where the time goes, and whether our int8 is as fast as the stock int8.
+
+    python benchmarks/perf_build.py                    # DeiT-tiny, then the ViT-Base config (256 calibration images)
+    python benchmarks/perf_build.py --skip-vit-base    # DeiT-tiny only
+    python benchmarks/perf_build.py --only-vit-base    # ViT-Base only, keeping DeiT-tiny's results in --out
+
+For each model, one ``vitexport build --backend onnxruntime,openvino,coreml,tensorrt --precision
+fp32,fp16,int8,int4,palette4`` (the API call the CLI makes), plus the stock int8 rows it is compared with
+(onnxruntime's quantize_dynamic, NNCF's default nncf.quantize) built in the same run from the same reference. Reported:
+
+- wall seconds of the build *excluding* evaluation, timing and the stock rows (the report's per-stage records), and
+  the same with them; process CPU seconds likewise (the host is shared, so CPU seconds are the steadier figure);
+- every stage's wall and CPU seconds (export, preprocessing, the shared float-statistics pass, each recipe's own
+  passes, sensitivity search, GPTQ, conversion, evaluation, timing);
+- peak resident memory above the process's memory at the start of the build (VmHWM, reset per artifact);
+- batch-1 latency of our int8 rows against the stock int8 rows and fp32, interleaved round by round in one run,
+  as ratios (absolute times on a shared host mean little).
+
+DeiT-tiny: the real checkpoint, calibration on the 125 images at sorted positions 0, 4, 8, ... of
+../shared/imagenet-samples and evaluation on the other 375 (benchmarks/run_matrix.py's split). ViT-Base: the
+random-weight google/vit-base-patch16-224 config, 256 calibration images, 32 evaluation images (speed and memory
+only: its labels mean nothing). Results: benchmarks/results/perf-build.json and perf-build.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from run_matrix import link_images, shared_split, stock_dynamic, vit_base_checkpoint  # noqa: E402
+
+from vitexport import api  # noqa: E402
+from vitexport.artifacts import Artifact  # noqa: E402
+from vitexport.data import ImageSet, Preprocessing  # noqa: E402
+from vitexport.harness.latency import compare  # noqa: E402
+from vitexport.harness.memory import _status_kb  # noqa: E402
+from vitexport.progress import Progress  # noqa: E402
+
+BACKENDS = "onnxruntime,openvino,coreml,tensorrt"
+PRECISIONS = ("fp32", "fp16", "int8", "int4", "palette4")
+# rows timed against each other: ours, the stock int8 of the same runtime, and that runtime's fp32
+LATENCY_ROWS = ("onnxruntime-fp32", "onnxruntime-int8", "onnxruntime-int8-stock-dynamic", "openvino-fp32", "openvino-int8", "openvino-int8-stock-nncf")
+
+
+def _is_excluded(stage: str) -> bool:
+    """Stages that are not the build itself: measuring the rows, and building the stock comparison rows."""
+    return stage.startswith("evaluation") or stage.startswith("timing") or stage == "build extra rows"
+
+
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir: Path, rounds: int, seconds: float) -> dict:
+    rss0 = (_status_kb("VmRSS") or 0) / 1024
+    t0, c0 = time.perf_counter(), _cpu_s()
+    report = api.build(opts, progress, extra_builders=extra)
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    stages = [dict(s) for s in report.stages]
+    excluded = [s for s in stages if _is_excluded(s["stage"])]
+    # top-level stages only (the "build X" stage holds its sub-stages, "X: ..." records), so nothing counts twice
+    top = [s for s in stages if ": " not in s["stage"] or s["stage"].startswith("evaluation")]
+    ex_wall = sum(s["seconds"] for s in excluded if s in top)
+    ex_cpu = sum(s["cpu_seconds"] for s in excluded if s in top)
+    peak = max((r.build or {}).get("process_peak_mb") or 0 for r in report.rows)
+    rows = {r.name: {"build_s": (r.build or {}).get("seconds"), "peak_mb_above_step": (r.build or {}).get("peak_mb"), "size_mb": round(r.size_bytes / 1e6, 2),
+                     **({k: (r.accuracy or {}).get(k) for k in ("top1", "agreement", "cosine", "lost", "gained", "n")} if r.accuracy else {})} for r in report.rows}
+    progress.step(f"{name}: interleaved batch-1 latency of our int8 against the stock int8 rows")
+    pre = Preprocessing.from_dict(report.evaluation["preprocessing"])
+    sample = ImageSet.from_folder(sample_dir, pre, limit=1).load(0)[None]
+    runners = {}
+    from vitexport import backends
+
+    for r in report.rows:
+        if r.name in LATENCY_ROWS:
+            runners[r.name] = backends.get(r.backend).runner(Artifact.load(Path(r.path).parent), opts.threads)
+    lat = compare(runners, sample, rounds=rounds, seconds=seconds)
+    lat = {k: {"p50_ms": v.p50_ms if hasattr(v, "p50_ms") else v["p50_ms"], "spread": v.spread if hasattr(v, "spread") else v.get("spread")} for k, v in lat.items()}
+    return {
+        "model": name,
+        "command": f"vitexport build --backend {opts.backend} --precision {','.join(opts.precisions)} (calibration {report.evaluation.get('calibration_images')} images, evaluation {report.evaluation.get('images')})",
+        "calibration_images": report.evaluation.get("calibration_images"),
+        "evaluation_images": report.evaluation.get("images"),
+        "wall_s_total": round(wall, 1),
+        "cpu_s_total": round(cpu, 1),
+        "wall_s_build": round(wall - ex_wall, 1),
+        "cpu_s_build": round(cpu - ex_cpu, 1),
+        "wall_s_evaluation_timing_stock": round(ex_wall, 1),
+        "peak_mb_above_start": round(peak - rss0, 0),
+        "rss_mb_at_start": round(rss0, 0),
+        "stages": stages,
+        "rows": rows,
+        "latency": lat,
+        "load_average_after": os.getloadavg(),
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = ["# Build performance (benchmarks/perf_build.py)", "", f"Command: `{results['command']}`. Host: {results['host']}; shared with other engineers' jobs while measured, "
+             "so wall seconds are inflated by waiting for a core: CPU seconds (process user + system) are the steadier figure.", ""]
+    for key in ("deit-tiny", "vit-base"):
+        r = results.get(key)
+        if not r:
+            continue
+        lines += [f"## {r['model']}", "", r["command"], "",
+                  f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
+                  f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
+                  f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB", f"- load average after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
+                  "| stage | wall s | CPU s |", "|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} |" for s in r["stages"] if s["seconds"] >= 0.5]
+        lat = r["latency"]
+        if lat:
+            lines += ["", "Batch-1 latency, interleaved round by round (one run): ratio to onnxruntime-fp32 and to the same runtime's stock int8.", "",
+                      "| row | p50 ms | × onnxruntime-fp32 | × stock int8 of its runtime | round spread |", "|---|---|---|---|---|"]
+            ref = lat.get("onnxruntime-fp32", {}).get("p50_ms")
+            for n, v in lat.items():
+                stock = lat.get("onnxruntime-int8-stock-dynamic" if n.startswith("onnxruntime") else "openvino-int8-stock-nncf", {}).get("p50_ms")
+                lines.append(f"| {n} | {v['p50_ms']:.2f} | {v['p50_ms'] / ref:.2f} | {v['p50_ms'] / stock:.2f} | {v['spread'] or 0:.2f} |" if ref and stock else f"| {n} | {v['p50_ms']:.2f} | – | – | – |")
+        acc = {n: v for n, v in r["rows"].items() if v.get("agreement") is not None}
+        if acc and key == "deit-tiny":
+            lines += ["", "Fidelity on the evaluation split (reported once, after the build):", "", "| row | top-1 % | agreement % | cosine | lost/gained |", "|---|---|---|---|---|"]
+            for n, v in acc.items():
+                lines.append(f"| {n} | {100 * (v['top1'] or 0):.1f} | {100 * v['agreement']:.1f} | {v['cosine']:.4f} | −{v.get('lost') or 0}/+{v.get('gained') or 0} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--work", default=str(HERE / "out" / "perf"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-vit-base", action="store_true")
+    ap.add_argument("--only-vit-base", action="store_true")
+    ap.add_argument("--vit-base-calib", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    args = ap.parse_args()
+    shared, out, work = Path(args.shared), Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    from openvino_baselines import stock_nncf_int8
+    from vitexport.harness.report import host_info
+
+    progress = Progress(enabled=True)
+    path = out / "perf-build.json"
+    results = json.loads(path.read_text()) if args.only_vit_base and path.exists() else {}
+    h = host_info()
+    results.update({"command": "python " + " ".join(["benchmarks/perf_build.py", *sys.argv[1:]]), "host": f"{h['cpu']}, {h['cores']} cores"})
+    extra = [stock_dynamic, stock_nncf_int8]
+    if not args.only_vit_base:
+        calib, evals = shared_split(shared, work / "split") if not (work / "split").exists() else (work / "split" / "calib", work / "split" / "eval")
+        opts = api.BuildOptions(model=str(shared / "models" / "deit-tiny-patch16-224"), backend=BACKENDS, precisions=PRECISIONS, calib=str(calib), eval=str(evals), out=str(work / "deit-tiny"), force=True, threads=args.threads, latency=False)
+        results["deit-tiny"] = run("DeiT-tiny (real weights)", opts, extra, progress, evals, args.rounds, 1.5)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    if not args.skip_vit_base:
+        ckpt = vit_base_checkpoint(work / "vit-base-random") if not (work / "vit-base-random" / "config.json").exists() else work / "vit-base-random"
+        files = sorted((shared / "imagenet-samples").glob("*.JPEG"))
+        if not (work / "split-vb").exists():
+            link_images(files[: args.vit_base_calib], work / "split-vb" / "calib", None)
+            link_images([f for i, f in enumerate(files) if i % 4 != 0][-32:], work / "split-vb" / "eval", None)
+        opts = api.BuildOptions(model=str(ckpt), backend=BACKENDS, precisions=PRECISIONS, calib=str(work / "split-vb" / "calib"), eval=str(work / "split-vb" / "eval"), out=str(work / "vit-base"), force=True, threads=args.threads, latency=False)
+        results["vit-base"] = run(f"ViT-Base config (random weights), {args.vit_base_calib} calibration images", opts, extra, progress, work / "split-vb" / "eval", args.rounds, 2.0)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (out / "perf-build.md").write_text(markdown(results))
+    print((out / "perf-build.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""One calibration per build: the float statistics every recipe shares, the exact percentile ranges from their
+tails, the gated sensitivity search (same scores and choices as one model per input), and the on-disk cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+
+from vitexport.quantization.calibration import HistogramObserver, collect_float_stats, percentile_range_from_tails, stream_activations
+from vitexport.quantization.graph import find_linears
+from vitexport.quantization.int4 import HessianObserver, Int4Recipe, quantize_int4
+from vitexport.quantization.int8 import Int8Recipe, quantize_int8, select_linears, sensitivity_scores, sensitivity_scores_one_model_each
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_vit, tmp_path_factory):
+    from vitexport.export import export_reference
+    from vitexport.model import ModelSpec
+
+    spec = ModelSpec.load(tiny_vit)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    return export_reference(spec, tmp_path_factory.mktemp("ref"), x)
+
+
+def _batches(n=12, bs=4, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
+    return lambda: (x[i : i + bs] for i in range(0, n, bs))
+
+
+def _acts(model):
+    return sorted({l.activation for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")})
+
+
+def test_percentile_from_tails_is_the_histogram_answer():
+    """Heavy-tailed channels, any positive per-channel scale (SmoothQuant): the same range as the histogram pass."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_t(2, size=(40, 50, 24)) * rng.uniform(0.2, 5, 24)).astype(np.float32)
+    batches = lambda: (x[i : i + 8] for i in range(0, len(x), 8))  # noqa: E731
+    from vitexport.quantization.calibration import FloatStatsObserver
+
+    obs = FloatStatsObserver(images=len(x))
+    for b in batches():
+        obs("t", b)
+    stats = obs.result()
+    for scale in (None, rng.uniform(0.1, 10, 24).astype(np.float32)):
+        s = np.ones(24, np.float32) if scale is None else scale
+        lo, hi = float((stats.min["t"] / s).min()), float((stats.max["t"] / s).max())
+        for pct in (99.999, 99.9995, 100.0):
+            hist = HistogramObserver({"t": (lo, hi)}, bins=2048)
+            for b in batches():
+                hist("t", b / s)
+            want = hist.percentile_range("t", pct)
+            got = percentile_range_from_tails(stats, "t", pct, 2048, scale)
+            assert got is not None
+            assert got == pytest.approx(want, abs=1e-9), (pct, scale is None)
+
+
+def test_percentile_beyond_the_tails_asks_for_a_pass():
+    from vitexport.quantization.calibration import FloatStatsObserver
+
+    obs = FloatStatsObserver(images=4)
+    obs("t", np.random.default_rng(0).standard_normal((4, 50, 8)).astype(np.float32))
+    assert percentile_range_from_tails(obs.result(), "t", 90.0, 2048) is None
+
+
+def test_float_stats_hold_the_gptq_hessians(tiny_onnx):
+    model = tiny_onnx.load()
+    acts = _acts(model)
+    stats = collect_float_stats(model, acts, _batches(), images=12)
+    obs = HessianObserver()
+    stream_activations(model, acts, _batches(), obs)
+    assert stats.images == 12
+    for a in acts:
+        np.testing.assert_allclose(stats.gram[a], obs.h[a], rtol=1e-5, atol=1e-4)
+        assert stats.min[a].shape == stats.max[a].shape == (stats.gram[a].shape[0],)
+    # int4 GPTQ from the shared statistics gives the codes of its own pass
+    own, _ = quantize_int4(model, _batches(), Int4Recipe())
+    shared, summary = quantize_int4(model, _batches(), Int4Recipe(), stats=stats)
+    assert summary["calibration_images"] == 12
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in own.graph.initializer if t.name.endswith("_B")}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in shared.graph.initializer if t.name.endswith("_B")}
+    assert a.keys() == b.keys()
+    same = np.mean([np.mean(a[k] == b[k]) for k in a])
+    assert same > 0.99  # float32 sums in another order may flip a rare tie
+
+
+@pytest.mark.parametrize("recipe", [Int8Recipe(), Int8Recipe(symmetric_activations=True, center_activations=True, reduce_range=False, smoothquant_alpha=0.8)], ids=["onnxruntime", "tensorrt"])
+def test_gated_sensitivity_scores_match_one_model_per_input(tiny_onnx, recipe):
+    model = tiny_onnx.load()
+    chosen, _ = select_linears(find_linears(model), recipe)
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12, gram=False)
+    ranges = {a: (float(stats.min[a].min()), float(stats.max[a].max())) for a in stats.min}
+    recipe = dataclasses.replace(recipe, fallback_images=6)
+    old = sensitivity_scores_one_model_each(model, chosen, ranges, recipe, _batches())
+    new = sensitivity_scores(model, chosen, ranges, recipe, _batches())
+    assert old.keys() == new.keys()
+    for a in old:
+        assert new[a] == pytest.approx(old[a], rel=0.02, abs=1e-7), a
+    assert sorted(old, key=old.get) == sorted(new, key=new.get)  # same ranking, hence the same inputs left float
+
+
+def test_shared_statistics_give_the_same_int8_model(tiny_onnx):
+    """quantize_int8 with the build's float statistics == with its own passes; a second recipe with the same ranges
+    (OpenVINO's: only the fallback budget differs) reuses the sensitivity scores and the Gram matrices."""
+    from vitexport.progress import Stages
+
+    model = tiny_onnx.load()
+    recipe = Int8Recipe(fallback_budget=0.3, fallback_images=4)
+    own, s_own = quantize_int8(model, _batches(), recipe)
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12)
+    store: dict = {}
+    memo = lambda k, f: store[k] if k in store else store.setdefault(k, f())  # noqa: E731
+    st = Stages()
+    shared, s_shared = quantize_int8(model, _batches(), recipe, stats=stats, memo=memo, stages=st)
+    assert s_shared["calibration"]["passes"] == 1  # the quantized-input Grams only
+    assert [r["activation_range"] for r in s_own["quantized"]] == [r["activation_range"] for r in s_shared["quantized"]]
+    assert s_own["sensitivity_fallback"]["kept_float"] == s_shared["sensitivity_fallback"]["kept_float"]
+    w = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_weight_quantized")}  # noqa: E731
+    a, b = w(own), w(shared)
+    assert a.keys() == b.keys() and np.mean([np.mean(np.abs(a[k].astype(int) - b[k]) <= 1) for k in a]) == 1.0
+    st2 = Stages()
+    _, s_ov = quantize_int8(model, _batches(), dataclasses.replace(recipe, fallback_budget=0.5), stats=stats, memo=memo, stages=st2)
+    assert s_ov["calibration"]["passes"] == 0
+    names = [r["stage"] for r in st2.records]
+    assert "quantized-input Gram matrices" not in names and "sensitivity search" in names
+    assert len(s_ov["sensitivity_fallback"]["kept_float"]) >= len(s_shared["sensitivity_fallback"]["kept_float"])
+
+
+def test_float_stats_cache_round_trip(tiny_onnx, tmp_path):
+    from vitexport.quantization.cache import entry_path, images_sha256, load_float_stats, save_float_stats
+
+    model = tiny_onnx.load()
+    acts = _acts(model)
+    stats = collect_float_stats(model, acts, _batches(), images=12)
+    fp = images_sha256(_batches()())
+    assert load_float_stats(tmp_path, tiny_onnx.path, fp, acts) is None
+    path = save_float_stats(tmp_path, tiny_onnx.path, fp, acts, stats)
+    assert path is not None and path.is_file() and not list(tmp_path.glob(".float-stats-*"))
+    back = load_float_stats(tmp_path, tiny_onnx.path, fp, acts)
+    assert back is not None and back.images == stats.images
+    for a in acts:
+        np.testing.assert_array_equal(back.gram[a], stats.gram[a])
+        np.testing.assert_array_equal(back.top[a], stats.top[a])
+    # other images, other entry; a corrupt entry is ignored, not trusted
+    assert images_sha256(_batches(seed=1)()) != fp
+    assert entry_path(tmp_path, tiny_onnx.path, images_sha256(_batches(seed=1)()), acts) != path
+    path.write_bytes(b"not an npz")
+    assert load_float_stats(tmp_path, tiny_onnx.path, fp, acts) is None
+
+
+def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, image_folder, calib_folder, tmp_path):
+    """One build, ORT + TensorRT int8 and int4: one float pass for all of them, every stage in report.json, and a
+    second build with --cache-dir runs no float pass at all."""
+    import json
+
+    from vitexport.cli import main
+
+    args = ["build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--backend", "onnxruntime,tensorrt",
+            "--precision", "fp32,int8,int4", "--no-latency", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    stages = [s["stage"] for s in json.loads((tmp_path / "a" / "report.json").read_text())["stages"]]
+    assert sum("float statistics" in s for s in stages) == 1, stages
+    assert any(s.startswith("onnxruntime int8: sensitivity search") for s in stages) and any(s.startswith("evaluation") for s in stages)
+    assert "export and verification" in stages and "build tensorrt int8" in stages
+    assert len(list((tmp_path / "cache").glob("float-stats-*.npz"))) == 1
+    assert "Longest build stages" in (tmp_path / "a" / "report.md").read_text()
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    again = [s["stage"] for s in json.loads((tmp_path / "b" / "report.json").read_text())["stages"]]
+    assert not any("float statistics" in s for s in again), again
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("a", "b"))
+    assert [r["size_bytes"] for r in ra] == [r["size_bytes"] for r in rb]

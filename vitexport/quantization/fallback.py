@@ -1,0 +1,210 @@
+"""The int8 recipe's sensitivity search, scored in one session per transformer block instead of one per input.
+
+Each quantized input is scored by the KL divergence of the model's outputs from float when that input alone (with
+the weights of the linears that read it, rounded to nearest) is quantized. Instead of one rewritten model, one
+serialisation and one session per input (the old loop: dozens of ViT-Base-sized copies), one *gated* model holds
+every candidate at once: each input becomes ``Where(gate, fake_quant(x), x)`` and each of its weights
+``Where(gate, W_q, W)``, with the gates as boolean graph inputs, so one session scores every candidate by flipping
+a gate. And since a candidate in block b changes nothing before block b, it runs from block b's input (captured
+once from the float model) through the rest of the network: on average half a forward pass per candidate.
+
+The fake quantization is the one ``insert_qdq`` builds for onnxruntime (QuantizeLinear -> DequantizeLinear of the
+same scale and zero point, the centring shift added back, per-channel weight codes), computed in float: onnxruntime
+runs the rewritten model's MatMuls as integer kernels, which give the same products up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import GraphIndex, Linear
+
+log = logging.getLogger(__name__)
+
+
+def _kl(ref: np.ndarray, out: np.ndarray) -> float:
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lr, lo = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
+    return float((np.exp(lr) * (lr - lo)).sum(-1).mean())
+
+
+def _session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def gated_model(
+    model: onnx.ModelProto,
+    groups: dict[str, list[Linear]],
+    act_qdq: Callable[[str], tuple[np.ndarray, np.ndarray, float]],
+    weight_codes: Callable[[Linear, np.ndarray], np.ndarray],
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``model`` where every activation of ``groups`` (and its consumers' weights) is fake-quantized when
+    its gate input is true. ``act_qdq(act) -> (scale, zero point, shift)``; ``weight_codes(l, w) -> dequantized w``.
+    Returns (model, activation -> gate input name)."""
+    g = onnx.ModelProto()
+    g.CopyFrom(model)
+    idx = GraphIndex(g)
+    used = {t.name for t in g.graph.initializer} | {o for n in g.graph.node for o in n.output} | {i.name for i in g.graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        return name
+
+    by_out = {id(n): n for n in g.graph.node}
+    before: dict[int, list[onnx.NodeProto]] = {}
+    gates: dict[str, str] = {}
+    order = {id(n): i for i, n in enumerate(g.graph.node)}
+    nodes_by_output = {n.output[0]: n for n in g.graph.node if n.output}
+    for act, ls in groups.items():
+        gate = fresh(f"fallback_gate_{len(gates)}")
+        gates[act] = gate
+        g.graph.input.append(helper.make_tensor_value_info(gate, TensorProto.BOOL, []))
+        scale, zp, shift = act_qdq(act)
+        s, z = fresh(f"{act}_fb_scale"), fresh(f"{act}_fb_zp")
+        g.graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32), s), numpy_helper.from_array(zp, z)])
+        nodes = []
+        src = act
+        if shift:
+            c = fresh(f"{act}_fb_center")
+            g.graph.initializer.append(numpy_helper.from_array(np.array(shift, np.float32), c))
+            src = fresh(f"{act}_fb_centered")
+            nodes.append(helper.make_node("Sub", [act, c], [src]))
+        q, dq, out = fresh(f"{act}_fb_q"), fresh(f"{act}_fb_dq"), fresh(f"{act}_fb_gated")
+        nodes += [helper.make_node("QuantizeLinear", [src, s, z], [q]), helper.make_node("DequantizeLinear", [q, s, z], [dq])]
+        if shift:
+            back = fresh(f"{act}_fb_uncentered")
+            nodes.append(helper.make_node("Add", [dq, c], [back]))
+            dq = back
+        nodes.append(helper.make_node("Where", [gate, dq, act], [out]))
+        consumers = [nodes_by_output[l.node.output[0]] for l in ls]
+        first = min(consumers, key=lambda n: order[id(n)])
+        before.setdefault(id(first), []).extend(nodes)
+        for l, node in zip(ls, consumers):
+            w = idx.const_array(node.input[1])
+            wq, wg = fresh(f"{node.input[1]}_fb_q"), fresh(f"{node.input[1]}_fb_gated")
+            g.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight_codes(l, w).astype(w.dtype)), wq))
+            before.setdefault(id(node), []).append(helper.make_node("Where", [gate, wq, node.input[1]], [wg]))
+            node.input[0], node.input[1] = out, wg
+    del by_out
+    nodes = list(g.graph.node)
+    del g.graph.node[:]
+    for n in nodes:
+        g.graph.node.extend(before.get(id(n), []))
+        g.graph.node.append(n)
+    return g, gates
+
+
+def tail_model(model: onnx.ModelProto, start: str) -> onnx.ModelProto | None:
+    """The part of ``model`` that computes its outputs from tensor ``start`` (a new graph input) and the graph
+    inputs it still needs. None when a graph output does not depend on ``start``."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep: list[onnx.NodeProto] = []
+    for n in reversed(g.node):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.discard(start)
+            needed.update(i for i in n.input if i and i != start)
+    keep.reverse()
+    produced = {o for n in keep for o in n.output}
+    inits = [t for t in g.initializer if t.name in needed]
+    init_names = {t.name for t in inits}
+    graph_inputs = [i for i in g.input if i.name in needed and i.name not in init_names]
+    missing = needed - produced - init_names - {i.name for i in graph_inputs}
+    if missing or not any(start in n.input for n in keep):
+        return None
+    t = onnx.ModelProto()
+    t.ir_version, t.producer_name = model.ir_version, model.producer_name
+    t.opset_import.extend(model.opset_import)
+    t.graph.name = g.name + "_tail"
+    t.graph.node.extend(keep)
+    t.graph.initializer.extend(inits)
+    t.graph.input.append(helper.make_tensor_value_info(start, TensorProto.FLOAT, None))
+    t.graph.input.extend(graph_inputs)
+    t.graph.output.extend(g.output)
+    return t
+
+
+def block_inputs(model: onnx.ModelProto, groups: dict[str, list[Linear]]) -> dict[str, str | None]:
+    """activation -> the tensor its block starts from (the input of the LayerNorm before the block's q/k/v), or None."""
+    idx = GraphIndex(model)
+    starts: dict[int, str] = {}
+    for act, ls in groups.items():
+        for l in ls:
+            if l.role == "qkv" and l.block is not None:
+                p = idx.producer.get(l.activation)
+                if p is not None and p.op_type == "LayerNormalization":
+                    starts.setdefault(l.block, p.input[0])
+    return {act: starts.get(ls[0].block) if ls[0].block is not None else None for act, ls in groups.items()}
+
+
+def score_candidates(
+    model: onnx.ModelProto,
+    x: np.ndarray,
+    groups: dict[str, list[Linear]],
+    act_qdq: Callable[[str], tuple[np.ndarray, np.ndarray, float]],
+    weight_codes: Callable[[Linear, np.ndarray], np.ndarray],
+    threads: int = 0,
+    progress: Callable[[int], None] | None = None,
+    batch: int = 8,
+) -> dict[str, float]:
+    """KL from float of the outputs on images ``x`` when each activation of ``groups`` alone is quantized."""
+    from .calibration import stream_activations
+
+    input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    output_name = model.graph.output[0].name
+    starts = block_inputs(model, groups)
+    wanted = sorted({s for s in starts.values() if s})
+    captured: dict[str, list[np.ndarray]] = {}
+    chunks = [x[i : i + batch] for i in range(0, len(x), batch)]
+    stream_activations(model, [output_name, *wanted], lambda: iter(chunks), lambda n, a: captured.setdefault(n, []).append(np.array(a)), threads=threads)
+    ref = np.concatenate(captured[output_name])
+    gmodel, gates = gated_model(model, groups, act_qdq, weight_codes)
+    by_start: dict[str | None, list[str]] = {}
+    for act, s in starts.items():
+        by_start.setdefault(s, []).append(act)
+    scores: dict[str, float] = {}
+    # candidates with no block, or that their block's tail does not contain, are scored on the whole model last
+    orphans: list[str] = list(by_start.pop(None, []))
+    for start, acts in [*by_start.items(), (None, orphans)]:
+        if not acts:
+            continue
+        sub = tail_model(gmodel, start) if start else None
+        if sub is None:
+            sub, feeds = gmodel, [{input_name: c} for c in chunks]
+        else:
+            feeds = [{start: c} for c in captured[start]]
+            if any(i.name == input_name for i in sub.graph.input):
+                feeds = [{**f, input_name: c} for f, c in zip(feeds, chunks)]
+        sess = _session(sub, threads)
+        present = {i.name for i in sess.get_inputs()}
+        del sub
+        for act in acts:
+            if gates[act] not in present:
+                orphans.append(act)
+                continue
+            flags = {gname: np.array(a == act) for a, gname in gates.items() if gname in present}
+            out = np.concatenate([sess.run([output_name], {**f, **flags})[0] for f in feeds])
+            scores[act] = _kl(ref, out)
+            if progress is not None:
+                progress(1)
+        del sess
+    return scores
