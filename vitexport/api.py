@@ -55,6 +55,7 @@ class BuildOptions:
     batch_size: int = 32
     options: Mapping[str, Any] = field(default_factory=dict)  # per-precision recipe overrides, e.g. {"int8": {...}}
     target: str | None = None
+    remote: tuple = ()  # vitexport.remote.Device: measure every artifact on these devices too, in parallel
 
 
 def load_target(name_or_path: str) -> dict[str, Any]:
@@ -76,13 +77,21 @@ def load_target(name_or_path: str) -> dict[str, Any]:
 def target_settings(target: str | None, backend: str | None, precisions: Sequence[str] | None, threads: int | None) -> dict[str, Any]:
     """BuildOptions fields from a device profile; what the user gave explicitly (not None) wins."""
     t = load_target(target) if target else {}
-    return {
+    out = {
         "backend": backend or t.get("backend", "onnxruntime"),
         "precisions": tuple(precisions or t.get("precisions", ("fp32", "int8", "int4"))),
         "threads": threads if threads is not None else t.get("threads"),
         "options": {k: dict(v) for k, v in (t.get("options") or {}).items()},
         "target": t.get("name"),
     }
+    trt_version = (out["options"].get("tensorrt") or {}).get("tensorrt")
+    if trt_version and "tensorrt" in str(out["backend"]):  # the device's TensorRT decides the opset it can parse
+        from .backends.tensorrt import max_onnx_opset
+
+        cap = max_onnx_opset(trt_version)
+        if cap is not None:
+            out["opset"] = cap
+    return out
 
 
 def _require_default(path: str | None, what: str, flag: str) -> None:
@@ -151,7 +160,16 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         for make_extra in extra_builders:
             timed(lambda: make_extra(reference, calibration, tmp))
 
-        rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path)
+        ref_out = None
+        if opts.remote:  # device rows are scored against the same fp32 reference outputs: compute them once, here
+            from .backends.onnxruntime import OrtRunner
+
+            ref_out = _accuracy.run_all(OrtRunner(reference.path, opts.threads), eval_x, opts.batch_size)
+        rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path, reference_outputs=ref_out)
+        if opts.remote:
+            from . import remote
+
+            rows += remote.measure(opts.remote, artifacts, cache / "eval.npy", evalset.labels, spec.task == "classification", ref_out, _row, threads=opts.threads, latency=opts.latency, batch_size=opts.batch_size, progress=progress)
         rows = [replace(r, build=builds.get(r.name)) for r in rows]
         shutil.rmtree(cache, ignore_errors=True)
         report = Report(
@@ -168,6 +186,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
                 "calibration_source": calibration.source if calibration else None,
                 "preprocessing": spec.preprocessing.to_dict(),
                 "target": opts.target,
+                **({"devices": [d.name for d in opts.remote], "shipped": _remote_note()} if opts.remote else {}),
             },
             host=host_info(),
             tools=tool_versions(),
@@ -239,6 +258,9 @@ def measure_artifacts(
         except VitexportError as e:
             runner = None
             notes.append(f"not run here: {e}")
+        except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
+            runner = None
+            notes.append(f"not run here: emulating it needs {e.name or e}: pip install {e.name or 'onnx'}")
         if runner is not None:
             with PeakMemory() as pm, progress.bar(f"evaluating {art.name}", total=len(inputs)) as tick:
                 outputs = _accuracy.run_all(runner, inputs, opts.batch_size, tick)
@@ -263,7 +285,17 @@ def measure_artifacts(
 
 
 def _row(art: Artifact, **measured: Any) -> Row:
+    from .remote import manifest_sha256
+
+    measured.setdefault("measured_on", {"name": "host"})
+    measured.setdefault("sha256", manifest_sha256(art.directory) if (art.directory / "manifest.json").is_file() else None)
     return Row(name=art.name, backend=art.backend, precision=art.precision, path=str(art.path), size_bytes=art.size_bytes, recipe=_recipe_view(art.manifest.get("recipe", {})), **measured)
+
+
+def _remote_note() -> str:
+    from .remote import SHIPPED_NOTE
+
+    return SHIPPED_NOTE
 
 
 def _recipe_view(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -292,8 +324,12 @@ def evaluate(
     threads: int | None = None,
     latency: bool = False,
     progress: Progress | None = None,
+    remote: Sequence[Any] = (),
 ) -> Report:
-    """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given)."""
+    """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given).
+
+    With `remote` (vitexport.remote.Devices) the artifact runs on those devices instead, on the images preprocessed
+    here; a reference artifact still runs here, once, and the devices' outputs are scored here against it."""
     progress = progress or Progress(enabled=False)
     art = Artifact.load(artifact_path)
     imageset = _artifact_images(art, images, classes, limit)
@@ -303,20 +339,30 @@ def evaluate(
     classifier = art.manifest.get("io", {}).get("task", "classification") == "classification"
     with tempfile.TemporaryDirectory(prefix="vitexport-eval-") as tmp:
         x = _materialize(imageset, Path(tmp) / "images.npy", progress, "preprocessing images")
-        rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress)
+        if remote:
+            from . import remote as _remote
+
+            ref_out = None
+            if reference:
+                ref_runner = _backends.get(arts[0].backend).runner(arts[0], threads)
+                ref_out = _accuracy.run_all(ref_runner, x, opts.batch_size)
+                del ref_runner
+            rows = _remote.measure(remote, [art], Path(tmp) / "images.npy", imageset.labels, classifier, ref_out, _row, threads=threads, latency=latency, batch_size=opts.batch_size, progress=progress)
+        else:
+            rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress)
         del x
     return Report(
         model=art.manifest.get("model", {}),
         rows=tuple(rows),
-        evaluation={"images": len(imageset), "source": str(imageset.root), "labelled": sum(lab is not None for lab in imageset.labels), "label_source": imageset.label_source},
+        evaluation={"images": len(imageset), "source": str(imageset.root), "labelled": sum(lab is not None for lab in imageset.labels), "label_source": imageset.label_source, **({"devices": [d.name for d in remote], "shipped": _remote_note()} if remote else {})},
         host=host_info(),
         tools=tool_versions(),
         created=now(),
     )
 
 
-def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None) -> Report:
-    """Latency, throughput and peak memory of one artifact on this host."""
+def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None, remote: Sequence[Any] = ()) -> Report:
+    """Latency, throughput and peak memory of one artifact on this host (or on `remote` devices, in parallel)."""
     progress = progress or Progress(enabled=False)
     art = Artifact.load(artifact_path)
     imageset = _artifact_images(art, images, None, 16)
@@ -325,8 +371,18 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
     else:
         shape = [int(d) for d in art.manifest["io"]["input_shape"][1:]]
         x = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
+    if remote:
+        from . import remote as _remote
+
+        with tempfile.TemporaryDirectory(prefix="vitexport-bench-") as tmp:
+            np.save(Path(tmp) / "inputs.npy", x)
+            rows = _remote.measure(remote, [art], Path(tmp) / "inputs.npy", None, False, None, _row, threads=threads, latency=True, throughput_batch=throughput_batch, score=False, progress=progress)
+        return Report(model=art.manifest.get("model", {}), rows=tuple(rows), host=host_info(), tools=tool_versions(), created=now())
     with PeakMemory() as pm:
-        runner = _backends.get(art.backend).runner(art, threads)
+        try:
+            runner = _backends.get(art.backend).runner(art, threads)
+        except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
+            raise VitexportError(f"{art.name} cannot run here: emulating it needs {e.name or e}: pip install {e.name or 'onnx'}") from None
         progress.step(f"timing {art.name} on {runner.device}")
         lat = measure(runner, x, throughput_batch=throughput_batch)
     notes = ("emulated runtime: these timings are not the target's",) if runner.emulated else ()

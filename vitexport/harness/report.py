@@ -26,6 +26,8 @@ class Row:
     build: Mapping[str, Any] | None = None  # seconds, peak_mb (above the start of the step), process_peak_mb
     recipe: Mapping[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    measured_on: Mapping[str, Any] | None = None  # {"name": "host" or the --remote device, "facts": its CPU, OS, ...}
+    sha256: str | None = None  # the artifact's identity (sha256 of its manifest): reports merge by it
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,7 +126,9 @@ def table(report: Report) -> tuple[list[str], list[list[str]]]:
     """The comparison table as header + string cells, shared by Markdown and the terminal."""
     ref = _reference_row(report)
     ref_top1 = ref.accuracy.get("top1") if ref and ref.accuracy else None
-    ref_p50 = ref.latency.get("p50_ms") if ref and ref.latency else None
+    # ×faster compares rows measured on the same machine: each device's fp32 row is its own baseline
+    where_of = lambda r: (r.measured_on or {}).get("name", "host")  # noqa: E731
+    ref_p50s = {where_of(r): r.latency.get("p50_ms") for r in reversed(report.rows) if r.precision == "fp32" and r.latency}
     ref_size = ref.size_bytes if ref else None
     head = ["artifact", "size MB", "×smaller", "top-1 %", "Δ top-1", "top-5 %", "agree %", "cosine", "p50 ms", "p90 ms", "×faster", "img/s", "peak MB", "measured"]
     body = []
@@ -136,12 +140,15 @@ def table(report: Report) -> tuple[list[str], list[list[str]]]:
         if a.get("lost") is not None and (a["lost"] or a["gained"]):
             d_top1 += f" (−{a['lost']}/+{a['gained']})"  # images lost / gained against the reference
         p50 = lat.get("p50_ms")
+        ref_p50 = ref_p50s.get(where_of(r))
         if not a and not lat:
             where = "not run here"
         elif a.get("emulated"):
             where = "emulated"
         else:
             where = "measured"
+        if where_of(r) != "host":
+            where += f" on {where_of(r)}"
         body.append(
             [
                 r.name,
