@@ -268,7 +268,7 @@ STANDIN_TENSORRT = '''
 pointer to the ONNX; running it runs that ONNX with onnxruntime in float32. It records nothing GPU-specific."""
 import json, os
 import numpy as np
-__version__ = "8.6.2"
+__version__ = "10.3.0"
 class Logger:
     WARNING = 2; ERROR = 1
     def __init__(self, *a): pass
@@ -369,23 +369,38 @@ def jetson_python(device_python, tmp_path_factory) -> Path:
 def test_tensorrt_engine_built_and_run_on_the_device(reference, calibration, image_folder, sshd, jetson_python, device_cache, tmp_path, capsys):
     from vitexport.backends.tensorrt import TensorRTBackend
 
-    art = TensorRTBackend().build(reference, None, "fp16", {"tensorrt": {"tensorrt": "8.6"}}, tmp_path / "tensorrt-fp16")
-    assert json.loads((art.directory / "tensorrt.json").read_text())["onnx_opset"] == reference.opset
+    art = TensorRTBackend().build(reference, None, "fp16", {"tensorrt": {"tensorrt": "10.3"}}, tmp_path / "tensorrt-fp16")
+    plan = json.loads((art.directory / "tensorrt.json").read_text())
+    assert plan["onnx_opset"] == reference.opset == 18 and plan["tensorrt"] == "10.3"
     args = ["eval", str(art.directory), "--images", str(image_folder), "--latency", "--json", *_remote(sshd, jetson_python, device_cache)]
     assert main(args) == 0
     (row,) = _json(capsys)["rows"]
-    assert row["measured_on"]["runtimes"] == {"tensorrt": "8.6.2"}
-    assert any("engine built on the device with build_engine.py (TensorRT 8.6.2" in n for n in row["notes"])
+    assert row["measured_on"]["runtimes"] == {"tensorrt": "10.3.0"}
+    assert any("engine built on the device with build_engine.py (TensorRT 10.3.0" in n for n in row["notes"])
     assert any("trtexec not found" in n for n in row["notes"])
-    assert row["latency"]["runtime"] == "TensorRT 8.6.2" and row["latency"]["p50_ms"] > 0
+    assert row["latency"]["runtime"] == "TensorRT 10.3.0" and row["latency"]["p50_ms"] > 0
     assert row["accuracy"]["n"] == 24 and row["accuracy"]["top1"] is not None
     engines = device_cache / "engines"
-    built = [p for p in engines.iterdir() if p.name.endswith("-trt8.6.2")]
+    built = [p for p in engines.iterdir() if p.name.endswith("-trt10.3.0")]
     assert len(built) == 1 and (built[0] / "model.engine").is_file() and (engines / "tensorrt-timing.cache").is_file()
     assert not [p for p in engines.iterdir() if p.name.startswith(".tmp")]
     assert main(args) == 0  # the second run reuses the engine built on the device
     (row,) = _json(capsys)["rows"]
     assert any("cached" in n for n in row["notes"] if "engine built" in n)
+
+
+def test_the_profiles_tensorrt_decides_the_opset(reference, tmp_path):
+    """JetPack 6.0's TensorRT 8.6 parses opset 17 at most: the jetson-orin profile exports at 17, and an opset-18
+    reference is refused for it (one clear error) rather than failing later on the device."""
+    from vitexport.api import target_settings
+    from vitexport.backends.tensorrt import TensorRTBackend, max_onnx_opset
+    from vitexport.errors import VitexportError
+
+    assert target_settings("jetson-orin", None, None, None)["opset"] == 17
+    assert "opset" not in target_settings("raspberry-pi-5", None, None, None)
+    assert (max_onnx_opset("8.6"), max_onnx_opset("10.3"), max_onnx_opset(None)) == (17, None, None)
+    with pytest.raises(VitexportError, match="TensorRT 8.6 parses ONNX opset 17 at most.*--opset 17"):
+        TensorRTBackend().build(reference, None, "fp16", {"tensorrt": {"tensorrt": "8.6"}}, tmp_path / "t")
 
 
 # ---------------------------------------------------------------- every failure is one clear line

@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="work with report.json files (merge reports from several hosts and devices)")
     rsub = r.add_subparsers(dest="report_command", metavar="ACTION")
-    m = rsub.add_parser("merge", help="join report.json files into one report", description="Join the rows of several report.json files (e.g. a host build and runs on devices) into one report.json + report.md. Rows of the same artifact name must be the same artifact (same sha256), measured on the same images.")
+    r.set_defaults(report_parser=r)
+    m = rsub.add_parser("merge", parents=[common], help="join report.json files into one report", description="Join the rows of several report.json files (e.g. a host build and runs on devices) into one report.json + report.md. Rows of the same artifact name must be the same artifact (same sha256), measured on the same images.")
     m.add_argument("reports", nargs="+", metavar="REPORT_JSON")
     m.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the merged report.json and report.md")
     m.add_argument("--force", action="store_true", help="replace DIR if it exists")
@@ -175,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _emit(api.bench(args.artifact, args.images, args.threads, args.batch, progress, remote=_devices(args)), args)
         elif args.command == "report":
             if args.report_command != "merge":
-                parser.parse_args(["report", "--help"])
+                args.report_parser.print_help(sys.stderr)
+                return EXIT_USAGE
             from .remote.merge import merge_files
 
             report = merge_files(args.reports, args.out, args.force)

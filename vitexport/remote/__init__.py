@@ -436,7 +436,9 @@ def measure(
     from ..harness import accuracy as _accuracy
 
     job = Job(tuple(Path(a.directory) for a in artifacts), Path(inputs), batch_size, threads, latency, throughput_batch)
+    start = time.perf_counter()
     runs = run_on_devices(devices, job, progress)
+    wall = round(time.perf_counter() - start, 2)  # the devices ran in parallel: this against the sum of their seconds
     rows = []
     for run in runs:
         for art, res in zip(artifacts, run.results):
@@ -444,7 +446,7 @@ def measure(
             if score:
                 outputs = decode_outputs(res)
                 acc = _accuracy.score(outputs, labels if labels is not None else [None] * len(outputs), reference_outputs, classifier, False).to_dict()
-            rows.append(row(art, accuracy=acc, latency=res.get("latency"), memory=res.get("memory"), notes=tuple(device_notes(run, res)), measured_on=measured_on(run), sha256=res.get("sha256")))
+            rows.append(row(art, accuracy=acc, latency=res.get("latency"), memory=res.get("memory"), notes=tuple(device_notes(run, res)), measured_on={**measured_on(run), "wall_seconds": wall}, sha256=res.get("sha256")))
     return rows
 
 
