@@ -173,10 +173,14 @@ def start_sshd(d: Path, aliases: list[str]) -> tuple[subprocess.Popen, Path]:
 # ---------------------------------------------------------------- the runs
 
 
-def vitexport(args: list[str]) -> tuple[float, list[str]]:
+def vitexport(args: list[str], capture: Path | None = None) -> tuple[float, list[str]]:
     cmd = [sys.executable, "-m", "vitexport.cli", *args]
     start = time.perf_counter()
-    sh(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if capture:
+        with open(capture, "w") as f:
+            sh(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=f)
+    else:
+        sh(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     return time.perf_counter() - start, cmd
 
 
@@ -212,8 +216,8 @@ def summary(row: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vitexport-emulated-pi")
-    ap.add_argument("--num-eval", type=int, default=100, help="evaluation images (emulation is ~100x slower than native)")
-    ap.add_argument("--num-eval-parallel", type=int, default=24)
+    ap.add_argument("--num-eval", type=int, default=24, help="evaluation images (emulation is ~100x slower than native: seconds per image)")
+    ap.add_argument("--num-eval-parallel", type=int, default=4)
     ap.add_argument("--skip-parallel", action="store_true")
     ap.add_argument("--setup-only", action="store_true")
     args = ap.parse_args()
@@ -243,8 +247,7 @@ def main() -> int:
             shutil.copyfile(dist / "report.json", RESULTS / "emulated-pi5.report.json")
             shutil.copyfile(dist / "report.md", RESULTS / "emulated-pi5.report.md")
             out["profile"] = {"command": " ".join(cmd[2:]), "seconds": round(secs, 1), "rows": {f"{n}@{w}": summary(r) for (n, w), r in rows_of(report).items() if r.get("accuracy")}}
-            int8_reduce = next(r for r in report["rows"] if r["name"] == "onnxruntime-int8")["recipe"].get("weight_type")
-            out["profile"]["int8_weights"] = int8_reduce
+            out["profile"]["int8_weights"] = json.loads((dist / "onnxruntime-int8" / "manifest.json").read_text())["recipe"].get("weights")
             profile_text = (REPO / "targets" / "raspberry-pi-5.toml").read_text()
 
             # 2. the other weight width, same images: 7-bit vs 8-bit on ARM (and on this host)
@@ -257,22 +260,22 @@ def main() -> int:
                 body += f"\n\n[options.int8]\nreduce_range = {other}\n"
             toml.write_text(body)
             dist2 = tmp / "pi5-other"
-            secs, cmd = vitexport(["build", "--target", str(toml), "--precision", "fp32,int8", "--num-eval", str(args.num_eval), "--out", str(dist2), "--remote", "emulated-arm=pi5", *remote])
+            secs, cmd = vitexport(["build", "--target", str(toml), "--precision", "int8", "--num-eval", str(args.num_eval), "--out", str(dist2), "--remote", "emulated-arm=pi5", *remote])
             report2 = json.loads((dist2 / "report.json").read_text())
             shutil.copyfile(dist2 / "report.json", RESULTS / f"emulated-pi5-reduce-range-{other}.report.json")
             out["other_weights"] = {"reduce_range": other == "true", "command": " ".join(cmd[2:]), "seconds": round(secs, 1), "rows": {f"{n}@{w}": summary(r) for (n, w), r in rows_of(report2).items() if r.get("accuracy")}}
 
-            # 3. two devices in parallel vs each alone (same artifacts, fresh caches so each copies once)
+            # 3. two devices in parallel vs each alone: `vitexport eval --remote` of the int8 artifact, fresh caches
             if not args.skip_parallel:
                 par: dict = {}
                 for label, remotes in (("pi-a alone", ["pi-a=pi-a"]), ("pi-b alone", ["pi-b=pi-b"]), ("both", ["pi-a=pi-a", "pi-b=pi-b"])):
-                    d = tmp / f"par-{label.replace(' ', '-')}"
-                    rr = ["--remote-python", str(py), "--ssh-config", str(cfg), "--remote-cache", str(tmp / f"cache-{label.replace(' ', '-')}"), "--remote-timeout", "7200"]
+                    slug = label.replace(" ", "-")
+                    rr = ["--remote-python", str(py), "--ssh-config", str(cfg), "--remote-cache", str(tmp / f"cache-{slug}"), "--remote-timeout", "7200"]
                     flags = [x for r in remotes for x in ("--remote", r)]
-                    secs, cmd = vitexport(["build", "--target", "raspberry-pi-5", "--precision", "int8", "--num-eval", str(args.num_eval_parallel), "--out", str(d), *flags, *rr])
-                    rep = json.loads((d / "report.json").read_text())
-                    dev = {r["measured_on"]["name"]: r["measured_on"] for r in rep["rows"] if r["measured_on"]["name"] != "host"}
-                    par[label] = {"command": " ".join(cmd[2:]), "build_seconds": round(secs, 1), "device_seconds": {k: v["seconds"] for k, v in dev.items()}, "device_phase_wall_seconds": next(iter(dev.values())).get("wall_seconds")}
+                    secs, cmd = vitexport(["eval", str(dist / "onnxruntime-int8"), "--images", str(REPO / "calibration" / "eval"), "--limit", str(args.num_eval_parallel), "--json", *flags, *rr], capture=tmp / f"{slug}.json")
+                    rep = json.loads((tmp / f"{slug}.json").read_text())
+                    dev = {r["measured_on"]["name"]: r["measured_on"] for r in rep["rows"]}
+                    par[label] = {"command": " ".join(cmd[2:]), "command_seconds": round(secs, 1), "device_seconds": {k: v["seconds"] for k, v in dev.items()}, "device_phase_wall_seconds": next(iter(dev.values()))["wall_seconds"]}
                 alone = par["pi-a alone"]["device_phase_wall_seconds"] + par["pi-b alone"]["device_phase_wall_seconds"]
                 par["sum_alone_seconds"] = round(alone, 1)
                 par["parallel_over_sum"] = round(par["both"]["device_phase_wall_seconds"] / alone, 3)

@@ -163,9 +163,11 @@ def _json(capsys) -> dict:
 
 
 def _one_line_error(capsys) -> str:
+    """Progress lines may come first; the failure itself is one last line, and no traceback."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("vitexport: error: "), err
-    return err[0]
+    errors = [ln for ln in err if ln.startswith("vitexport: error: ")]
+    assert len(errors) == 1 and err[-1] == errors[0] and not any("Traceback" in ln for ln in err), err
+    return errors[0]
 
 
 def _entries(cache: Path) -> dict[str, list[str]]:
@@ -511,8 +513,9 @@ def test_interrupted_copy_leaves_no_cache_entry(sshd, device_python, tmp_path):
 
 
 def test_bad_remote_spec_is_one_line(dist, capsys):
-    assert main(["bench", str(dist / "onnxruntime-fp32"), "--remote", "-oProxyCommand=x"]) == 2
-    assert "bad --remote" in _one_line_error(capsys)
+    for bad in ("--remote=-oProxyCommand", "--remote=pi=", "--remote=pi=user@host -p 2"):  # never an ssh option
+        assert main(["bench", str(dist / "onnxruntime-fp32"), bad]) == 2
+        assert "bad --remote" in _one_line_error(capsys)
 
 
 # ---------------------------------------------------------------- the README's device recipe
