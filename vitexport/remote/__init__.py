@@ -150,7 +150,7 @@ def _ssh_error(dev: Device, stderr: str) -> VitexportError:
 def _ssh(session: Session, dev: Device, remote: str, timeout: float, feed=None, what: str = "") -> tuple[int, str, str]:
     """Run `remote` (a shell command line) on the device. `feed(stdin)` streams input; otherwise stdin stays open
     (and unused) until the command ends, so the device side sees EOF, and stops, only when this ssh goes away."""
-    p = session.popen(_ssh_base(dev) + [remote])
+    p = session.popen(_ssh_base(dev) + ["sh -c " + shlex.quote(remote)])  # POSIX sh whatever the login shell is
     bufs: dict[str, bytes] = {}
     readers = [threading.Thread(target=lambda k=k, s=s: bufs.__setitem__(k, s.read()), daemon=True) for k, s in (("out", p.stdout), ("err", p.stderr))]
     for t in readers:
@@ -310,7 +310,6 @@ def run_on_device(session: Session, dev: Device, job: Job, progress=None) -> Dev
     say(f"connecting to {dev.dest}")
     look = _look(session, dev, keys)
     have = look["have"]
-    copied = 0
     if f"runner-{runner_sha}" not in have:
         _copy(session, dev, [(RUNNER, "device_runner.py")], f"runner/{runner_sha}", 300)
     runner = f"runner/{runner_sha}/device_runner.py"
