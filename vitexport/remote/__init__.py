@@ -107,7 +107,8 @@ class Session:
     def popen(self, cmd: list[str]) -> subprocess.Popen:
         if self.cancelled.is_set():
             raise VitexportError("cancelled")
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # a session of its own: a terminal's Ctrl-C reaches vitexport, which stops every ssh itself (cancel())
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         with self._lock:
             self._procs.add(p)
         return p
