@@ -25,7 +25,7 @@ Then it runs, on the real DeiT-tiny with the shipped calibration set and the fir
    the wall time of the device phase in parallel versus the sum of the two alone.
 
     python benchmarks/emulated_pi.py                      # set up if needed, run all three, write benchmarks/results/
-    python benchmarks/emulated_pi.py --num-eval 48 --skip-parallel
+    python benchmarks/emulated_pi.py --steps other-weights,parallel   # steps can run apart (and at once)
 
 Results: benchmarks/results/emulated-pi5.report.{json,md} (step 1), emulated-pi5-8bit.report.json (step 2),
 emulated-pi5.json (the comparison, the parallel timing, the commands).
@@ -42,7 +42,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -218,7 +217,8 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "vitexport-emulated-pi")
     ap.add_argument("--num-eval", type=int, default=24, help="evaluation images (emulation is ~100x slower than native: seconds per image)")
     ap.add_argument("--num-eval-parallel", type=int, default=4)
-    ap.add_argument("--skip-parallel", action="store_true")
+    ap.add_argument("--steps", default="profile,other-weights,parallel", help="which of profile, other-weights, parallel to run (results add to one file)")
+    ap.add_argument("--int8-artifact", type=Path, help="the int8 artifact the parallel step evaluates (default: this run's)")
     ap.add_argument("--setup-only", action="store_true")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -234,45 +234,64 @@ def main() -> int:
         return 0
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out: dict = {"setup": {"rootfs": "mmdebstrap --arch=arm64 --variant=apt --include=python3.11,python3-minimal bookworm", "python": f"qemu-aarch64-static -cpu cortex-a76 -L ROOTFS ROOTFS/usr/bin/python3.11", "device_python_check": check.stdout.strip()}}
+    steps = set(args.steps.split(","))
+    result_file = RESULTS / "emulated-pi5.json"
+    out: dict = json.loads(result_file.read_text()) if result_file.is_file() else {}  # steps run apart add to one file
+    out["setup"] = {"rootfs": "mmdebstrap --arch=arm64 --variant=apt --include=python3.11,python3-minimal bookworm", "python": "qemu-aarch64-static -cpu cortex-a76 -L ROOTFS ROOTFS/usr/bin/python3.11", "device_python_check": check.stdout.strip()}
+
+    def save() -> None:
+        result_file.write_text(json.dumps(out, indent=2) + "\n")
+
+    int8_artifact = args.int8_artifact
+    saved = RESULTS / "emulated-pi5.report.json"
+    if "profile" not in steps and "profile" not in out and saved.is_file():  # step 1 ran in another invocation
+        report = json.loads(saved.read_text())
+        cmd = f"build --target raspberry-pi-5 --num-eval {report['evaluation']['images']} --out DIST --remote emulated-arm=pi5 --remote-python python3-cortex-a76 ..."
+        out["profile"] = {"command": cmd, "rows": {f"{n}@{w}": summary(r) for (n, w), r in rows_of(report).items() if r.get("accuracy")}}
+        out["host"] = report.get("host")
+        save()
     with tempfile.TemporaryDirectory(prefix="vitexport-emulated-pi-") as tmp:
         tmp = Path(tmp)
         sshd, cfg = start_sshd(tmp, ["pi5", "pi-a", "pi-b"])
         try:
             remote = ["--remote-python", str(py), "--ssh-config", str(cfg), "--remote-cache", str(tmp / "device-cache"), "--remote-timeout", "7200"]
-            # 1. the profile as it ships: host rows + emulated-arm rows for fp32/int8/int4
-            dist = tmp / "pi5"
-            secs, cmd = vitexport(["build", "--target", "raspberry-pi-5", "--num-eval", str(args.num_eval), "--out", str(dist), "--remote", "emulated-arm=pi5", *remote])
-            report = json.loads((dist / "report.json").read_text())
-            shutil.copyfile(dist / "report.json", RESULTS / "emulated-pi5.report.json")
-            shutil.copyfile(dist / "report.md", RESULTS / "emulated-pi5.report.md")
-            out["profile"] = {"command": " ".join(cmd[2:]), "seconds": round(secs, 1), "rows": {f"{n}@{w}": summary(r) for (n, w), r in rows_of(report).items() if r.get("accuracy")}}
-            out["profile"]["int8_weights"] = json.loads((dist / "onnxruntime-int8" / "manifest.json").read_text())["recipe"].get("weights")
             profile_text = (REPO / "targets" / "raspberry-pi-5.toml").read_text()
+            if "profile" in steps:  # 1. the profile as it ships: host rows + emulated-arm rows for fp32/int8/int4
+                dist = tmp / "pi5"
+                secs, cmd = vitexport(["build", "--target", "raspberry-pi-5", "--num-eval", str(args.num_eval), "--out", str(dist), "--remote", "emulated-arm=pi5", *remote])
+                report = json.loads((dist / "report.json").read_text())
+                shutil.copyfile(dist / "report.json", RESULTS / "emulated-pi5.report.json")
+                shutil.copyfile(dist / "report.md", RESULTS / "emulated-pi5.report.md")
+                out["profile"] = {"command": " ".join(cmd[2:]), "seconds": round(secs, 1), "rows": {f"{n}@{w}": summary(r) for (n, w), r in rows_of(report).items() if r.get("accuracy")}}
+                out["profile"]["int8_weights"] = json.loads((dist / "onnxruntime-int8" / "manifest.json").read_text())["recipe"].get("weights")
+                out["host"] = report.get("host")
+                save()
+                int8_artifact = int8_artifact or dist / "onnxruntime-int8"
 
-            # 2. the other weight width, same images: 7-bit vs 8-bit on ARM (and on this host)
-            other = "true" if "reduce_range = false" in profile_text else "false"
-            toml = tmp / "pi5-other-weights.toml"
-            body = "\n".join(line for line in profile_text.splitlines() if "reduce_range" not in line)
-            if "[options.int8]" in body:
-                body = body.replace("[options.int8]", f"[options.int8]\nreduce_range = {other}")
-            else:
-                body += f"\n\n[options.int8]\nreduce_range = {other}\n"
-            toml.write_text(body)
-            dist2 = tmp / "pi5-other"
-            secs, cmd = vitexport(["build", "--target", str(toml), "--precision", "int8", "--num-eval", str(args.num_eval), "--out", str(dist2), "--remote", "emulated-arm=pi5", *remote])
-            report2 = json.loads((dist2 / "report.json").read_text())
-            shutil.copyfile(dist2 / "report.json", RESULTS / f"emulated-pi5-reduce-range-{other}.report.json")
-            out["other_weights"] = {"reduce_range": other == "true", "command": " ".join(cmd[2:]), "seconds": round(secs, 1), "rows": {f"{n}@{w}": summary(r) for (n, w), r in rows_of(report2).items() if r.get("accuracy")}}
+            if "other-weights" in steps:  # 2. the other weight width, same images: 7-bit vs 8-bit on ARM (and here)
+                other = "true" if "reduce_range = false" in profile_text else "false"
+                toml = tmp / "pi5-other-weights.toml"
+                body = "\n".join(line for line in profile_text.splitlines() if "reduce_range" not in line)
+                if "[options.int8]" in body:
+                    body = body.replace("[options.int8]", f"[options.int8]\nreduce_range = {other}")
+                else:
+                    body += f"\n\n[options.int8]\nreduce_range = {other}\n"
+                toml.write_text(body)
+                dist2 = tmp / "pi5-other"
+                secs, cmd = vitexport(["build", "--target", str(toml), "--precision", "int8", "--num-eval", str(args.num_eval), "--out", str(dist2), "--remote", "emulated-arm=pi5", *remote])
+                report2 = json.loads((dist2 / "report.json").read_text())
+                shutil.copyfile(dist2 / "report.json", RESULTS / f"emulated-pi5-reduce-range-{other}.report.json")
+                out["other_weights"] = {"reduce_range": other == "true", "profile_toml": body, "command": " ".join(cmd[2:]), "seconds": round(secs, 1), "rows": {f"{n}@{w}": summary(r) for (n, w), r in rows_of(report2).items() if r.get("accuracy")}}
+                save()
+                int8_artifact = int8_artifact or dist2 / "onnxruntime-int8"
 
-            # 3. two devices in parallel vs each alone: `vitexport eval --remote` of the int8 artifact, fresh caches
-            if not args.skip_parallel:
-                par: dict = {}
+            if "parallel" in steps and int8_artifact:  # 3. two devices in parallel vs each alone, fresh caches
+                par: dict = {"artifact": str(int8_artifact)}
                 for label, remotes in (("pi-a alone", ["pi-a=pi-a"]), ("pi-b alone", ["pi-b=pi-b"]), ("both", ["pi-a=pi-a", "pi-b=pi-b"])):
                     slug = label.replace(" ", "-")
                     rr = ["--remote-python", str(py), "--ssh-config", str(cfg), "--remote-cache", str(tmp / f"cache-{slug}"), "--remote-timeout", "7200"]
                     flags = [x for r in remotes for x in ("--remote", r)]
-                    secs, cmd = vitexport(["eval", str(dist / "onnxruntime-int8"), "--images", str(REPO / "calibration" / "eval"), "--limit", str(args.num_eval_parallel), "--json", *flags, *rr], capture=tmp / f"{slug}.json")
+                    secs, cmd = vitexport(["eval", str(int8_artifact), "--images", str(REPO / "calibration" / "eval"), "--limit", str(args.num_eval_parallel), "--json", *flags, *rr], capture=tmp / f"{slug}.json")
                     rep = json.loads((tmp / f"{slug}.json").read_text())
                     dev = {r["measured_on"]["name"]: r["measured_on"] for r in rep["rows"]}
                     par[label] = {"command": " ".join(cmd[2:]), "command_seconds": round(secs, 1), "device_seconds": {k: v["seconds"] for k, v in dev.items()}, "device_phase_wall_seconds": next(iter(dev.values()))["wall_seconds"]}
@@ -280,11 +299,10 @@ def main() -> int:
                 par["sum_alone_seconds"] = round(alone, 1)
                 par["parallel_over_sum"] = round(par["both"]["device_phase_wall_seconds"] / alone, 3)
                 out["parallel"] = par
+                save()
         finally:
             sshd.terminate()
             sshd.wait(10)
-    out["host"] = report.get("host")
-    (RESULTS / "emulated-pi5.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
     return 0
 
