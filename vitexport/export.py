@@ -194,10 +194,11 @@ def _drop_dead_nodes(model) -> None:
 
 
 def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> dict[str, Any]:
-    import onnxruntime as ort
     import torch
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from .ort_session import ort_session
+
+    sess = ort_session(onnx_path)
     torch_out, onnx_out = [], []
     with torch.inference_mode():
         for i in range(0, len(inputs), batch):

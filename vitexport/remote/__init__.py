@@ -446,7 +446,7 @@ def measure(
             if score:
                 outputs = decode_outputs(res)
                 acc = _accuracy.score(outputs, labels if labels is not None else [None] * len(outputs), reference_outputs, classifier, False).to_dict()
-            rows.append(row(art, accuracy=acc, latency=res.get("latency"), memory=res.get("memory"), notes=tuple(device_notes(run, res)), measured_on={**measured_on(run), "wall_seconds": wall}, sha256=res.get("sha256")))
+            rows.append(row(art, accuracy=acc, latency=res.get("latency"), memory=res.get("memory"), notes=tuple(device_notes(run, res)), measured_on={**measured_on(run), "wall_seconds": wall}))
     return rows
 
 
@@ -454,8 +454,8 @@ def describe_devices(rows: Sequence[Any]) -> list[str]:
     """One line per device that measured rows: what decides how an artifact runs there."""
     seen: dict[str, Mapping[str, Any]] = {}
     for r in rows:
-        mo = r.measured_on or {}
-        if mo.get("facts") and mo.get("name") != "host":
+        mo = getattr(r, "measured_on", None) or {}
+        if isinstance(mo, Mapping) and mo.get("facts") and mo.get("ssh"):
             seen.setdefault(mo["name"], mo)
     lines = []
     for name, mo in seen.items():

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ..artifacts import staged_output
 from ..errors import VitexportError
-from ..harness.report import Report, now
+from ..harness.report import THIS_HOST, Report, measured_on, now
 
 
 def _load(path: str) -> Report:
@@ -30,7 +30,7 @@ def _load(path: str) -> Report:
 
 
 def _where(row) -> str:
-    return (row.measured_on or {}).get("name", "host")
+    return measured_on(row)
 
 
 def merge(reports: Sequence[Report], names: Sequence[str]) -> Report:
@@ -56,8 +56,8 @@ def merge(reports: Sequence[Report], names: Sequence[str]) -> Report:
             if key in seen:
                 raise VitexportError(f"{r.name} measured on {_where(r)} is in both {seen[key]} and {name}: merge one of them")
             seen[key] = name
-            if _where(r) == "host" and rep.host:  # host rows of reports from different build hosts stay told apart
-                r = replace(r, measured_on={"name": "host", **dict(r.measured_on or {}), "facts": dict(rep.host)})
+            if r.measured_on is None and rep.host:  # host rows keep the facts of the host that measured them
+                r = replace(r, measured_on={"name": THIS_HOST, "facts": dict(rep.host)})
             rows.append(r)
     evaluation = {**first.evaluation, "merged_from": list(names)}
     devices = [d for rep in reports for d in rep.evaluation.get("devices", [])]
