@@ -255,7 +255,7 @@ def main() -> int:
         sshd, cfg = start_sshd(tmp, ["pi5", "pi-a", "pi-b"])
         try:
             remote = ["--remote-python", str(py), "--ssh-config", str(cfg), "--remote-cache", str(tmp / "device-cache"), "--remote-timeout", "7200"]
-            profile_text = (REPO / "targets" / "raspberry-pi-5.toml").read_text()
+            profile_text = (REPO / "vitexport" / "targets" / "raspberry-pi-5.toml").read_text()
             if "profile" in steps:  # 1. the profile as it ships: host rows + emulated-arm rows for fp32/int8/int4
                 dist = tmp / "pi5"
                 secs, cmd = vitexport(["build", "--target", "raspberry-pi-5", "--num-eval", str(args.num_eval), "--out", str(dist), "--remote", "emulated-arm=pi5", *remote])
@@ -271,11 +271,8 @@ def main() -> int:
             if "other-weights" in steps:  # 2. the other weight width, same images: 7-bit vs 8-bit on ARM (and here)
                 other = "true" if "reduce_range = false" in profile_text else "false"
                 toml = tmp / "pi5-other-weights.toml"
-                body = "\n".join(line for line in profile_text.splitlines() if "reduce_range" not in line)
-                if "[options.int8]" in body:
-                    body = body.replace("[options.int8]", f"[options.int8]\nreduce_range = {other}")
-                else:
-                    body += f"\n\n[options.int8]\nreduce_range = {other}\n"
+                keep = [ln for ln in profile_text.splitlines() if "reduce_range" not in ln and ln.strip() != "[options.onnxruntime.int8]"]
+                body = "\n".join(keep) + f"\n\n[options.onnxruntime.int8]\nrecipe = {{ reduce_range = {other} }}\n"
                 toml.write_text(body)
                 dist2 = tmp / "pi5-other"
                 secs, cmd = vitexport(["build", "--target", str(toml), "--precision", "int8", "--num-eval", str(args.num_eval), "--out", str(dist2), "--remote", "emulated-arm=pi5", *remote])
