@@ -255,9 +255,9 @@ def test_report_merge_joins_by_sha256_and_refuses_other_artifacts(dist, image_fo
     rows = json.loads((merged / "report.json").read_text())["rows"]
     assert [(r["name"], _where(r)) for r in rows] == [("onnxruntime-fp32", "this host"), ("onnxruntime-int8", "this host"), ("onnxruntime-int8", "device")]
     assert "| device |" in (merged / "report.md").read_text()
-    # another build has other artifacts under the same names: refused, and nothing written
+    # another build (calibrated on fewer images) has another int8 under the same name: refused, and nothing written
     other = tmp_path / "other"
-    assert main(["build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--out", str(other), "--no-latency", "--precision", "fp32,int8", "--quiet"]) == 0
+    assert main(["build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--num-calib", "4", "--out", str(other), "--no-latency", "--precision", "fp32,int8", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["report", "merge", str(other / "report.json"), str(dev), "-o", str(tmp_path / "bad")]) == 2
     assert "different artifact" in _one_line_error(capsys) and not (tmp_path / "bad").exists()
