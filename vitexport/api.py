@@ -61,6 +61,7 @@ class BuildOptions:
     max_top1_drop: float | None = None
     gate_rule: str = "point"
     cache_dir: str | None = None  # on-disk cache of the float calibration statistics (vitexport.quantization.cache)
+    remote: tuple = ()  # vitexport.remote.Device: measure every artifact on these devices too, in parallel
 
 
 def load_target(name_or_path: str) -> dict[str, Any]:
@@ -73,13 +74,21 @@ def load_target(name_or_path: str) -> dict[str, Any]:
 def target_settings(target: str | None, backend: str | None, precisions: Sequence[str] | None, threads: int | None) -> dict[str, Any]:
     """BuildOptions fields from a device profile; what the user gave explicitly (not None) wins."""
     t = load_target(target) if target else {}
-    return {
+    out = {
         "backend": backend or t.get("backend", "onnxruntime"),
         "precisions": tuple(precisions or t.get("precisions", ("fp32", "int8", "int4"))),
         "threads": threads if threads is not None else t.get("threads"),
         "options": {k: dict(v) for k, v in (t.get("options") or {}).items()},
         "target": t.get("name"),
     }
+    trt_version = (out["options"].get("tensorrt") or {}).get("tensorrt")
+    if trt_version and "tensorrt" in str(out["backend"]):  # the device's TensorRT decides the opset it can parse
+        from .backends.tensorrt import max_onnx_opset
+
+        cap = max_onnx_opset(trt_version)
+        if cap is not None:
+            out["opset"] = cap
+    return out
 
 
 def _require_default(path: str | None, what: str, flag: str) -> None:
@@ -169,6 +178,12 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
                 timed(lambda: make_extra(reference, calibration, tmp))
 
         rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path, stages=stages)
+        if opts.remote:  # device rows are scored here against the fp32 reference outputs, computed here once
+            from . import remote
+            from .backends.onnxruntime import OrtRunner
+
+            ref_out = _accuracy.run_all(OrtRunner(reference.path, opts.threads), eval_x, opts.batch_size)
+            rows += remote.measure(opts.remote, artifacts, cache / "eval.npy", evalset.labels, spec.task == "classification", ref_out, _row, threads=opts.threads, latency=opts.latency, batch_size=opts.batch_size, progress=progress)
         rows = [replace(r, build=builds.get(r.name)) for r in rows]
         shutil.rmtree(cache, ignore_errors=True)
         rows = [_final_path(r, tmp, Path(opts.out)) for r in rows]
@@ -186,6 +201,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
                 "calibration_overlap": shared,  # images (by content) in both sets; None when there was no calibration set
                 "preprocessing": spec.preprocessing.to_dict(),
                 "target": opts.target,
+                **({"devices": [d.name for d in opts.remote], "shipped": _remote_note()} if opts.remote else {}),
             },
             host=host_info(),
             tools=tool_versions(),
@@ -293,6 +309,9 @@ def measure_artifacts(
         except VitexportError as e:
             runner = None
             notes.append(f"not run here: {e}")
+        except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
+            runner = None
+            notes.append(f"not run here: emulating it needs {e.name or e}: pip install {e.name or 'onnx'}")
         if runner is not None:
             with PeakMemory() as pm, evaluation.stage(art.name, total=len(inputs)) as tick:
                 outputs = _accuracy.run_all(runner, inputs, opts.batch_size, tick)
@@ -334,6 +353,12 @@ def _row(art: Artifact, **measured: Any) -> Row:
         name=art.name, backend=art.backend, precision=art.precision, path=str(art.path), size_bytes=art.size_bytes, recipe=_recipe_view(art.manifest.get("recipe", {})),
         sha256=files.get(art.main), tools=dict(art.manifest.get("tools", {})), **measured,
     )
+
+
+def _remote_note() -> str:
+    from .remote import SHIPPED_NOTE
+
+    return SHIPPED_NOTE
 
 
 def _recipe_view(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -382,8 +407,12 @@ def evaluate(
     threads: int | None = None,
     latency: bool = False,
     progress: Progress | None = None,
+    remote: Sequence[Any] = (),
 ) -> Report:
-    """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given)."""
+    """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given).
+
+    With `remote` (vitexport.remote.Devices) the artifact runs on those devices instead, on the images preprocessed
+    here; a reference artifact still runs here, once, and the devices' outputs are scored here against it."""
     progress = progress or Progress(enabled=False)
     art = Artifact.load(artifact_path)
     imageset = _artifact_images(art, images, classes, limit)
@@ -394,20 +423,30 @@ def evaluate(
     classifier = art.manifest.get("io", {}).get("task", "classification") == "classification"
     with tempfile.TemporaryDirectory(prefix="vitexport-eval-") as tmp:
         x = _materialize(imageset, Path(tmp) / "images.npy", progress, "preprocessing images")
-        rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress, reference=ref_art)
+        if remote:
+            from . import remote as _remote
+
+            ref_out = None
+            if ref_art is not None:
+                ref_runner = _backends.get(ref_art.backend).runner(ref_art, threads)
+                ref_out = _accuracy.run_all(ref_runner, x, opts.batch_size)
+                del ref_runner
+            rows = _remote.measure(remote, [art], Path(tmp) / "images.npy", imageset.labels, classifier, ref_out, _row, threads=threads, latency=latency, batch_size=opts.batch_size, progress=progress)
+        else:
+            rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress, reference=ref_art)
         del x
     return Report(
         model=art.manifest.get("model", {}),
         rows=tuple(rows),
-        evaluation={"images": len(imageset), "source": str(imageset.root), "labelled": sum(lab is not None for lab in imageset.labels), "label_source": imageset.label_source},
+        evaluation={"images": len(imageset), "source": str(imageset.root), "labelled": sum(lab is not None for lab in imageset.labels), "label_source": imageset.label_source, **({"devices": [d.name for d in remote], "shipped": _remote_note()} if remote else {})},
         host=host_info(),
         tools=tool_versions(),
         created=now(),
     )
 
 
-def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None) -> Report:
-    """Latency, throughput and peak memory of one artifact on this host."""
+def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None, remote: Sequence[Any] = ()) -> Report:
+    """Latency, throughput and peak memory of one artifact on this host (or on `remote` devices, in parallel)."""
     progress = progress or Progress(enabled=False)
     art = Artifact.load(artifact_path)
     imageset = _artifact_images(art, images, None, 16)
@@ -416,8 +455,18 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
     else:
         shape = [int(d) for d in art.manifest["io"]["input_shape"][1:]]
         x = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
+    if remote:
+        from . import remote as _remote
+
+        with tempfile.TemporaryDirectory(prefix="vitexport-bench-") as tmp:
+            np.save(Path(tmp) / "inputs.npy", x)
+            rows = _remote.measure(remote, [art], Path(tmp) / "inputs.npy", None, False, None, _row, threads=threads, latency=True, throughput_batch=throughput_batch, score=False, progress=progress)
+        return Report(model=art.manifest.get("model", {}), rows=tuple(rows), host=host_info(), tools=tool_versions(), created=now())
     with PeakMemory() as pm:
-        runner = _backends.get(art.backend).runner(art, threads)
+        try:
+            runner = _backends.get(art.backend).runner(art, threads)
+        except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
+            raise VitexportError(f"{art.name} cannot run here: emulating it needs {e.name or e}: pip install {e.name or 'onnx'}") from None
         progress.step(f"timing {art.name} on {runner.device}")
         lat = measure(runner, x, throughput_batch=throughput_batch)
     notes = ("emulated runtime: these timings are not the target's",) if runner.emulated else ()

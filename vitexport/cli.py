@@ -31,11 +31,19 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", "-v", action="store_true", help="log what each stage does")
     common.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for the runtimes (default: the runtime's own choice)")
 
+    remote = argparse.ArgumentParser(add_help=False)
+    g = remote.add_argument_group("measuring on devices over SSH (the system ssh client: your ~/.ssh/config, keys and agent)")
+    g.add_argument("--remote", action="append", default=[], metavar="[NAME=]USER@HOST", help="run on this device over ssh (repeat for several devices, measured in parallel); NAME labels its rows (default: USER@HOST)")
+    g.add_argument("--remote-python", default="python3", metavar="PATH", help="the device's python, 3.9+ with numpy and the artifact's runtime (default: python3)")
+    g.add_argument("--remote-timeout", type=float, default=None, metavar="SECONDS", help="give up on a device after this long per copy or run (default: 3600)")
+    g.add_argument("--remote-cache", default=None, metavar="DIR", help="cache folder on the device, relative to its home (default: .cache/vitexport)")
+    g.add_argument("--ssh-config", default=None, metavar="FILE", help="ssh config file to use instead of ~/.ssh/config")
+
     p = argparse.ArgumentParser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
     p.add_argument("--version", action="version", version=f"vitexport {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    b = sub.add_parser("build", parents=[common], help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json, report.md and report.html to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = sub.add_parser("build", parents=[common, remote], help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json, report.md and report.html to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=str(api.DEFAULT_MODEL), metavar="ID_OR_DIR", help="hub id (google/vit-base-patch16-224, facebook/deit-tiny-patch16-224, google/vit-base-patch16-224-in21k) or checkpoint directory (default: the shipped DeiT-tiny)")
     b.add_argument("--backend", metavar="LIST", help=f"target runtime(s), comma-separated for rows side by side: {', '.join(backends.names())} (default: the --target's, else onnxruntime)")
     b.add_argument("--precision", metavar="LIST", help="comma-separated precisions (default: the --target's, else fp32,int8,int4)")
@@ -47,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-eval", type=int, default=None, metavar="N", help="use at most N evaluation images (default: all)")
     b.add_argument("--out", default="dist", metavar="DIR", help="output folder (default: dist)")
     b.add_argument("--force", action="store_true", help="replace --out if it exists (the old one is kept until the new one is complete)")
-    b.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or newer (default: 18)")
+    b.add_argument("--opset", type=int, default=None, help="ONNX opset, 17 or newer (default: 18, or what the --target's TensorRT parses)")
     b.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that only have pickle (.bin) weights")
     b.add_argument("--no-latency", action="store_true", help="skip timing (accuracy, size and memory only)")
     b.add_argument("--cache-dir", metavar="DIR", help="keep the float calibration statistics in DIR, keyed by the reference ONNX's and the calibration images' sha256, and reuse them in later builds (default: no cache)")
@@ -55,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
     b.add_argument("--gate-rule", choices=("point", "interval"), default="point", help="when a gate fails: 'point' (default) when the measured figure is beyond the bar; 'interval' only when its whole 95%% interval is (a failure noise cannot explain)")
 
-    e = sub.add_parser("eval", parents=[common], help="accuracy of one artifact on a folder of images", description="Measure one artifact's accuracy on a folder of images with the preprocessing recorded in its manifest. Needs only the artifact's runtime, numpy and pillow (no torch).")
+    e = sub.add_parser("eval", parents=[common, remote], help="accuracy of one artifact on a folder of images", description="Measure one artifact's accuracy on a folder of images with the preprocessing recorded in its manifest. Needs only the artifact's runtime, numpy and pillow (no torch).")
     e.add_argument("artifact", help="artifact folder (or a file inside it), e.g. dist/onnxruntime-int8")
     e.add_argument("--images", required=True, metavar="DIR", help="images; labels from an ImageFolder layout or WNID_* names + classes.tsv")
     e.add_argument("--reference", metavar="ARTIFACT", help="an fp32 artifact to measure top-1 agreement and cosine against")
@@ -65,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", help="also write report.json, report.md and report.html to DIR")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    n = sub.add_parser("bench", parents=[common], help="latency, throughput and peak memory of one artifact on this host", description="Time one artifact on this host: batch-1 p50/p90 latency after warm-up, throughput at a larger batch, peak memory. Needs only the artifact's runtime and numpy.")
+    n = sub.add_parser("bench", parents=[common, remote], help="latency, throughput and peak memory of one artifact on this host", description="Time one artifact on this host: batch-1 p50/p90 latency after warm-up, throughput at a larger batch, peak memory. Needs only the artifact's runtime and numpy.")
     n.add_argument("artifact", help="artifact folder (or a file inside it)")
     n.add_argument("--images", metavar="DIR", help="time on real images from DIR (default: random inputs of the right shape)")
     n.add_argument("--batch", type=int, default=16, metavar="N", help="batch size for the throughput figure (default: 16)")
@@ -73,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     sub.add_parser("targets", parents=[common], help="list the shipped device profiles")
+    r = sub.add_parser("report", help="work with report.json files (merge reports from several hosts and devices)")
+    rsub = r.add_subparsers(dest="report_command", metavar="ACTION")
+    r.set_defaults(report_parser=r)
+    m = rsub.add_parser("merge", parents=[common], help="join report.json files into one report", description="Join the rows of several report.json files (e.g. a host build and runs on devices) into one report.json + report.md. Rows of the same artifact name must be the same artifact (same sha256), measured on the same images.")
+    m.add_argument("reports", nargs="+", metavar="REPORT_JSON")
+    m.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the merged report.json and report.md")
+    m.add_argument("--force", action="store_true", help="replace DIR if it exists")
     return p
 
 
@@ -95,6 +110,19 @@ def _emit(report, args) -> None:
         sys.stdout.write(report.to_json())
     elif not args.quiet:
         print(render_terminal(report))
+        from .remote import describe_devices
+
+        for line in describe_devices(report.rows):
+            print(line)
+
+
+def _devices(args) -> tuple:
+    """--remote and its settings -> Devices (none: measure on this host)."""
+    if not args.remote:
+        return ()
+    from .remote import parse_devices
+
+    return parse_devices(args.remote, args.remote_python, args.remote_timeout, args.remote_cache, args.ssh_config)
 
 
 def _write(report, args) -> None:
@@ -137,14 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 num_eval=args.num_eval,
                 out=args.out,
                 force=args.force,
-                opset=args.opset,
                 trust_pickle=args.trust_pickle,
                 latency=not args.no_latency,
                 min_agreement=args.min_agreement,
                 max_top1_drop=args.max_top1_drop,
                 gate_rule=args.gate_rule,
                 cache_dir=args.cache_dir,
-                **api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads),
+                remote=_devices(args),
+                **{**api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads), **({"opset": args.opset} if args.opset is not None else {})},
             )
             report = api.build(opts, progress)
             _emit(report, args)
@@ -157,15 +185,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "eval":
             if args.out:
                 api.check_output(Path(args.out), args.force)  # before the slow part
-            report = api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress)
+            report = api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, remote=_devices(args))
             _emit(report, args)
             _write(report, args)
         elif args.command == "bench":
             if args.out:
                 api.check_output(Path(args.out), args.force)
-            report = api.bench(args.artifact, args.images, args.threads, args.batch, progress)
+            report = api.bench(args.artifact, args.images, args.threads, args.batch, progress, remote=_devices(args))
             _emit(report, args)
             _write(report, args)
+        elif args.command == "report":
+            if args.report_command != "merge":
+                args.report_parser.print_help(sys.stderr)
+                return EXIT_USAGE
+            from .remote.merge import merge_files
+
+            report = merge_files(args.reports, args.out, args.force)
+            _emit(report, args)
+            if not (args.quiet or args.json):
+                print(f"\nwrote {args.out}/report.json and report.md ({len(report.rows)} rows from {len(args.reports)} reports)")
         elif args.command == "targets":
             from .profiles import shipped
 

@@ -27,7 +27,12 @@ class Progress:
         if not self.enabled:
             yield lambda n=1: None
             return
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
+        except ImportError:  # a runtime-only install on a device (the README's minimum): steps, no bars
+            self.step(desc)
+            yield lambda n=1: None
+            return
 
         state: dict[str, tqdm] = {}
 

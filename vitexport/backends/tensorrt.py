@@ -99,12 +99,25 @@ class EngineSettings:
     builder_optimization_level: int | None = None  # None: TensorRT's default (3)
     timing_cache: str = "../tensorrt-timing.cache"  # relative to the artifact folder: shared by sibling artifacts
     build_here: bool = True  # build the engine during `vitexport build` when TensorRT and a GPU are here
+    tensorrt: str | None = None  # the device's TensorRT (e.g. "8.6" on JetPack 6.0): decides the ONNX opset it can parse
 
     def __post_init__(self):
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise VitexportError(f"tensorrt batches must satisfy 1 <= min_batch <= opt_batch <= max_batch, not {self.min_batch}, {self.opt_batch}, {self.max_batch}")
         if self.workspace_mb < 16:
             raise VitexportError(f"tensorrt workspace_mb must be at least 16, not {self.workspace_mb}")
+
+
+def max_onnx_opset(tensorrt_version: str | None) -> int | None:
+    """The newest ONNX opset a TensorRT release's parser reads, where it is older than what vitexport exports.
+    TensorRT 8.6 (JetPack 6.0) documents opsets up to 17; 10.x reads the default opset 18."""
+    if not tensorrt_version:
+        return None
+    try:
+        major, minor = (int(v) for v in (str(tensorrt_version).split(".") + ["0"])[:2])
+    except ValueError:
+        raise VitexportError(f"tensorrt version {tensorrt_version!r} in the profile is not like 8.6 or 10.3") from None
+    return 17 if (major, minor) < (9, 0) else None
 
 
 def settings_from(options: Mapping[str, Any]) -> EngineSettings:
@@ -240,7 +253,13 @@ class TensorRTBackend:
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
 
         fields = reference.manifest_fields()
+        cap = max_onnx_opset(settings.tensorrt)
+        if cap is not None and reference.opset > cap:
+            raise VitexportError(f"TensorRT {settings.tensorrt} parses ONNX opset {cap} at most, the reference is opset {reference.opset}: build with --opset {cap}")
+        if settings.tensorrt and settings.strongly_typed and cap is not None:
+            raise VitexportError(f"strongly_typed needs TensorRT 9 or newer, the profile's is {settings.tensorrt}")
         plan = engine_plan(precision, settings, fields["io"]["input"], fields["io"]["input_shape"][1:])
+        plan = {**plan, "onnx_opset": reference.opset, "tensorrt": settings.tensorrt}  # for whoever builds it on the device
         write_engine_kit(out_dir, plan)
         engine = _maybe_build_engine(out_dir, plan, settings)
         recipe["tensorrt"] = {"plan": plan, "trtexec": shlex.join(trtexec_command(plan)), "engine": engine}

@@ -40,6 +40,7 @@ class Row:
     role: str = ""  # REFERENCE for the fp32 row the others are compared with
     sha256: str | None = None  # of the artifact's main file, as its manifest records it
     tools: Mapping[str, str] = field(default_factory=dict)  # the tool versions that made the artifact
+    measured_on: Mapping[str, Any] | None = None  # None: this host; a --remote device: {"name", "ssh", "facts", "runtimes", ...}
 
     def to_dict(self) -> dict:
         d = asdict(self)
