@@ -504,6 +504,46 @@ def test_eval_and_bench_counts_must_be_positive(tail, flag, fp32_artifact, image
     _fails(capsys, argv, flag)
 
 
+# ---------------------------------------------------------------- exit codes beyond user errors
+
+
+def test_a_bug_is_one_line_with_exit_3_and_a_traceback_only_with_verbose(tiny_vit, image_folder, calib_folder, tmp_path, capsys, monkeypatch):
+    from vitexport import api
+
+    def bug(*a, **k):
+        raise RuntimeError("something vitexport got wrong")
+
+    monkeypatch.setattr(api, "_build_locked", bug)
+    assert main(_build(tiny_vit, image_folder, calib_folder, tmp_path / "out", "--precision", "fp32")) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitexport: error: internal error RuntimeError: something vitexport got wrong") and "Traceback" not in err
+    argv = _build(tiny_vit, image_folder, calib_folder, tmp_path / "out", "--precision", "fp32")
+    argv.remove("--quiet")
+    assert main([*argv, "--verbose"]) == 3
+    assert "Traceback" in capsys.readouterr().err
+    _no_leftovers(tmp_path)
+
+
+def test_ctrl_c_mid_build_exits_130_and_leaves_nothing(tiny_vit, image_folder, calib_folder, tmp_path, capsys, monkeypatch):
+    from vitexport import api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "measure_artifacts", interrupted)
+    assert main(_build(tiny_vit, image_folder, calib_folder, tmp_path / "out", "--precision", "fp32")) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--threads", "many"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vitexport: error: argument --threads")
+
+
 # ---------------------------------------------------------------- 8. minor: modes
 
 
@@ -564,6 +604,21 @@ def test_coreml_metadata_has_no_build_path_and_a_licence(every_backend):
     text = spec.description.metadata.shortDescription + json.dumps(dict(spec.description.metadata.userDefined))
     assert str(every_backend.parent) not in text and "/tmp" not in text
     assert spec.description.metadata.license
+    assert "regionOfInterest" in spec.description.metadata.userDefined["vitexport.app_framing"]
+
+
+def test_coreml_framing_is_the_evaluated_one():
+    """DeiT resizes to 256x256 and crops 224: the centre 87.5% stretched to 224, not Vision's plain .centerCrop."""
+    from vitexport.backends.coreml import app_framing
+    from vitexport.data import Preprocessing
+
+    deit = Preprocessing.from_processor_config(json.loads((DEIT / "preprocessor_config.json").read_text()))
+    text = app_framing(deit)
+    assert "87.50% x 87.50%" in text and "x: 0.0625" in text and ".scaleFill" in text
+    short = Preprocessing(shortest_edge=256, crop=(224, 224), resample=3)
+    assert ".centerCrop" in app_framing(short) and "87.50%" in app_framing(short)
+    squash = Preprocessing(resize=(224, 224), resample=2)
+    assert "width: 1.0000" in app_framing(squash) and ".scaleFill" in app_framing(squash)
 
 
 def test_evaluating_a_truncated_openvino_bin_is_refused(every_backend, image_folder, tmp_path, capsys):

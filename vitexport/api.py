@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import backends as _backends
-from .artifacts import Artifact, check_output, staged_output, tool_versions
+from .artifacts import Artifact, check_output, clean_stale_partials, output_lock, staged_output, tool_versions
 from .data import ImageSet, Preprocessing, overlap
 from .errors import VitexportError
 from .harness import accuracy as _accuracy
@@ -97,7 +97,60 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
     this for stock-recipe baselines), measured by the same harness in the same run.
     """
     progress = progress or Progress(enabled=False)
+    check_build_options(opts)
     check_output(Path(opts.out), opts.force)
+    with output_lock(Path(opts.out)):  # one build per --out at a time, from here to the final rename
+        clean_stale_partials(Path(opts.out))
+        return _build_locked(opts, progress, extra_builders)
+
+
+def check_build_options(opts: BuildOptions) -> None:
+    """Everything about the options that can be checked before any slow work."""
+    _check_counts(num_calib=("--num-calib", opts.num_calib), num_eval=("--num-eval", opts.num_eval), threads=("--threads", opts.threads), batch_size=("batch_size", opts.batch_size))
+    from .export import check_opset
+
+    check_opset(opts.opset)
+    _check_out_is_not_an_input(Path(opts.out), {"--model": opts.model, "--calib": opts.calib, "--eval": opts.eval, "--classes": opts.classes})
+
+
+def _check_counts(**counts: tuple[str, int | None]) -> None:
+    for flag, value in counts.values():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise VitexportError(f"{flag} must be a positive whole number, not {value}")
+
+
+def _check_out_is_not_an_input(out: Path, inputs: Mapping[str, str | None]) -> None:
+    """--force replaces --out: it must never be, contain or sit inside a folder the build reads, nor the current folder."""
+    target = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or cwd.is_relative_to(target):
+        raise VitexportError(f"--out {out} is the current folder (or contains it), which a build would replace: choose a new folder, e.g. --out dist")
+    if target.is_mount():
+        raise VitexportError(f"--out {out} is a mount point, which a build would replace: choose a folder inside it")
+    for flag, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():
+            continue  # a hub id, or a default that is not used
+        src = Path(value).expanduser().resolve()
+        if target == src or target.is_relative_to(src) or src.is_relative_to(target):
+            how = "is" if target == src else ("is inside" if target.is_relative_to(src) else "contains")
+            raise VitexportError(f"--out {out} {how} the {flag} input {value}: the build would replace what it reads; choose an --out outside every input")
+
+
+def _check_free_space(folder: Path, need: int) -> None:
+    """The sizes known before the work starts (image caches, the reference ONNX) must fit on --out's disk."""
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise VitexportError(f"not enough free space on {folder}: this build needs at least {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free: free some space or choose an --out on another disk")
+
+
+def _weights_bytes(source: str) -> int:
+    d = Path(source)
+    return sum(p.stat().st_size for p in d.glob("*.safetensors")) if d.is_dir() else 0
+
+
+def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequence[Callable[..., Artifact]]) -> Report:
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
         _require_default(path, what, flag)
     plan = _plan(opts.backend, opts.precisions)
@@ -105,6 +158,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
 
     progress.step(f"loading {opts.model}")
     spec = ModelSpec.load(opts.model, trust_pickle=opts.trust_pickle)
+    module = spec.load_torch()  # now, not after preprocessing: random-initialised or mismatched weights stop the build first
     if not opts.eval:
         raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
     evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
@@ -117,6 +171,8 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         shared = overlap(calibset, evalset)
         if shared:
             log.warning("%d calibration images are also evaluation images: accuracy figures will flatter the quantized rows", shared)
+    image_bytes = 4 * int(np.prod(spec.input_shape)) * (len(evalset) + (len(calibset) if calibset is not None else 0))
+    _check_free_space(Path(opts.out).absolute().parent, image_bytes + _weights_bytes(spec.source) + (1 << 20))
 
     with staged_output(Path(opts.out), opts.force) as tmp:
         cache = tmp / ".work"
@@ -129,7 +185,8 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         from .export import export_reference
 
         progress.step(f"exporting {spec.architecture} to ONNX (opset {opts.opset}) and checking it against PyTorch")
-        reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset)
+        reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset, module=module)
+        del module
 
         artifacts: list[Artifact] = []
         builds: dict[str, dict[str, Any]] = {}
@@ -204,6 +261,12 @@ def _materialize(images: ImageSet, path: Path, progress: Progress, label: str) -
     """Decode and preprocess every image once, into a memory-mapped array (memory stays flat for big sets)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(images), *images.load(0).shape))
+    # reserve the blocks now: a memory-mapped write to a full disk is SIGBUS (exit 135, no message), this is ENOSPC
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
     with progress.bar(label, total=len(images)) as tick:
         for i in range(len(images)):
             arr[i] = images.load(i)
@@ -221,8 +284,11 @@ def measure_artifacts(
     progress: Progress,
     reference_path: Path | None = None,
     reference_outputs: np.ndarray | None = None,
+    strict: bool = False,
 ) -> list[Row]:
-    """Run every artifact that can run here on the same inputs; the fp32 reference outputs are computed once."""
+    """Run every artifact that can run here on the same inputs; the fp32 reference outputs are computed once.
+
+    `strict`: an artifact that cannot run here is an error (eval/bench of one artifact), not a 'not run here' row."""
     from .backends.onnxruntime import OrtRunner
 
     ref_out = reference_outputs
@@ -237,6 +303,8 @@ def measure_artifacts(
         try:
             runner = _backends.get(art.backend).runner(art, opts.threads)
         except VitexportError as e:
+            if strict:
+                raise VitexportError(f"cannot run {art.directory} here: {e}") from None
             runner = None
             notes.append(f"not run here: {e}")
         if runner is not None:
@@ -292,18 +360,25 @@ def evaluate(
     threads: int | None = None,
     latency: bool = False,
     progress: Progress | None = None,
+    verify: bool = True,
 ) -> Report:
-    """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given)."""
+    """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given).
+
+    `verify` False runs artifacts whose files no longer match their manifest's sha256 (edited on purpose)."""
     progress = progress or Progress(enabled=False)
-    art = Artifact.load(artifact_path)
+    _check_counts(limit=("--limit", limit), threads=("--threads", threads))
+    art = Artifact.load(artifact_path, verify=verify)
+    ref = Artifact.load(reference, verify=verify) if reference else None
+    if ref is not None:
+        _check_comparable(art, ref)
     imageset = _artifact_images(art, images, classes, limit)
     assert imageset is not None
-    arts = [Artifact.load(reference), art] if reference else [art]
+    arts = [ref, art] if ref is not None else [art]
     opts = BuildOptions(threads=threads, latency=latency)
     classifier = art.manifest.get("io", {}).get("task", "classification") == "classification"
     with tempfile.TemporaryDirectory(prefix="vitexport-eval-") as tmp:
         x = _materialize(imageset, Path(tmp) / "images.npy", progress, "preprocessing images")
-        rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress)
+        rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress, strict=True)
         del x
     return Report(
         model=art.manifest.get("model", {}),
@@ -315,10 +390,24 @@ def evaluate(
     )
 
 
-def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None) -> Report:
+def _check_comparable(art: Artifact, ref: Artifact) -> None:
+    """--reference must take the same input and give the same kind of output, or agreement and cosine mean nothing."""
+    a, r = art.manifest, ref.manifest
+    for what, get in (
+        ("task", lambda m: m["io"].get("task")),
+        ("input shape", lambda m: m["io"].get("input_shape")),
+        ("number of labels", lambda m: len(m.get("labels") or [])),
+        ("preprocessing", lambda m: Preprocessing.from_dict(m["preprocessing"])),
+    ):
+        if get(a) != get(r):
+            raise VitexportError(f"--reference {ref.directory} has another {what} ({get(r)}) than {art.directory} ({get(a)}): pass the fp32 artifact of the same build")
+
+
+def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None, verify: bool = True) -> Report:
     """Latency, throughput and peak memory of one artifact on this host."""
     progress = progress or Progress(enabled=False)
-    art = Artifact.load(artifact_path)
+    _check_counts(threads=("--threads", threads), batch=("--batch", throughput_batch))
+    art = Artifact.load(artifact_path, verify=verify)
     imageset = _artifact_images(art, images, None, 16)
     if imageset is not None:
         x = np.stack([imageset.load(i) for i in range(len(imageset))])
@@ -326,7 +415,10 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
         shape = [int(d) for d in art.manifest["io"]["input_shape"][1:]]
         x = np.random.default_rng(0).standard_normal((4, *shape)).astype(np.float32)
     with PeakMemory() as pm:
-        runner = _backends.get(art.backend).runner(art, threads)
+        try:
+            runner = _backends.get(art.backend).runner(art, threads)
+        except VitexportError as e:
+            raise VitexportError(f"cannot run {art.directory} here: {e}") from None
         progress.step(f"timing {art.name} on {runner.device}")
         lat = measure(runner, x, throughput_batch=throughput_batch)
     notes = ("emulated runtime: these timings are not the target's",) if runner.emulated else ()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Sequence
 
 from . import __version__
-from .errors import VitexportError
+from .errors import Terminated, VitexportError, from_os_error
 
 EXIT_USAGE = 2  # a user mistake: bad path, bad image, unsupported model, missing runtime
 EXIT_GATE = 1  # the build finished but an artifact failed a --min-agreement / --max-top1-drop gate
+EXIT_BUG = 3  # an unexpected exception: a bug in vitexport (one line; --verbose shows the traceback)
+EXIT_SIGINT = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+EXIT_SIGTERM = 143  # SIGTERM (CI runners, `timeout`): 128 + SIGTERM
 
 _EPILOG_BUILD = """examples:
   vitexport build                                   # the shipped DeiT-tiny, ONNX Runtime fp32/int8/int4, into dist/
@@ -21,16 +25,23 @@ _EPILOG_BUILD = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as the one line every other error is (argparse would print the usage block first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"vitexport: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import api, backends
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the report as JSON on stdout, nothing else")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress and no table; errors still go to stderr")
     common.add_argument("--verbose", "-v", action="store_true", help="log what each stage does")
     common.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for the runtimes (default: the runtime's own choice)")
 
-    p = argparse.ArgumentParser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
+    p = _Parser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
     p.add_argument("--version", action="version", version=f"vitexport {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -59,11 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--classes", metavar="TSV", help="index<TAB>wnid<TAB>label file for WNID_* image names")
     e.add_argument("--limit", type=int, metavar="N", help="use at most N images")
     e.add_argument("--latency", action="store_true", help="also time batch-1 latency")
+    e.add_argument("--ignore-sha256", action="store_true", help="run artifacts whose files no longer match their manifest's sha256 (only for artifacts you edited on purpose)")
 
     n = sub.add_parser("bench", parents=[common], help="latency, throughput and peak memory of one artifact on this host", description="Time one artifact on this host: batch-1 p50/p90 latency after warm-up, throughput at a larger batch, peak memory. Needs only the artifact's runtime and numpy.")
     n.add_argument("artifact", help="artifact folder (or a file inside it)")
     n.add_argument("--images", metavar="DIR", help="time on real images from DIR (default: random inputs of the right shape)")
     n.add_argument("--batch", type=int, default=16, metavar="N", help="batch size for the throughput figure (default: 16)")
+    n.add_argument("--ignore-sha256", action="store_true", help="run an artifact whose files no longer match its manifest's sha256 (only if you edited it on purpose)")
 
     sub.add_parser("targets", parents=[common], help="list the device profiles in targets/")
     return p
@@ -113,52 +126,92 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.quiet or args.json, args.verbose)
-    from . import api
     from .progress import Progress
 
     progress = Progress(enabled=not (args.quiet or args.json))
+    for stream in (sys.stdout, sys.stderr):  # a path that is not valid UTF-8 is printed escaped, not a crash at the end
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    previous = _terminate_like_interrupt()
     try:
-        if args.command == "build":
-            opts = api.BuildOptions(
-                model=args.model,
-                calib=args.calib,
-                eval=args.eval,
-                classes=args.classes,
-                num_calib=args.num_calib,
-                num_eval=args.num_eval,
-                out=args.out,
-                force=args.force,
-                opset=args.opset,
-                trust_pickle=args.trust_pickle,
-                latency=not args.no_latency,
-                **api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads),
-            )
-            report = api.build(opts, progress)
-            _emit(report, args)
-            if not (args.quiet or args.json):
-                print(f"\nwrote {args.out}/ (report.md, report.json, one folder per artifact)")
-            failures = _gate(report, args.min_agreement, args.max_top1_drop)
-            if failures:
-                print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
-                return EXIT_GATE
-        elif args.command == "eval":
-            _emit(api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress), args)
-        elif args.command == "bench":
-            _emit(api.bench(args.artifact, args.images, args.threads, args.batch, progress), args)
-        elif args.command == "targets":
-            names = sorted(p.stem for p in api.TARGETS_DIR.glob("*.toml")) if api.TARGETS_DIR.is_dir() else []
-            profiles = [api.load_target(n) for n in names]
-            if args.json:
-                print(json.dumps(profiles, indent=2))
-            else:
-                for t in profiles:
-                    print(f"{t['name']:<22} {t.get('backend', '?'):<12} {','.join(t.get('precisions', [])):<20} {t.get('description', '')}")
+        return _run(args, progress)
     except VitexportError as e:
         print(f"vitexport: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
+    except Terminated as e:
+        print(f"vitexport: terminated ({signal.Signals(e.signum).name}); nothing was written", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("vitexport: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except OSError as e:  # a full disk, a read-only folder: the environment, not vitexport
+        print(f"vitexport: error: {from_os_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("vitexport: error: out of memory: use fewer images (--num-calib, --num-eval) or a machine with more memory", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a bug: one line (exit 3, not the gate's 1); --verbose keeps the traceback for the report
+        if args.verbose:
+            logging.getLogger("vitexport").exception("internal error")
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"vitexport: error: internal error {e.__class__.__name__}: {first} (a bug: rerun with --verbose and report the traceback)", file=sys.stderr)
+        return EXIT_BUG
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_like_interrupt():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) so staged output and locks clean up; returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signals can only be handled in the main thread; an embedding application keeps its own
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _run(args, progress) -> int:
+    from . import api
+
+    if args.command == "build":
+        opts = api.BuildOptions(
+            model=args.model,
+            calib=args.calib,
+            eval=args.eval,
+            classes=args.classes,
+            num_calib=args.num_calib,
+            num_eval=args.num_eval,
+            out=args.out,
+            force=args.force,
+            opset=args.opset,
+            trust_pickle=args.trust_pickle,
+            latency=not args.no_latency,
+            **api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads),
+        )
+        report = api.build(opts, progress)
+        _emit(report, args)
+        if not (args.quiet or args.json):
+            print(f"\nwrote {args.out}/ (report.md, report.json, one folder per artifact)")
+        failures = _gate(report, args.min_agreement, args.max_top1_drop)
+        if failures:
+            print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
+            return EXIT_GATE
+    elif args.command == "eval":
+        _emit(api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, verify=not args.ignore_sha256), args)
+    elif args.command == "bench":
+        _emit(api.bench(args.artifact, args.images, args.threads, args.batch, progress, verify=not args.ignore_sha256), args)
+    elif args.command == "targets":
+        names = sorted(p.stem for p in api.TARGETS_DIR.glob("*.toml")) if api.TARGETS_DIR.is_dir() else []
+        profiles = [api.load_target(n) for n in names]
+        if args.json:
+            print(json.dumps(profiles, indent=2))
+        else:
+            for t in profiles:
+                print(f"{t['name']:<22} {t.get('backend', '?'):<12} {','.join(t.get('precisions', [])):<20} {t.get('description', '')}")
     return 0
 
 

@@ -65,8 +65,9 @@ class Report:
         return cls(d["model"], rows, d.get("reference", {}), d.get("evaluation", {}), d.get("host", {}), d.get("tools", {}), d.get("created", ""), d.get("schema_version", SCHEMA_VERSION))
 
     def write(self, out_dir: Path) -> None:
-        (out_dir / "report.json").write_text(self.to_json())
-        (out_dir / "report.md").write_text(render_markdown(self))
+        # UTF-8 whatever the locale; a path that is not valid UTF-8 is written escaped rather than failing the build
+        (out_dir / "report.json").write_text(self.to_json(), encoding="utf-8", errors="backslashreplace")
+        (out_dir / "report.md").write_text(render_markdown(self), encoding="utf-8", errors="backslashreplace")
 
 
 # CPU features that decide int8/bf16 arithmetic: with VNNI (or ARM dot products) u8*s8 sums accumulate in int32;
