@@ -210,17 +210,27 @@ def test_bad_preprocessor_config_is_one_line(change, match, tiny_vit, image_fold
     assert _digest(model) == before and not (tmp_path / "out").exists()
 
 
-def test_classes_tsv_beyond_the_models_labels_is_refused(tiny_vit, calib_folder, tmp_path, capsys):
+def test_a_named_classes_file_beyond_the_models_labels_is_refused(tiny_vit, calib_folder, tmp_path, capsys):
     """The shipped ImageNet classes.tsv with a 4-label model would score 0% top-1 without a word."""
-    _fails(capsys, _build(tiny_vit, EVAL, calib_folder, tmp_path / "out", "--precision", "fp32"), "labels")
+    _fails(capsys, _build(tiny_vit, EVAL, calib_folder, tmp_path / "out", "--precision", "fp32", "--classes", str(EVAL / "classes.tsv")), "4 labels")
     assert not (tmp_path / "out").exists()
 
 
-def test_numeric_class_folders_beyond_the_models_labels_are_refused(tiny_vit, calib_folder, tmp_path, capsys):
-    images = tmp_path / "imgs"
-    write_image(images / "1" / "a.jpg", "RGB")
-    write_image(images / "7" / "b.jpg", "RGB", seed=1)
-    _fails(capsys, _build(tiny_vit, images, calib_folder, tmp_path / "out", "--precision", "fp32"), "labels")
+@pytest.mark.parametrize("layout", ["found-classes-tsv", "numeric-folders"])
+def test_labels_found_beyond_the_models_labels_are_not_scored(layout, tiny_vit, calib_folder, tmp_path, capsys):
+    """Labels vitexport discovered by itself that do not fit the model: said loudly, and no top-1 is reported."""
+    if layout == "found-classes-tsv":
+        images = EVAL
+    else:
+        images = tmp_path / "imgs"
+        write_image(images / "1" / "a.jpg", "RGB")
+        write_image(images / "7" / "b.jpg", "RGB", seed=1)
+    out = tmp_path / "out"
+    argv = [a for a in _build(tiny_vit, images, calib_folder, out, "--precision", "fp32", "--num-eval", "8") if a != "--quiet"]
+    assert main(argv) == 0
+    assert "4 labels: they are not used" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["evaluation"]["labelled"] == 0 and report["rows"][0]["accuracy"]["top1"] is None
 
 
 def test_export_check_fails_on_non_finite_outputs():

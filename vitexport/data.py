@@ -336,13 +336,19 @@ class ImageSet:
         if not paths:
             raise VitexportError(f"no images left in {root} after skipping {skip}")
         labels = tuple(labels_map.label(p, root) for p in paths)
+        kind = labels_map.kind
         if id2label and any(lab is not None and not 0 <= lab < len(id2label) for lab in labels):
+            # indices past the model's labels (ImageNet's classes.tsv with a fine-tune's 4 labels) would score as
+            # misses: a classes file the user named is refused; labels vitexport found by itself are not used
             top = max(lab for lab in labels if lab is not None)
-            raise VitexportError(
-                f"the labels of {root} ({labels_map.kind}: up to class index {top}) go beyond the model's {len(id2label)} labels: "
-                "name class folders by the model's labels, or pass --classes with the model's own indices"
-            )
-        return cls(root, tuple(paths), labels, preprocessing, labels_map.kind)
+            what = f"{classes_file}" if classes_file else f"the labels found in {root}"
+            if classes_file:
+                raise VitexportError(
+                    f"{what} has class indices up to {top} but the model has {len(id2label)} labels: pass a classes file with the model's own indices, or none"
+                )
+            log.warning("%s (%s) go up to class index %d but the model has %d labels: they are not used; top-1 against labels is skipped (agreement and cosine only)", what, kind, top, len(id2label))
+            labels, kind = (None,) * len(labels), "none"
+        return cls(root, tuple(paths), labels, preprocessing, kind)
 
     def __len__(self) -> int:
         return len(self.paths)

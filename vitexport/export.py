@@ -78,7 +78,7 @@ def check_opset(opset: int) -> None:
 
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        why = " (older opsets decompose LayerNormalization)" if isinstance(opset, int) and opset < MIN_OPSET else ""
+        why = f" (LayerNormalization needs opset {MIN_OPSET} or newer)" if isinstance(opset, int) and opset < MIN_OPSET else ""
         raise VitexportError(f"--opset {opset} is out of range{why}: choose {MIN_OPSET} to {newest} (default {DEFAULT_OPSET})")
 
 
