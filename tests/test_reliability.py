@@ -275,9 +275,13 @@ def _break(art: Path, kind: str) -> None:
         _edit_json(manifest, main="../../../../etc/hostname")
     elif kind == "unknown-backend":
         _edit_json(manifest, backend="tflite")
+    elif kind == "bad-preprocessing":
+        _edit_json(manifest, preprocessing={"resize": "big"})
+    elif kind == "no-input-shape":
+        _edit_json(manifest, io={"input": "pixel_values"})
 
 
-BREAKS = [("missing", "missing"), ("truncated", "sha256"), ("empty", "sha256"), ("bit-flip", "sha256"), ("manifest-empty", "manifest"), ("main-outside", "outside"), ("unknown-backend", "backend")]
+BREAKS = [("missing", "missing"), ("truncated", "sha256"), ("empty", "sha256"), ("bit-flip", "sha256"), ("manifest-empty", "manifest"), ("main-outside", "outside"), ("unknown-backend", "backend"), ("bad-preprocessing", "preprocessing"), ("no-input-shape", "input_shape")]
 
 
 @pytest.mark.parametrize("command", ["eval", "bench"])

@@ -102,6 +102,17 @@ def _check_manifest(d: Path, m: Any, verify: bool) -> None:
     for key, kind in (("backend", str), ("precision", str), ("main", str), ("preprocessing", dict), ("io", dict), ("files", list)):
         if not isinstance(m.get(key), kind):
             raise VitexportError(f"{where} is not a vitexport manifest ('{key}' missing or not a {kind.__name__}): rebuild the artifact")
+    shape = m["io"].get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[1:])):
+        raise VitexportError(f"{where} has no valid io.input_shape (['batch', C, H, W]): rebuild the artifact")
+    if not isinstance(m.get("labels", []), list):
+        raise VitexportError(f"{where} has 'labels' that are not a list: rebuild the artifact")
+    try:
+        from .data import Preprocessing
+
+        Preprocessing.from_dict(m["preprocessing"]).output_size
+    except (TypeError, ValueError, VitexportError) as e:
+        raise VitexportError(f"{where} has damaged preprocessing ({e}): rebuild the artifact") from None
     if m["backend"] not in backend_names():
         raise VitexportError(f"{where} names backend '{m['backend']}', which this vitexport does not have (it has {', '.join(backend_names())}): upgrade vitexport or rebuild the artifact")
     entries = [f for f in m["files"] if isinstance(f, dict) and isinstance(f.get("path"), str)]

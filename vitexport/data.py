@@ -117,7 +117,7 @@ class Preprocessing:
         def tup(v):
             return tuple(v) if v is not None else None
 
-        return cls(
+        pre = cls(
             resize=tup(d.get("resize")),
             shortest_edge=d.get("shortest_edge"),
             resample=int(d.get("resample", 2)),
@@ -127,6 +127,27 @@ class Preprocessing:
             std=tup(d.get("std")),
             source=d.get("source", ""),
         )
+        pre._check("the manifest's preprocessing")
+        return pre
+
+    def _check(self, where: str) -> None:
+        """The same rules as from_processor_config, for preprocessing read back from a manifest."""
+        for key, size in (("resize", self.resize), ("crop", self.crop)):
+            if size is not None:
+                if len(size) != 2:
+                    raise VitexportError(f"{key} {list(size)} in {where} must be [height, width]")
+                _hw({"height": size[0], "width": size[1]}, key, where)
+        if self.shortest_edge is not None:
+            _positive_int(self.shortest_edge, "shortest_edge", where)
+        for key, v in (("mean", self.mean), ("std", self.std)):
+            if v is not None:
+                _triple(list(v), key, where)
+        if self.std is not None and min(self.std) <= 0:
+            raise VitexportError(f"std {list(self.std)} in {where} has a value <= 0")
+        if self.rescale is not None:
+            _finite(self.rescale, "rescale", where)
+        if self.resample not in _RESAMPLE_NAMES:
+            raise VitexportError(f"resample {self.resample} in {where} is not a PIL filter")
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> float32 CHW array."""
