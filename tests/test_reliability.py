@@ -473,6 +473,20 @@ def test_full_disk_is_refused_up_front(tiny_vit, image_folder, calib_folder, tmp
         subprocess.run(["umount", str(small)], check=False)
 
 
+@pytest.mark.skipif(not (DEIT / "model.safetensors").is_file(), reason="needs the shipped DeiT-tiny (23 MB of weights) to outgrow the free-space estimate")
+def test_full_disk_mid_build_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """A real ENOSPC: the up-front estimate (image caches + weights) fits in 40 MB, the reference plus an artifact do not."""
+    small = tmp_path / "small"
+    if not _mount_tmpfs(small, "40m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN); test_enospc_at_the_write_boundary covers the write path")
+    try:
+        argv = ["build", "--model", str(DEIT), "--eval", str(EVAL), "--num-eval", "16", "--precision", "fp32", "--no-latency", "--quiet", "--out", str(small / "out")]
+        _fails(capsys, argv, "no space left")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 @pytest.mark.parametrize("where", ["artifact-write", "image-cache"])
 def test_enospc_at_the_write_boundary(where, tiny_vit, image_folder, calib_folder, tmp_path, capsys, monkeypatch):
     """Simulated: the write that hits a full disk raises ENOSPC as the OS would."""
@@ -503,6 +517,9 @@ def test_enospc_at_the_write_boundary(where, tiny_vit, image_folder, calib_folde
         (["--num-eval", "0"], "--num-eval"),
         (["--threads", "-3"], "--threads"),
         (["--threads", "0"], "--threads"),
+        (["--min-agreement", "nan"], "--min-agreement"),
+        (["--min-agreement", "101"], "--min-agreement"),
+        (["--max-top1-drop", "-1"], "--max-top1-drop"),
     ],
 )
 def test_build_counts_must_be_positive(argv_tail, flag, tiny_vit, image_folder, calib_folder, tmp_path, capsys):

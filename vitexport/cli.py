@@ -103,6 +103,15 @@ def _emit(report, args) -> None:
         print(render_terminal(report))
 
 
+def _check_gates(min_agreement: float | None, max_drop: float | None) -> None:
+    """Before the build: a NaN gate would compare False with everything and never fail."""
+    import math
+
+    for flag, value in (("--min-agreement", min_agreement), ("--max-top1-drop", max_drop)):
+        if value is not None and not (math.isfinite(value) and 0 <= value <= 100):
+            raise VitexportError(f"{flag} {value} must be a number of percent (points) from 0 to 100")
+
+
 def _gate(report, min_agreement: float | None, max_drop: float | None) -> list[str]:
     failures = []
     ref = next((r for r in report.rows if r.precision == "fp32" and r.accuracy), None)
@@ -178,6 +187,7 @@ def _run(args, progress) -> int:
     from . import api
 
     if args.command == "build":
+        _check_gates(args.min_agreement, args.max_top1_drop)
         opts = api.BuildOptions(
             model=args.model,
             calib=args.calib,
