@@ -21,7 +21,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import CALIB, DEIT, EVAL, REPO, write_image
