@@ -521,7 +521,7 @@ def test_enospc_at_the_write_boundary(where, tiny_vit, image_folder, calib_folde
         (["--threads", "-3"], "--threads"),
         (["--threads", "0"], "--threads"),
         (["--min-agreement", "nan"], "--min-agreement"),
-        (["--min-agreement", "101"], "--min-agreement"),
+        (["--min-agreement", "-5"], "--min-agreement"),
         (["--max-top1-drop", "-1"], "--max-top1-drop"),
     ],
 )

@@ -108,8 +108,8 @@ def _check_gates(min_agreement: float | None, max_drop: float | None) -> None:
     import math
 
     for flag, value in (("--min-agreement", min_agreement), ("--max-top1-drop", max_drop)):
-        if value is not None and not (math.isfinite(value) and 0 <= value <= 100):
-            raise VitexportError(f"{flag} {value} must be a number of percent (points) from 0 to 100")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise VitexportError(f"{flag} {value} must be a number of percent (points), 0 or more")
 
 
 def _gate(report, min_agreement: float | None, max_drop: float | None) -> list[str]:
