@@ -105,8 +105,8 @@ def ort_int8_full_weights(reference, calibration, tmp: Path) -> Artifact:
     from vitexport.backends.onnxruntime import OnnxRuntimeBackend
 
     out = tmp / "onnxruntime-int8-8bit-weights"
-    art = OnnxRuntimeBackend().build(reference, calibration, "int8", {"int8": {"reduce_range": False}}, out)
-    return relabel(art, "int8-8bit-weights", "vitexport int8 with full 8-bit weights (targets/x86-cpu-vnni.toml, reduce_range = false): " + art.manifest["recipe"]["summary"])
+    art = OnnxRuntimeBackend().build(reference, calibration, "int8", {"onnxruntime": {"int8": {"recipe": {"reduce_range": False}}}}, out)
+    return relabel(art, "int8-8bit-weights", "vitexport int8 with full 8-bit weights (vitexport/targets/x86-cpu-vnni.toml, reduce_range = false): " + art.manifest["recipe"]["summary"])
 
 
 def vit_base_checkpoint(dest: Path) -> Path:

@@ -126,3 +126,26 @@ def calib_folder(tmp_path_factory) -> Path:
     for i in range(12):
         write_image(root / f"img_{i}.jpg", "RGB", seed=100 + i)
     return root
+
+
+def validate_report(data: dict) -> None:
+    """report.json against the schema shipped in the package (vitexport/harness/report.schema.json)."""
+    import jsonschema
+
+    from vitexport.harness.report import SCHEMA_PATH
+
+    jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(data)
+
+
+@pytest.fixture(autouse=True)
+def _every_written_report_matches_the_schema(monkeypatch):
+    """Every report a test writes (build, eval/bench --out) is validated against the schema as it is written."""
+    from vitexport.harness.report import Report
+
+    write = Report.write
+
+    def checked(self, out_dir):
+        write(self, out_dir)
+        validate_report(json.loads((Path(out_dir) / "report.json").read_text()))
+
+    monkeypatch.setattr(Report, "write", checked)

@@ -27,7 +27,7 @@ def built(tiny_vit, image_folder, calib_folder, tmp_path_factory) -> Path:
 
 def test_build_writes_artifacts_and_report(built):
     report = json.loads((built / "report.json").read_text())
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert report["model"]["architecture"] == "ViTForImageClassification" and report["model"]["parameters"] > 0
     row = report["rows"][0]
     for key in ("backend", "precision", "path", "size_bytes", "accuracy", "latency", "memory"):

@@ -27,15 +27,15 @@ def test_embedding_models_get_cosine_only():
 
 
 def test_host_records_the_cpu_features_that_decide_int8_arithmetic(monkeypatch):
-    from vitexport.harness import report
+    from vitexport.harness import host, report
 
-    monkeypatch.setattr(report, "_cpuinfo", lambda: ["model name\t: Some CPU", "flags\t\t: fpu sse avx2 fma avx512f avx512_vnni"])
-    assert report.cpu_name() == "Some CPU"
-    assert report.cpu_features() == ["avx2", "avx512f", "avx512_vnni"]
-    monkeypatch.setattr(report, "_cpuinfo", lambda: ["Features\t: fp asimd asimddp", "Model\t: Raspberry Pi 5 Model B Rev 1.0"])
-    assert report.cpu_features() == ["asimddp"] and report.cpu_name().startswith("Raspberry Pi 5")
-    monkeypatch.setattr(report, "_cpuinfo", lambda: ["flags\t\t: fpu sse2"])
-    md = report.render_markdown(report.Report(model={}, rows=(), host=report.host_info()))
+    monkeypatch.setattr(host, "_cpuinfo", lambda: ["model name\t: Some CPU", "flags\t\t: fpu sse avx2 fma avx512f avx512_vnni"])
+    assert host.cpu_name() == "Some CPU"
+    assert host.cpu_features() == ["avx2", "avx512f", "avx512_vnni"]
+    monkeypatch.setattr(host, "_cpuinfo", lambda: ["Features\t: fp asimd asimddp", "Model\t: Raspberry Pi 5 Model B Rev 1.0"])
+    assert host.cpu_features() == ["asimddp"] and host.cpu_name().startswith("Raspberry Pi 5")
+    monkeypatch.setattr(host, "_cpuinfo", lambda: ["flags\t\t: fpu sse2"])
+    md = report.render_markdown(report.Report(model={}, rows=(), host=host.host_info()))
     assert "none of avx2" in md
 
 

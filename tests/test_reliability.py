@@ -296,6 +296,13 @@ def test_a_broken_artifact_is_refused(command, kind, match, fp32_artifact, image
     _fails(capsys, argv, match)
 
 
+def test_eval_out_that_is_the_artifact_is_refused(fp32_artifact, image_folder, tmp_path, capsys):
+    art = shutil.copytree(fp32_artifact, tmp_path / "art")
+    before = _digest(art)
+    _fails(capsys, ["eval", str(art), "--images", str(image_folder), "--out", str(art), "--force"], "--out")
+    assert _digest(art) == before
+
+
 def test_an_edited_artifact_runs_with_the_override(fp32_artifact, image_folder, tmp_path, capsys):
     art = shutil.copytree(fp32_artifact, tmp_path / "art")
     _flip_weight_byte(art / "model.onnx")

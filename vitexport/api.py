@@ -23,7 +23,8 @@ from .errors import VitexportError
 from .harness import accuracy as _accuracy
 from .harness.latency import measure, measure_all
 from .harness.memory import PeakMemory
-from .harness.report import Report, Row, host_info, now
+from .harness.host import host_info
+from .harness.report import Report, Row, now
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "deit-tiny-patch16-224"
 DEFAULT_CALIB = REPO_ROOT / "calibration" / "calib"
 DEFAULT_EVAL = REPO_ROOT / "calibration" / "eval"
-TARGETS_DIR = REPO_ROOT / "targets"
 VERIFY_IMAGES = 16
 
 
@@ -53,24 +53,20 @@ class BuildOptions:
     trust_pickle: bool = False
     latency: bool = True
     batch_size: int = 32
-    options: Mapping[str, Any] = field(default_factory=dict)  # per-precision recipe overrides, e.g. {"int8": {...}}
+    # a profile's [options.*] tables: {"<backend>": {<setting>: ..., "<precision>": {"recipe": {...}, ...}}}
+    options: Mapping[str, Any] = field(default_factory=dict)
     target: str | None = None
+    # quality gates (harness/gate.py): recorded in the report, so report.html shows the verdict
+    min_agreement: float | None = None
+    max_top1_drop: float | None = None
+    gate_rule: str = "point"
 
 
 def load_target(name_or_path: str) -> dict[str, Any]:
-    """A device profile from targets/ (by name) or a TOML file."""
-    import tomllib
+    """A checked device profile: shipped (by name, inside the package) or a TOML file (see vitexport.profiles)."""
+    from . import profiles
 
-    p = Path(name_or_path)
-    if not p.is_file():
-        p = TARGETS_DIR / f"{name_or_path}.toml"
-    if not p.is_file():
-        known = sorted(x.stem for x in TARGETS_DIR.glob("*.toml")) if TARGETS_DIR.is_dir() else []
-        raise VitexportError(f"unknown target '{name_or_path}': choose one of {', '.join(known) or '(none installed)'} or pass a .toml file")
-    try:
-        return {"name": p.stem, **tomllib.loads(p.read_text())}
-    except tomllib.TOMLDecodeError as e:
-        raise VitexportError(f"target file {p} is not valid TOML: {e}") from None
+    return profiles.load(name_or_path)
 
 
 def target_settings(target: str | None, backend: str | None, precisions: Sequence[str] | None, threads: int | None) -> dict[str, Any]:
@@ -86,8 +82,12 @@ def target_settings(target: str | None, backend: str | None, precisions: Sequenc
 
 
 def _require_default(path: str | None, what: str, flag: str) -> None:
+    """The default DeiT-tiny and its images (46 MB) are in the source checkout, not in the wheel: say so, once."""
     if path and not Path(path).exists() and Path(path).is_relative_to(REPO_ROOT):
-        raise VitexportError(f"the built-in default {what} is not here ({path}): pass {flag}")
+        raise VitexportError(
+            f"the default {what} ({path}) is not installed: the shipped DeiT-tiny and its images come with a clone of "
+            f"vitexport, not with the wheel; pass {flag} (and --model/--calib/--eval as needed) or run from a clone"
+        )
 
 
 def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: Sequence[Callable[..., Artifact]] = ()) -> Report:
@@ -154,6 +154,9 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
         _require_default(path, what, flag)
     plan = _plan(opts.backend, opts.precisions)
+    from .profiles import check_options
+
+    check_options(opts.options, "build options")  # the same checks as a profile's: a typo is an error, not a default
     from .model import ModelSpec  # needs transformers; eval/bench never import it
 
     progress.step(f"loading {opts.model}")
@@ -163,7 +166,8 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
         raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
     evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
     calibset = None
-    needing = sorted({p for _, ps in plan for p in ps if _backends.needs_calibration(p)})
+    shared = None
+    needing = sorted({p for b, ps in plan for p in ps if _backends.needs_calibration(p, b)})
     if extra_builders or needing:
         if not opts.calib:
             raise VitexportError(f"{', '.join(needing) or 'the extra builders'} need calibration images: pass --calib DIR")
@@ -204,17 +208,17 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
                 # recipes stream the images several times (ranges, Hessians, ...): the count runs over all passes
                 with progress.bar(f"{backend.name} {precision}: calibration images, all passes", total=None) as tick:
                     options = {**opts.options, "progress": tick}
-                    timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision) else None, precision, options, tmp / f"{backend.name}-{precision}"))
+                    timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision, backend) else None, precision, options, tmp / f"{backend.name}-{precision}"))
         for make_extra in extra_builders:
             timed(lambda: make_extra(reference, calibration, tmp))
 
         rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path)
         rows = [replace(r, build=builds.get(r.name)) for r in rows]
         shutil.rmtree(cache, ignore_errors=True)
+        rows = [_final_path(r, tmp, Path(opts.out)) for r in rows]
         report = Report(
-            model=spec.summary(reference.num_parameters),
-            # rows were measured in the staging folder: point paths (and notes that name them) at where they will be
-            rows=tuple(replace(r, path=str(Path(opts.out) / Path(r.path).relative_to(tmp)), notes=tuple(n.replace(str(tmp), str(opts.out)) for n in r.notes)) for r in rows),
+            model={**spec.summary(reference.num_parameters), "label_examples": [spec.id2label[i] for i in sorted(spec.id2label)[:5]]},
+            rows=tuple(rows),
             reference={"opset": reference.opset, "verification": dict(reference.verification)},
             evaluation={
                 "images": len(evalset),
@@ -223,6 +227,7 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
                 "label_source": evalset.label_source,
                 "calibration_images": calibration.count if calibration else 0,
                 "calibration_source": calibration.source if calibration else None,
+                "calibration_overlap": shared,  # images (by content) in both sets; None when there was no calibration set
                 "preprocessing": spec.preprocessing.to_dict(),
                 "target": opts.target,
             },
@@ -230,8 +235,28 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
             tools=tool_versions(),
             created=now(),
         )
+        report = with_gate(report, opts.min_agreement, opts.max_top1_drop, opts.gate_rule)
         report.write(tmp)
     return report
+
+
+def with_gate(report: Report, min_agreement: float | None, max_top1_drop: float | None, rule: str = "point") -> Report:
+    """The report with its quality-gate verdict recorded (unchanged when no bar is given)."""
+    if min_agreement is None and max_top1_drop is None:
+        return report
+    from .harness.gate import check
+
+    return replace(report, gate=check(report.rows, {"min_agreement": min_agreement, "max_top1_drop": max_top1_drop}, rule).to_dict())
+
+
+def _final_path(row: Row, tmp: Path, out: Path) -> Row:
+    """Rows were measured in the staging folder: point paths (and notes that name them) at where they will be.
+    The reference ONNX lives in the work cache, which is not kept: its row has no path."""
+    notes = tuple(n.replace(str(tmp), str(out)) for n in row.notes)
+    rel = Path(row.path).relative_to(tmp) if row.path else None
+    if rel is None or rel.parts[0] == ".work":
+        return replace(row, path="", notes=notes)
+    return replace(row, path=str(out / rel), notes=notes)
 
 
 def _plan(backend_names: str | Sequence[str], precisions: str | Sequence[str]) -> list[tuple[_backends.Backend, list[str]]]:
@@ -284,17 +309,27 @@ def measure_artifacts(
     progress: Progress,
     reference_path: Path | None = None,
     reference_outputs: np.ndarray | None = None,
+    reference: Artifact | None = None,
     strict: bool = False,
 ) -> list[Row]:
-    """Run every artifact that can run here on the same inputs; the fp32 reference outputs are computed once.
+    """Run every artifact that can run here on the same inputs; the reference outputs are computed once.
 
-    `strict`: an artifact that cannot run here is an error (eval/bench of one artifact), not a 'not run here' row."""
-    from .backends.onnxruntime import OrtRunner
+    The reference is `reference` when given (eval --reference), else the ONNX Runtime fp32 artifact when one was
+    built, else the reference ONNX itself, measured as its own row: every report has its reference row, so Δ top-1,
+    ×smaller and ×faster always have a base, whatever precisions a profile builds.
+    `strict`: an artifact that cannot run here is an error (eval/bench of one artifact), not a 'not run here' row.
+    """
+    from .harness.report import REFERENCE, is_reference_artifact
 
     ref_out = reference_outputs
-    is_reference = lambda a: a.backend == "onnxruntime" and a.precision == "fp32"  # noqa: E731
-    if ref_out is None and reference_path is not None and not any(is_reference(a) for a in artifacts):
-        ref_out = _accuracy.run_all(OrtRunner(reference_path, opts.threads), inputs, opts.batch_size)
+    artifacts = list(artifacts)
+    if reference is None:
+        reference = next((a for a in artifacts if is_reference_artifact(a.backend, a.precision)), None)
+    if reference is None and ref_out is None and reference_path is not None:
+        reference = _reference_artifact(Path(reference_path))
+    if reference is not None and all(a is not reference for a in artifacts):
+        artifacts.insert(0, reference)
+    is_reference = lambda a: a is reference  # noqa: E731
     measured: list[tuple[Artifact, dict | None, dict | None, list[str]]] = []
     timed: dict[str, Any] = {}  # runners kept for the interleaved timing after every accuracy pass
     for art in sorted(artifacts, key=lambda a: not is_reference(a)):
@@ -325,19 +360,54 @@ def measure_artifacts(
         progress.step(f"timing {len(timed)} artifact{'s' if len(timed) > 1 else ''}, interleaved")
         lats = measure_all(timed, np.asarray(inputs[:16]))
         timed.clear()
-    rows = [_row(art, accuracy=acc, latency=lats[art.name].to_dict() if art.name in lats else None, memory=mem, notes=tuple(notes)) for art, acc, mem, notes in measured]
+    rows = [
+        _row(art, accuracy=acc, latency=lats[art.name].to_dict() if art.name in lats else None, memory=mem, notes=tuple(notes), role=REFERENCE if is_reference(art) else "")
+        for art, acc, mem, notes in measured
+    ]
     order = {a.name: i for i, a in enumerate(artifacts)}
     return sorted(rows, key=lambda r: order[r.name])
 
 
+def _reference_artifact(path: Path) -> Artifact:
+    """The build's reference ONNX seen as an artifact, so it is measured like one and shown as the reference row."""
+    from .artifacts import size_on_disk
+
+    summary = "the fp32 reference ONNX every row is compared with, run by ONNX Runtime (not kept in --out: add fp32 to --precision to keep it as an artifact)"
+    return Artifact("onnxruntime", "fp32", path.parent, path.name, {"size_bytes": size_on_disk(path), "recipe": {"summary": summary, "kind": "float32 reference"}})
+
+
 def _row(art: Artifact, **measured: Any) -> Row:
-    return Row(name=art.name, backend=art.backend, precision=art.precision, path=str(art.path), size_bytes=art.size_bytes, recipe=_recipe_view(art.manifest.get("recipe", {})), **measured)
+    files = {f.get("path"): f.get("sha256") for f in art.manifest.get("files", [])}
+    return Row(
+        name=art.name, backend=art.backend, precision=art.precision, path=str(art.path), size_bytes=art.size_bytes, recipe=_recipe_view(art.manifest.get("recipe", {})),
+        sha256=files.get(art.main), tools=dict(art.manifest.get("tools", {})), **measured,
+    )
 
 
 def _recipe_view(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a recipe worth a report column; the whole recipe stays in the artifact's manifest."""
-    keep = ("summary", "kind", "method", "calibration_images", "block_size", "smoothquant_alpha", "activation_type", "weight_type")
-    return {k: recipe[k] for k in keep if k in recipe}
+    keep = ("summary", "kind", "method", "calibration_images", "block_size", "block_sizes", "smoothquant_alpha", "activation_type", "weight_type")
+    view = {k: recipe[k] for k in keep if k in recipe}
+    stayed = _stayed_float(recipe.get("float") or recipe.get("kept_float") or [])
+    if stayed:
+        view["stayed_float"] = stayed
+    if isinstance(recipe.get("kept_float_ops"), str):
+        view["float_ops"] = recipe["kept_float_ops"]
+    return view
+
+
+def _stayed_float(entries: Sequence[Any]) -> str:
+    """Which linear layers a recipe left float and why, in words: 'sensitivity fallback: block 0 qkv ×3, ...'."""
+    by_reason: dict[str, dict[str, int]] = {}
+    for f in entries:
+        if not isinstance(f, Mapping):
+            continue
+        where = f.get("role") or f.get("node") or "?"
+        if f.get("block") is not None:
+            where = f"block {f['block']} {where}"
+        counts = by_reason.setdefault(str(f.get("reason", "not given")), {})
+        counts[where] = counts.get(where, 0) + 1
+    return "; ".join(f"{reason}: " + ", ".join(w + (f" ×{n}" if n > 1 else "") for w, n in c.items()) for reason, c in by_reason.items())
 
 
 # ---------------------------------------------------------------- one artifact
@@ -367,18 +437,18 @@ def evaluate(
     `verify` False runs artifacts whose files no longer match their manifest's sha256 (edited on purpose)."""
     progress = progress or Progress(enabled=False)
     _check_counts(limit=("--limit", limit), threads=("--threads", threads))
-    art = Artifact.load(artifact_path, verify=verify)
-    ref = Artifact.load(reference, verify=verify) if reference else None
+    art = _load_artifact(artifact_path, verify)
+    ref = _load_artifact(reference, verify) if reference else None
     if ref is not None:
         _check_comparable(art, ref)
     imageset = _artifact_images(art, images, classes, limit)
     assert imageset is not None
-    arts = [ref, art] if ref is not None else [art]
+    arts = [art]
     opts = BuildOptions(threads=threads, latency=latency)
     classifier = art.manifest.get("io", {}).get("task", "classification") == "classification"
     with tempfile.TemporaryDirectory(prefix="vitexport-eval-") as tmp:
         x = _materialize(imageset, Path(tmp) / "images.npy", progress, "preprocessing images")
-        rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress, strict=True)
+        rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress, reference=ref, strict=True)
         del x
     return Report(
         model=art.manifest.get("model", {}),
@@ -388,6 +458,14 @@ def evaluate(
         tools=tool_versions(),
         created=now(),
     )
+
+
+def _load_artifact(path: str, verify: bool) -> Artifact:
+    """Artifact.load (manifest, paths, sha256) and a backend this vitexport has, before any image is read."""
+    art = Artifact.load(path, verify=verify)
+    if art.backend not in _backends.names():
+        raise VitexportError(f"{art.directory} names backend '{art.backend}', which this vitexport does not have ({', '.join(_backends.names())}): upgrade vitexport or rebuild the artifact")
+    return art
 
 
 def _check_comparable(art: Artifact, ref: Artifact) -> None:
@@ -407,7 +485,7 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
     """Latency, throughput and peak memory of one artifact on this host."""
     progress = progress or Progress(enabled=False)
     _check_counts(threads=("--threads", threads), batch=("--batch", throughput_batch))
-    art = Artifact.load(artifact_path, verify=verify)
+    art = _load_artifact(artifact_path, verify)
     imageset = _artifact_images(art, images, None, 16)
     if imageset is not None:
         x = np.stack([imageset.load(i) for i in range(len(imageset))])
@@ -422,9 +500,18 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
         progress.step(f"timing {art.name} on {runner.device}")
         lat = measure(runner, x, throughput_batch=throughput_batch)
     notes = ("emulated runtime: these timings are not the target's",) if runner.emulated else ()
-    row = _row(art, latency=lat.to_dict(), memory={"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + timing"}, notes=notes)
+    row = _row(art, latency={**lat.to_dict(), "emulated": bool(runner.emulated)}, memory={"peak_mb": pm.peak_mb, "method": pm.method, "what": "load + timing"}, notes=notes)
     return Report(model=art.manifest.get("model", {}), rows=(row,), host=host_info(), tools=tool_versions(), created=now())
 
 
-def default_threads() -> int:
-    return os.cpu_count() or 1
+def check_report_out(out: Path, force: bool, inputs: Mapping[str, str | None]) -> None:
+    """eval/bench --out, before the slow part: writable, not an input (an artifact replaced by its own report)."""
+    _check_out_is_not_an_input(out, inputs)
+    check_output(out, force)
+
+
+def write_report(report: Report, out: str, force: bool = False) -> None:
+    """report.json, report.md and report.html into the folder `out` (eval and bench --out), staged like a build."""
+    with output_lock(Path(out)), staged_output(Path(out), force) as tmp:
+        report.write(tmp)
+

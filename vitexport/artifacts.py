@@ -94,8 +94,6 @@ def _inside(directory: Path, rel: str) -> bool:
 
 
 def _check_manifest(d: Path, m: Any, verify: bool) -> None:
-    from .backends import names as backend_names
-
     where = d / MANIFEST
     if not isinstance(m, dict):
         raise VitexportError(f"{where} is not a vitexport manifest (not a JSON object): rebuild the artifact")
@@ -113,8 +111,6 @@ def _check_manifest(d: Path, m: Any, verify: bool) -> None:
         Preprocessing.from_dict(m["preprocessing"]).output_size
     except (TypeError, ValueError, VitexportError) as e:
         raise VitexportError(f"{where} has damaged preprocessing ({e}): rebuild the artifact") from None
-    if m["backend"] not in backend_names():
-        raise VitexportError(f"{where} names backend '{m['backend']}', which this vitexport does not have (it has {', '.join(backend_names())}): upgrade vitexport or rebuild the artifact")
     entries = [f for f in m["files"] if isinstance(f, dict) and isinstance(f.get("path"), str)]
     for rel in [m["main"], *(f["path"] for f in entries)]:
         if not _inside(d, rel):

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
@@ -45,11 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"vitexport {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    b = sub.add_parser("build", parents=[common], help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json and report.md to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = sub.add_parser("build", parents=[common], help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json, report.md and report.html to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=str(api.DEFAULT_MODEL), metavar="ID_OR_DIR", help="hub id (google/vit-base-patch16-224, facebook/deit-tiny-patch16-224, google/vit-base-patch16-224-in21k) or checkpoint directory (default: the shipped DeiT-tiny)")
     b.add_argument("--backend", metavar="LIST", help=f"target runtime(s), comma-separated for rows side by side: {', '.join(backends.names())} (default: the --target's, else onnxruntime)")
     b.add_argument("--precision", metavar="LIST", help="comma-separated precisions (default: the --target's, else fp32,int8,int4)")
-    b.add_argument("--target", metavar="NAME_OR_TOML", help="device profile from targets/ (sets backend, precisions, recipe options unless given here)")
+    b.add_argument("--target", metavar="NAME_OR_TOML", help="device profile: a shipped name (vitexport targets) or a .toml file (sets backend, precisions, options unless given here)")
     b.add_argument("--calib", default=str(api.DEFAULT_CALIB), metavar="DIR", help="calibration images (default: the shipped calibration set)")
     b.add_argument("--eval", default=str(api.DEFAULT_EVAL), metavar="DIR", help="evaluation images; labels from an ImageFolder layout or WNID_* names + classes.tsv (default: the shipped quick-eval set)")
     b.add_argument("--classes", metavar="TSV", help="index<TAB>wnid<TAB>label file for WNID_* image names (default: classes.tsv inside the image folder)")
@@ -60,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--opset", type=int, default=18, help="ONNX opset, 17 or newer (default: 18)")
     b.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that only have pickle (.bin) weights")
     b.add_argument("--no-latency", action="store_true", help="skip timing (accuracy, size and memory only)")
-    b.add_argument("--min-agreement", type=float, metavar="PCT", help="exit 1 if any artifact agrees with fp32 top-1 on fewer than PCT%% of images")
+    b.add_argument("--min-agreement", type=float, metavar="PCT", help="exit 1 if any artifact agrees with fp32 top-1 on fewer than PCT%% of images (see --gate-rule)")
     b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
+    b.add_argument("--gate-rule", choices=("point", "interval"), default="point", help="when a gate fails: 'point' (default) when the measured figure is beyond the bar; 'interval' only when its whole 95%% interval is (a failure noise cannot explain)")
 
     e = sub.add_parser("eval", parents=[common], help="accuracy of one artifact on a folder of images", description="Measure one artifact's accuracy on a folder of images with the preprocessing recorded in its manifest. Needs only the artifact's runtime, numpy and pillow (no torch).")
     e.add_argument("artifact", help="artifact folder (or a file inside it), e.g. dist/onnxruntime-int8")
@@ -71,14 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, metavar="N", help="use at most N images")
     e.add_argument("--latency", action="store_true", help="also time batch-1 latency")
     e.add_argument("--ignore-sha256", action="store_true", help="run artifacts whose files no longer match their manifest's sha256 (only for artifacts you edited on purpose)")
+    e.add_argument("--out", metavar="DIR", help="also write report.json, report.md and report.html to DIR")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     n = sub.add_parser("bench", parents=[common], help="latency, throughput and peak memory of one artifact on this host", description="Time one artifact on this host: batch-1 p50/p90 latency after warm-up, throughput at a larger batch, peak memory. Needs only the artifact's runtime and numpy.")
     n.add_argument("artifact", help="artifact folder (or a file inside it)")
     n.add_argument("--images", metavar="DIR", help="time on real images from DIR (default: random inputs of the right shape)")
     n.add_argument("--batch", type=int, default=16, metavar="N", help="batch size for the throughput figure (default: 16)")
     n.add_argument("--ignore-sha256", action="store_true", help="run an artifact whose files no longer match its manifest's sha256 (only if you edited it on purpose)")
+    n.add_argument("--out", metavar="DIR", help="also write report.json, report.md and report.html to DIR")
+    n.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    sub.add_parser("targets", parents=[common], help="list the device profiles in targets/")
+    sub.add_parser("targets", parents=[common], help="list the shipped device profiles")
     return p
 
 
@@ -112,20 +118,22 @@ def _check_gates(min_agreement: float | None, max_drop: float | None) -> None:
             raise VitexportError(f"{flag} {value} must be a number of percent (points), 0 or more")
 
 
-def _gate(report, min_agreement: float | None, max_drop: float | None) -> list[str]:
-    failures = []
-    ref = next((r for r in report.rows if r.precision == "fp32" and r.accuracy), None)
-    for r in report.rows:
-        a = r.accuracy or {}
-        if r is ref or not a:
-            continue
-        if min_agreement is not None and a.get("agreement") is not None and 100 * a["agreement"] < min_agreement:
-            failures.append(f"{r.name}: agreement {100 * a['agreement']:.1f}% < {min_agreement}%")
-        if max_drop is not None and ref and a.get("top1") is not None and ref.accuracy.get("top1") is not None:
-            drop = 100 * (ref.accuracy["top1"] - a["top1"])
-            if drop > max_drop:
-                failures.append(f"{r.name}: top-1 {drop:.1f} points below fp32 > {max_drop}")
-    return failures
+def _write(report, args) -> None:
+    if args.out:
+        from . import api
+
+        api.write_report(report, args.out, args.force)
+        if not (args.quiet or args.json):
+            print(f"\nwrote {args.out}/ (report.html, report.md, report.json)")
+
+
+def _gate(report, min_agreement: float | None, max_drop: float | None, rule: str = "point") -> list[str]:
+    """The failed checks of the report's quality gate (recorded by api.build; the rule lives in harness/gate.py)."""
+    if report.gate:
+        return [c["message"] for c in report.gate.get("checks", []) if c.get("failed")]
+    from .harness.gate import check
+
+    return check(report.rows, {"min_agreement": min_agreement, "max_top1_drop": max_drop}, rule).failures()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,23 +208,35 @@ def _run(args, progress) -> int:
             opset=args.opset,
             trust_pickle=args.trust_pickle,
             latency=not args.no_latency,
+            min_agreement=args.min_agreement,
+            max_top1_drop=args.max_top1_drop,
+            gate_rule=args.gate_rule,
             **api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads),
         )
         report = api.build(opts, progress)
         _emit(report, args)
         if not (args.quiet or args.json):
-            print(f"\nwrote {args.out}/ (report.md, report.json, one folder per artifact)")
-        failures = _gate(report, args.min_agreement, args.max_top1_drop)
+            print(f"\nwrote {args.out}/ (report.html, report.md, report.json, one folder per artifact)")
+        failures = _gate(report, args.min_agreement, args.max_top1_drop, args.gate_rule)
         if failures:
             print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
             return EXIT_GATE
     elif args.command == "eval":
-        _emit(api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, verify=not args.ignore_sha256), args)
+        if args.out:
+            api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images, "--reference": args.reference, "--classes": args.classes})  # before the slow part
+        report = api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, verify=not args.ignore_sha256)
+        _emit(report, args)
+        _write(report, args)
     elif args.command == "bench":
-        _emit(api.bench(args.artifact, args.images, args.threads, args.batch, progress, verify=not args.ignore_sha256), args)
+        if args.out:
+            api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images})
+        report = api.bench(args.artifact, args.images, args.threads, args.batch, progress, verify=not args.ignore_sha256)
+        _emit(report, args)
+        _write(report, args)
     elif args.command == "targets":
-        names = sorted(p.stem for p in api.TARGETS_DIR.glob("*.toml")) if api.TARGETS_DIR.is_dir() else []
-        profiles = [api.load_target(n) for n in names]
+        from .profiles import shipped
+
+        profiles = [api.load_target(n) for n in shipped()]
         if args.json:
             print(json.dumps(profiles, indent=2))
         else:

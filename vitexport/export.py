@@ -234,13 +234,11 @@ def _drop_dead_nodes(model) -> None:
 
 
 def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> dict[str, Any]:
-    import onnxruntime as ort
     import torch
 
-    try:
-        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # e.g. an opset newer than this onnxruntime runs
-        raise VitexportError(f"onnxruntime cannot load the exported ONNX ({str(e).splitlines()[0][:200]}): try the default --opset {DEFAULT_OPSET}") from None
+    from .ort_session import ort_session
+
+    sess = ort_session(onnx_path, what=f"the exported ONNX (an opset newer than this onnxruntime runs? the default is --opset {DEFAULT_OPSET})")
     torch_out, onnx_out = [], []
     with torch.inference_mode():
         for i in range(0, len(inputs), batch):

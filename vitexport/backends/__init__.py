@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Hashable, Iterable, Iterator, Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -21,10 +21,32 @@ from ..errors import VitexportError
 # name -> "module:Class"; the module is imported only when the backend is asked for.
 REGISTRY: dict[str, str] = {
     "onnxruntime": "vitexport.backends.onnxruntime:OnnxRuntimeBackend",
-    "coreml": "vitexport.backends.coreml:CoreMLBackend",
     "openvino": "vitexport.backends.openvino:OpenVinoBackend",
+    "coreml": "vitexport.backends.coreml:CoreMLBackend",
     "tensorrt": "vitexport.backends.tensorrt:TensorRTBackend",
 }
+
+
+RunsHere = Literal["measured", "emulated", "not run"]
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What one precision of a backend needs and where it runs: central code derives from these, keeps no lists.
+
+    ``runs_here`` is what a Linux x86 host without the target's hardware (vitexport's CI) measures; the runner still
+    decides on each host (a Mac predicts CoreML for real, a host with TensorRT and a GPU runs the engine).
+    ``recipe`` names the core recipe class ("module:Class", imported only when a profile is checked or a build
+    runs) that ``[options.<backend>.<precision>] recipe = {...}`` overrides; ``settings`` are the other keys that
+    precision table accepts, with their defaults (their types are the defaults' types).
+    """
+
+    calibration: bool  # uses calibration images by default: the build passes them
+    runs_here: RunsHere
+    min_target: str | None = None  # minimum deployment target, where the target has one
+    recipe: str | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    builds_on: str | None = None  # platform.system() the build needs (None: anywhere)
 
 
 @dataclass(frozen=True)
@@ -59,7 +81,10 @@ class Runner(Protocol):
 
 class Backend(Protocol):
     name: str
-    precisions: tuple[str, ...]
+    precisions: tuple[str, ...]  # == tuple(capabilities): the fp32 reference first
+    capabilities: Mapping[str, Capability]
+    settings: Any  # [options.<backend>]: a frozen dataclass type, or a mapping of key -> default
+    summary: Mapping[str, str]  # the README target table's words: devices, artifact
 
     def available(self) -> tuple[bool, str]: ...
 
@@ -89,10 +114,52 @@ def shared_int4(reference, calibration: "Calibration | None", recipe, progress=N
     return calibration.shared(key, lambda: quantize_int4(reference.load(), calibration.batches, recipe, progress=progress))
 
 
-def needs_calibration(precision: str) -> bool:
-    # int4 and palette4 use calibration activations too: their rounding minimises the error on real inputs, not on
-    # weights alone
-    return precision in {"int8", "int4", "palette4"}
+def require_calibration(calibration: "Calibration | None", what: str) -> "Calibration":
+    """The calibration images ``what`` (e.g. "openvino int8") cannot build without, or one clear error."""
+    if calibration is None or calibration.count == 0:
+        raise VitexportError(f"{what} needs calibration images: pass --calib DIR")
+    return calibration
+
+
+def copy_reference(reference, target: Path) -> None:
+    """The verified fp32 reference ONNX as an artifact's model file (with its external weights, if it has them)."""
+    import shutil
+
+    shutil.copyfile(reference.path, target)
+    if Path(str(reference.path) + ".data").exists():
+        shutil.copyfile(str(reference.path) + ".data", str(target) + ".data")
+
+
+def needs_calibration(precision: str, backend: "Backend | str | None" = None) -> bool:
+    """Whether ``backend`` builds ``precision`` from calibration images, as the backend declares it. Without a
+    backend: whether any registered backend does (int4 and palette4 use calibration activations too: their rounding
+    minimises the error on real inputs, not on weights alone)."""
+    if backend is None:
+        return any(needs_calibration(precision, n) for n in REGISTRY if precision in get(n).capabilities)
+    b = get(backend) if isinstance(backend, str) else backend
+    cap = b.capabilities.get(precision)
+    return bool(cap and cap.calibration)
+
+
+def precision_options(options: Mapping[str, Any] | None, backend: str, precision: str) -> dict[str, Any]:
+    """The ``[options.<backend>.<precision>]`` table (empty if absent)."""
+    return dict(((options or {}).get(backend) or {}).get(precision) or {})
+
+
+def backend_options(options: Mapping[str, Any] | None, backend: str) -> dict[str, Any]:
+    """The ``[options.<backend>]`` settings, without its precision tables."""
+    mine = dict((options or {}).get(backend) or {})
+    return {k: v for k, v in mine.items() if not isinstance(v, Mapping)}
+
+
+def recipe_overrides(options: Mapping[str, Any] | None, backend: str, precision: str) -> dict[str, Any]:
+    """``recipe = {...}`` of ``[options.<backend>.<precision>]``: overrides of the precision's core recipe."""
+    return dict(precision_options(options, backend, precision).get("recipe") or {})
+
+
+def load_class(ref: str) -> type:
+    module, cls = ref.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def parse_precisions(text: str | Iterable[str], backend: Backend) -> list[str]:
@@ -113,4 +180,34 @@ def recipe_from(cls, overrides: Mapping[str, Any] | None):
     unknown = set(overrides) - fields
     if unknown:
         raise VitexportError(f"unknown {cls.__name__} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    except (ValueError, TypeError) as e:  # a recipe's own checks: the user's value, not a bug
+        raise VitexportError(f"bad {cls.__name__} option: {e}") from None
+
+
+def target_table() -> str:
+    """The README's target table, derived from every registered backend's declarations (a test keeps them equal)."""
+    rows = [
+        "| backend | precisions | calibration images for | artifact | on a Linux host without the device | minimum deployment target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names():
+        b = get(name)
+        caps = b.capabilities
+        precisions = ", ".join(p + (f" ({'macOS' if c.builds_on == 'Darwin' else c.builds_on} only)" if c.builds_on else "") for p, c in caps.items())
+        calib = ", ".join(p for p, c in caps.items() if c.calibration) or "–"
+        targets = _grouped({p: c.min_target for p, c in caps.items() if c.min_target})
+        runs = _grouped({p: c.runs_here for p, c in caps.items()})
+        rows.append(f"| `{name}` ({b.summary['devices']}) | {precisions} | {calib} | {b.summary['artifact']} | {runs} ({b.summary['measured']}) | {targets or '–'} |")
+    return "\n".join(rows)
+
+
+def _grouped(values: Mapping[str, str]) -> str:
+    """{"fp32": "a", "fp16": "a", "int8": "b"} -> "fp32, fp16: a; int8: b" (just "a" when all agree)."""
+    groups: dict[str, list[str]] = {}
+    for p, v in values.items():
+        groups.setdefault(v, []).append(p)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{', '.join(ps)}: {v}" for v, ps in groups.items())

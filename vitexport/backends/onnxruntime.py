@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,14 +17,21 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, recipe_from, shared_int4
+from . import Calibration, Capability, copy_reference, recipe_from, recipe_overrides, require_calibration, shared_int4
 
 log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
-    precisions = ("fp32", "int8", "int4")
+    capabilities = {
+        "fp32": Capability(calibration=False, runs_here="measured"),
+        "int8": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int8:Int8Recipe"),
+        "int4": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int4:Int4Recipe"),
+    }
+    precisions = tuple(capabilities)
+    settings: dict[str, Any] = {}  # threads come from the profile's top level
+    summary = {"devices": "x86/ARM CPUs, Raspberry Pi", "artifact": "`model.onnx` (QDQ int8, `MatMulNBits` int4)", "measured": "the real runtime"}
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -38,21 +44,19 @@ class OnnxRuntimeBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / "model.onnx"
         if precision == "fp32":
-            shutil.copyfile(reference.path, target)
-            if Path(str(reference.path) + ".data").exists():
-                shutil.copyfile(str(reference.path) + ".data", str(target) + ".data")
+            copy_reference(reference, target)
             recipe: dict[str, Any] = {"kind": "float32 reference", "opset": reference.opset, "verification": dict(reference.verification)}
         elif precision == "int8":
             from ..quantization.int8 import Int8Recipe, quantize_int8
 
-            recipe_obj = recipe_from(Int8Recipe, options.get("int8", {}))
-            model, recipe = quantize_int8(reference.load(), _require(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
+            recipe_obj = recipe_from(Int8Recipe, recipe_overrides(options, self.name, "int8"))
+            model, recipe = quantize_int8(reference.load(), require_calibration(calibration, precision).batches, recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
             from ..quantization.int4 import Int4Recipe
 
-            recipe_obj = recipe_from(Int4Recipe, options.get("int4", {}))
-            model, recipe = shared_int4(reference, _require(calibration, precision), recipe_obj, progress=options.get("progress"))
+            recipe_obj = recipe_from(Int4Recipe, recipe_overrides(options, self.name, "int4"))
+            model, recipe = shared_int4(reference, require_calibration(calibration, precision), recipe_obj, progress=options.get("progress"))
             save_onnx(model, target, reference.metadata())
         else:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")
@@ -77,16 +81,9 @@ class OrtRunner:
     def __init__(self, path: Path, threads: int | None = None, emulated: bool = False):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise VitexportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
+        from ..ort_session import ort_session
+
+        self.session = ort_session(path, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.threads = threads
@@ -111,13 +108,3 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
     if precision == "int4":
         return f"int4 weight-only MatMulNBits: {recipe.get('method')}, block sizes {recipe.get('block_sizes')}, {recipe.get('quantized')} linears int4, head float"
     return "float32 reference ONNX"
-
-
-
-
-
-def _require(calibration: Calibration | None, precision: str) -> Calibration:
-    if calibration is None or calibration.count == 0:
-        raise VitexportError(f"{precision} needs calibration images: pass --calib DIR")
-    return calibration
-

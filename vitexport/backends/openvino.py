@@ -45,7 +45,7 @@ import numpy as np
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, recipe_from, shared_int4
+from . import Calibration, Capability, recipe_from, require_calibration, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,22 @@ INT4_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _precision_settings(defaults: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in defaults.items() if k != "recipe"}
+
+
 class OpenVinoBackend:
     name = "openvino"
-    precisions = ("fp32", "fp16", "int8", "int8w", "int4")
+    capabilities = {
+        "fp32": Capability(calibration=False, runs_here="measured"),
+        "fp16": Capability(calibration=False, runs_here="measured"),
+        "int8": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int8:Int8Recipe", settings=_precision_settings(INT8_DEFAULTS)),
+        "int8w": Capability(calibration=False, runs_here="measured"),
+        "int4": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int4:Int4Recipe", settings=_precision_settings(INT4_DEFAULTS)),
+    }
+    precisions = tuple(capabilities)
+    settings: dict[str, Any] = {"device": "CPU"}  # the device the runner uses (VITEXPORT_OPENVINO_DEVICE overrides)
+    summary = {"devices": "Intel CPU, iGPU", "artifact": "`model.xml` + `model.bin`, preprocessing and labels in its rt_info", "measured": "the real runtime: CPU plugin, f32 compute"}
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -118,7 +131,7 @@ class OpenVinoBackend:
             recipe: dict[str, Any] = {"kind": f"OpenVINO IR, {precision} weights", "compress_to_fp16": precision == "fp16"}
         elif precision == "int8":
             settings = _settings(INT8_DEFAULTS, mine.get("int8"), "int8")
-            calib = _require(calibration, precision)
+            calib = require_calibration(calibration, f"openvino {precision}")
             if settings["method"] == "qdq":
                 model, recipe = _int8_qdq(ov, reference, calib, settings, progress)
             elif settings["method"] == "nncf":
@@ -319,7 +332,7 @@ def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping
 
     recipe_obj = recipe_from(Int4Recipe, settings.get("recipe") or {})
     if recipe_obj.method == "gptq":
-        _require(calibration, "int4 (gptq)")
+        require_calibration(calibration, "openvino int4 (gptq)")
     qmodel, summary = shared_int4(reference, calibration, recipe_obj, progress=progress)
     with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
         path = Path(tmp) / "int4.onnx"
@@ -338,7 +351,7 @@ def _int4(ov, reference, calibration: Calibration | None, settings: Mapping[str,
     data_aware = any(settings.get(k) for k in ("awq", "scale_estimation", "gptq"))
     kwargs: dict[str, Any] = {}
     if data_aware:
-        calib = _require(calibration, "int4 (data-aware: awq / scale_estimation / gptq)")
+        calib = require_calibration(calibration, "openvino int4 (data-aware: awq / scale_estimation / gptq)")
         data = [x[i : i + 1] for x in calib.batches() for i in range(len(x))]
         kwargs = {"dataset": nncf.Dataset(data), "subset_size": int(settings.get("subset_size", len(data))), "awq": bool(settings.get("awq")), "scale_estimation": bool(settings.get("scale_estimation")), "gptq": bool(settings.get("gptq"))}
     try:
@@ -413,12 +426,6 @@ def _settings(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None, 
     if unknown:
         raise VitexportError(f"unknown openvino {what} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(defaults))}")
     return {**defaults, **overrides}
-
-
-def _require(calibration: Calibration | None, precision: str) -> Calibration:
-    if calibration is None or calibration.count == 0:
-        raise VitexportError(f"openvino {precision} needs calibration images: pass --calib DIR")
-    return calibration
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ import numpy as np
 
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
-from . import Calibration, recipe_from
+from . import Calibration, Capability, backend_options, copy_reference, recipe_from, recipe_overrides, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ INT8_RECIPE: dict[str, Any] = {
 
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
-    """How the engine is built (``[options.tensorrt]`` in a targets/*.toml profile)."""
+    """How the engine is built (``[options.tensorrt]`` in a device profile)."""
 
     min_batch: int = 1
     opt_batch: int = 1  # the batch TensorRT tunes its kernels for (1: latency on a device)
@@ -109,7 +109,7 @@ class EngineSettings:
 
 def settings_from(options: Mapping[str, Any]) -> EngineSettings:
     """EngineSettings from ``options["tensorrt"]`` (precision sub-tables such as ``int8`` are not engine settings)."""
-    mine = {k: v for k, v in dict(options.get("tensorrt") or {}).items() if k not in ("int8", "fp16", "fp32")}
+    mine = backend_options(options, "tensorrt")
     fields = {f.name for f in dataclasses.fields(EngineSettings)}
     unknown = set(mine) - fields
     if unknown:
@@ -197,7 +197,19 @@ def tensorrt_status() -> tuple[bool, str]:
 
 class TensorRTBackend:
     name = "tensorrt"
-    precisions = ("fp32", "fp16", "int8")
+    # where TensorRT and a GPU are, the runner runs the engine instead (measured)
+    capabilities = {
+        "fp32": Capability(calibration=False, runs_here="not run"),  # emulating it would only repeat the reference
+        "fp16": Capability(calibration=False, runs_here="emulated"),
+        "int8": Capability(calibration=True, runs_here="emulated", recipe="vitexport.quantization.int8:Int8Recipe"),
+    }
+    precisions = tuple(capabilities)
+    settings = EngineSettings
+    summary = {
+        "devices": "Jetson, NVIDIA GPUs",
+        "artifact": "`model.onnx` (TensorRT-ready QDQ) + engine kit; `model.engine` where TensorRT is",
+        "measured": "QDQ arithmetic and fp16 storage in ONNX Runtime; the engine itself where TensorRT and a GPU are",
+    }
 
     def available(self) -> tuple[bool, str]:
         """Buildable everywhere onnxruntime is (the QDQ ONNX and the engine scripts); engines need TensorRT."""
@@ -215,15 +227,12 @@ class TensorRTBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / ONNX
         if precision in ("fp32", "fp16"):
-            shutil.copyfile(reference.path, target)
-            if Path(str(reference.path) + ".data").exists():
-                shutil.copyfile(str(reference.path) + ".data", str(target) + ".data")
+            copy_reference(reference, target)
             recipe: dict[str, Any] = {"kind": f"fp32 reference ONNX for a TensorRT {precision} engine", "opset": reference.opset, "layernorm": "one LayerNormalization op"}
         else:
             from ..quantization.int8 import Int8Recipe, quantize_int8
 
-            if calibration is None or calibration.count == 0:
-                raise VitexportError("int8 needs calibration images: pass --calib DIR")
+            require_calibration(calibration, "tensorrt int8")
             recipe_obj = int8_recipe(options, Int8Recipe)
             model, recipe = quantize_int8(reference.load(), calibration.batches, recipe_obj, progress=options.get("progress"))
             recipe = {**recipe, "kind": "TensorRT-ready int8 QDQ ONNX (explicit quantization, ViT-aware)", "qdq_check": check_tensorrt_qdq(model)}
@@ -261,7 +270,7 @@ def int8_recipe(options: Mapping[str, Any], cls=None):
     """The core Int8Recipe with TensorRT's settings, then the profile's overrides."""
     if cls is None:
         from ..quantization.int8 import Int8Recipe as cls
-    overrides = ((options.get("tensorrt") or {}).get("int8") or {}).get("recipe") or {}
+    overrides = recipe_overrides(options, "tensorrt", "int8")
     recipe_from(cls, overrides)  # unknown keys: one clear error before TensorRT's defaults are merged in
     return recipe_from(cls, {**INT8_RECIPE, **overrides})
 
@@ -378,23 +387,11 @@ class EmulationRunner:
         import onnxruntime as ort
 
         from ..harness.emulation import round_to_float16
+        from ..ort_session import ort_session
 
-        so = ort.SessionOptions()
-        so.add_session_config_entry("session.disable_quant_qdq", "1")  # no QDQ -> integer-kernel fusion
-        # float fusions are fine in float32; in float16 they would remove the rounding casts
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if float16 else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        try:
-            if float16:
-                model = round_to_float16(onnx.load(str(path)), exact_ops=("DequantizeLinear",), weights=True)
-                self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            else:
-                self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise VitexportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
+        # no QDQ -> integer-kernel fusion; float fusions are fine in float32, in float16 they would remove the rounding casts
+        model = round_to_float16(onnx.load(str(path)), exact_ops=("DequantizeLinear",), weights=True) if float16 else path
+        self.session = ort_session(model, threads, optimization="basic" if float16 else "all", qdq_fusion=False, what=str(path))
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.threads = threads

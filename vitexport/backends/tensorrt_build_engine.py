@@ -70,11 +70,7 @@ def build_engine(plan: dict, directory: Path, timing_cache: Path | None = None, 
     config.add_optimization_profile(profile)
 
     cache_path = Path(timing_cache) if timing_cache else (directory / plan["timing_cache"])
-    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    reused = bool(cache_bytes) and config.set_timing_cache(cache, ignore_mismatch=False)
-    if not reused:  # no cache yet, or one made on another GPU / TensorRT version: start a fresh one
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    reused = _use_timing_cache(config, cache_path)
 
     log(f"building {plan['precision']} engine from {onnx_path.name} with TensorRT {trt.__version__} "
         f"(flags {', '.join(plan['builder_flags']) or 'none'}{', strongly typed' if plan['strongly_typed'] else ''}; "
@@ -87,23 +83,38 @@ def build_engine(plan: dict, directory: Path, timing_cache: Path | None = None, 
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
 
-    info = {
-        "engine": plan["engine"],
-        "precision": plan["precision"],
-        "tensorrt": trt.__version__,
-        "device": _device_name(),
-        "builder_flags": plan["builder_flags"],
-        "strongly_typed": plan["strongly_typed"],
-        "shapes": shapes,
-        "workspace_mb": plan["workspace_mb"],
-        "timing_cache": str(cache_path),
-        "timing_cache_reused": reused,
-        "seconds": round(time.perf_counter() - start, 1),
-        "size_bytes": engine_path.stat().st_size,
-    }
+    info = _engine_info(plan, trt.__version__, cache_path, reused, time.perf_counter() - start, engine_path.stat().st_size)
     (directory / ENGINE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     log(f"wrote {engine_path} ({info['size_bytes'] / 1e6:.1f} MB) in {info['seconds']} s")
     return info
+
+
+def _use_timing_cache(config, cache_path: Path) -> bool:
+    """Give the builder the timing cache at ``cache_path`` if it fits this GPU and TensorRT; whether it was reused."""
+    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    reused = bool(cache_bytes) and config.set_timing_cache(cache, ignore_mismatch=False)
+    if not reused:  # no cache yet, or one made on another GPU / TensorRT version: start a fresh one
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return bool(reused)
+
+
+def _engine_info(plan: dict, version: str, cache_path: Path, reused: bool, seconds: float, size: int) -> dict:
+    """engine.json: what was built, where, from which plan."""
+    return {
+        "engine": plan["engine"],
+        "precision": plan["precision"],
+        "tensorrt": version,
+        "device": _device_name(),
+        "builder_flags": plan["builder_flags"],
+        "strongly_typed": plan["strongly_typed"],
+        "shapes": plan["shapes"],
+        "workspace_mb": plan["workspace_mb"],
+        "timing_cache": str(cache_path),
+        "timing_cache_reused": reused,
+        "seconds": round(seconds, 1),
+        "size_bytes": size,
+    }
 
 
 def _device_name() -> str:

@@ -24,6 +24,7 @@ class Latency:
     throughput_ips: float | None = None  # images per second at throughput_batch
     rounds: int | None = None  # interleaved rounds the batch-1 runs were spread over
     spread: float | None = None  # slowest round median / fastest round median
+    round_p50_ms: tuple[float, ...] | None = None  # each interleaved round's median (the report plots the spread)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +88,7 @@ def measure_all(
             throughput_ips=ips,
             rounds=rounds,
             spread=float(max(medians) / min(medians)),
+            round_p50_ms=tuple(round(1e3 * m, 4) for m in medians),
         )
     return out
 

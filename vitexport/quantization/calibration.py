@@ -117,18 +117,6 @@ class MinMaxObserver:
         return self.min[name], self.max[name]
 
 
-class ChannelAbsMaxObserver:
-    """Running per-channel (last axis) max of |x|: the activation statistic SmoothQuant needs."""
-
-    def __init__(self):
-        self.absmax: dict[str, np.ndarray] = {}
-
-    def __call__(self, name: str, a: np.ndarray) -> None:
-        m = np.abs(a.reshape(-1, a.shape[-1])).max(axis=0).astype(np.float64)
-        prev = self.absmax.get(name)
-        self.absmax[name] = m if prev is None else np.maximum(prev, m)
-
-
 class HistogramObserver:
     """Fixed-range histogram per tensor, for a second calibration pass.
 

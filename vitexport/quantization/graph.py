@@ -28,7 +28,6 @@ Initializer and node names of exported graphs are not reliable (the dynamo expor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -277,13 +276,6 @@ def find_linears(model: onnx.ModelProto) -> list[Linear]:
 
 def _ln_feeds_block(idx: GraphIndex, ln: onnx.NodeProto, prelim) -> bool:
     return any(l is ln and role in ("qkv", "fc1") for *_, role, l in prelim)
-
-
-def linears_by_role(linears: Iterable[Linear]) -> dict[str, list[Linear]]:
-    out: dict[str, list[Linear]] = {r: [] for r in ROLES}
-    for l in linears:
-        out[l.role].append(l)
-    return out
 
 
 def drop_unused_constants(model: onnx.ModelProto) -> None:

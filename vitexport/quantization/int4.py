@@ -296,13 +296,17 @@ def unpack_matmulnbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     nb = -(-k // block)
     b = np.asarray(b, np.uint8).reshape(n, nb, block // 2)
     codes = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, nb, block).astype(np.float32)
-    if zero_points is None:
-        zp = np.full((n, nb), 8.0, np.float32)
-    else:
-        z = np.asarray(zero_points, np.uint8).reshape(n, -1)
-        zp = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
+    zp = unpack_zero_points(zero_points, n, nb)
     w = (codes - zp[:, :, None]) * np.asarray(scales, np.float32).reshape(n, nb)[:, :, None]
     return np.ascontiguousarray(w.reshape(n, nb * block)[:, :k].T)
+
+
+def unpack_zero_points(zero_points: np.ndarray | None, n: int, nb: int) -> np.ndarray:
+    """MatMulNBits' packed uint4 zero points (two per byte, low nibble first) as float [N, blocks]; 8 when absent."""
+    if zero_points is None:
+        return np.full((n, nb), 8.0, np.float32)
+    z = np.asarray(zero_points, np.uint8).reshape(n, -1)
+    return np.stack([z & 0x0F, z >> 4], axis=-1).reshape(n, -1)[:, :nb].astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""GPTQ codes for CoreML: the core recipes' rounding (int8 per channel, int4 block-wise, 4-bit palettes), computed on
+the reference ONNX and handed to coremltools exactly through its torch compression metadata (``_COREML_/...``
+buffers), so the package holds vitexport's codes rather than a re-rounding."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ...errors import VitexportError
+from .. import recipe_from, recipe_overrides, shared_int4
+from ..torch_weights import match_initializers
+from .settings import CoreMLOptions
+
+
+def _torch_weight_names(head, reference) -> dict[str, tuple[str, bool]]:
+    """Reference ONNX initializer -> (torch parameter name, transposed?), matched by value (the exporter renames them)."""
+    import onnx
+
+    return match_initializers(head.state_dict(), onnx.load(str(reference.path)), reference.path.parent)
+
+
+def _linear_hessians(head, reference, calibration, options) -> tuple[Any, list, dict[str, np.ndarray], dict[str, tuple[str, bool]]]:
+    """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, X^T X of each linear's input over the calibration
+    images (streamed), reference initializer -> torch parameter name)."""
+    from ...quantization.calibration import stream_activations
+    from ...quantization.graph import find_linears
+    from ...quantization.int4 import HessianObserver
+
+    model = reference.load()
+    linears = [l for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")]
+    obs = HessianObserver()
+    stream_activations(model, sorted({l.activation for l in linears}), calibration.batches, obs, progress=options.get("progress"))
+    names = _torch_weight_names(head, reference)
+    missing = [l.node.name for l in linears if l.weight not in names]
+    if missing:
+        raise VitexportError(f"coreml: cannot map {missing[0]} back to a torch weight")
+    return model, linears, obs.h, names
+
+
+def _attach_gptq_int8(head, reference, calibration, options) -> dict[str, Any]:
+    """GPTQ-rounded symmetric per-channel int8 codes (the core int8 recipe's gptq_weight, full 8 bits: CoreML
+    dequantizes weights, there is no integer accumulation to saturate), handed to coremltools exactly through
+    ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, 8 bits, scale [N, 1], no zero point)."""
+    import torch
+
+    from ...quantization.graph import weight_nk
+    from ...quantization.int8 import gptq_weight
+
+    t0 = time.perf_counter()
+    model, linears, hessians, names = _linear_hessians(head, reference, calibration, options)
+    params = dict(head.named_parameters())
+    for l in linears:
+        tname, _ = names[l.weight]
+        codes, scale = gptq_weight(weight_nk(model, l), hessians[l.activation], reduce_range=False)
+        mod_name, pname = tname.rsplit(".", 1)
+        with torch.no_grad():
+            params[tname].copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
+        mod = head.get_submodule(mod_name)
+        mod.register_buffer(f"_COREML_/{pname}/compression_type", torch.tensor([3]))
+        mod.register_buffer(f"_COREML_/{pname}/quantization_n_bits", torch.tensor(8))
+        mod.register_buffer(f"_COREML_/{pname}/quantization_scale", torch.from_numpy(scale[:, None].copy()))
+    return {"method": "GPTQ (vitexport.quantization.int8.gptq_weight), symmetric per-channel int8", "linears": len(linears),
+            "roles": ["qkv", "attn_out", "fc1", "fc2"], "others": "coremltools linear_quantize_weights (round to nearest)",
+            "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr dequantize", "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _attach_gptq_palette(head, reference, calibration, options, opts: CoreMLOptions) -> dict[str, Any]:
+    """Palettize the linears with vitexport.quantization.palette and hand coremltools the exact palettes.
+
+    coremltools' torch frontend turns ``_COREML_/weight/*`` buffers (compression_type 2 = palettization, ``lut``
+    [N/group, 1, 16, 1]) into constexpr_lut_to_dense ops; the weight's values are already palette entries, so its
+    index lookup is exact.
+    """
+    import torch
+
+    from ...quantization.graph import weight_nk
+    from ...quantization.palette import PaletteRecipe, palettize_gptq
+
+    t0 = time.perf_counter()
+    recipe = PaletteRecipe(group_size=opts.palette_group_size)
+    model, linears, hessians, names = _linear_hessians(head, reference, calibration, options)
+    params = dict(head.named_parameters())
+    errors = []
+    for l in linears:
+        tname, _ = names[l.weight]
+        w = weight_nk(model, l)  # [N, K]: torch Linear's own layout
+        q, lut = palettize_gptq(w, hessians[l.activation], recipe)
+        errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
+        mod_name, pname = tname.rsplit(".", 1)
+        with torch.no_grad():
+            params[tname].copy_(torch.from_numpy(q))
+        mod = head.get_submodule(mod_name)
+        mod.register_buffer(f"_COREML_/{pname}/compression_type", torch.tensor([2]))
+        mod.register_buffer(f"_COREML_/{pname}/lut", torch.from_numpy(lut[:, None, :, None].copy()))
+    return {"method": "k-means palettes per group + GPTQ rounding", "group_size": recipe.group_size, "refine": recipe.refine, "damp": recipe.damp,
+            "linears": len(linears), "roles": ["qkv", "attn_out", "fc1", "fc2"], "rel_weight_error_mean": round(float(np.mean(errors)), 5),
+            "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr_lut_to_dense", "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreMLOptions) -> dict[str, Any]:
+    """Run the core's GPTQ int4 recipe on the reference ONNX and hand its exact codes to coremltools.
+
+    coremltools' torch frontend turns ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, n_bits,
+    scale, zero point) into constexpr_blockwise_shift_scale ops: the package then holds GPTQ's codes, not a re-rounding.
+    """
+    import torch
+    from onnx import numpy_helper
+
+    from ...quantization.graph import find_linears
+    from ...quantization.int4 import Int4Recipe, unpack_matmulnbits, unpack_zero_points
+
+    raw = recipe_overrides(options, "coreml", "int4")
+    raw.setdefault("block_sizes", (opts.int4_block_size,))
+    recipe = recipe_from(Int4Recipe, raw)
+    linears = {l.node.name: l for l in find_linears(reference.load())}
+    qmodel, summary = shared_int4(reference, calibration, recipe, progress=options.get("progress"))
+    names = _torch_weight_names(head, reference)
+    inits = {t.name: t for t in qmodel.graph.initializer}
+    params = dict(head.named_parameters())
+    done = 0
+    for node in qmodel.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        src = linears.get(node.name.removesuffix("_Q4"))
+        if src is None or src.weight not in names:
+            raise VitexportError(f"coreml int4: cannot map {node.name} back to a torch weight")
+        tname, _ = names[src.weight]
+        at = {a.name: a.i for a in node.attribute}
+        k, n, block = at["K"], at["N"], at["block_size"]
+        b = numpy_helper.to_array(inits[node.input[1]])
+        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, -1)
+        zp_packed = numpy_helper.to_array(inits[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+        if k % block:
+            raise VitexportError(f"coreml int4: K={k} is not a multiple of block {block}")
+        w_kn = unpack_matmulnbits(b, scales, zp_packed, k, n, block)
+        zp = unpack_zero_points(zp_packed, n, k // block)
+        mod_name, pname = tname.rsplit(".", 1)
+        mod = head.get_submodule(mod_name)
+        with torch.no_grad():
+            params[tname].copy_(torch.from_numpy(np.ascontiguousarray(w_kn.T)))
+        mod.register_buffer(f"_COREML_/{pname}/compression_type", torch.tensor([3]))
+        mod.register_buffer(f"_COREML_/{pname}/quantization_n_bits", torch.tensor(4))
+        mod.register_buffer(f"_COREML_/{pname}/quantization_scale", torch.from_numpy(scales.copy()))
+        mod.register_buffer(f"_COREML_/{pname}/zero_point", torch.from_numpy(zp))
+        done += 1
+    keep = ("method", "bits", "symmetric", "damp", "clip_search", "block_sizes", "quantized", "quantized_roles", "kept_float", "calibration_images", "total_s")
+    return {**{k: summary[k] for k in keep if k in summary}, "written_as": "torch compression metadata -> constexpr_blockwise_shift_scale", "linears": done}

@@ -1,0 +1,33 @@
+"""The one place an ONNX Runtime CPU session is made: the options every caller wants, and one clear error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import VitexportError
+
+
+def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None):
+    """An ``onnxruntime.InferenceSession`` on the CPU provider for a path, serialized bytes or a ModelProto.
+
+    ``optimization``: "all" (runners: the fusions the runtime really does) or "basic" (emulations, whose float16
+    rounding casts a fusion would remove). ``qdq_fusion=False`` keeps each Q/DQ pair as float fake-quantization.
+    ``threads``: intra-op threads (None: onnxruntime's choice), one inter-op thread. A model onnxruntime cannot load
+    is a VitexportError naming ``what`` (the path by default)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}[optimization]
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not qdq_fusion:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    source = model if isinstance(model, (bytes, str)) else str(model) if isinstance(model, Path) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        name = what or (str(model) if isinstance(model, (str, Path)) else "the model")
+        raise VitexportError(f"onnxruntime cannot load {name}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
