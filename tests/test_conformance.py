@@ -24,7 +24,7 @@ from vitexport.errors import VitexportError
 
 NAMES = backends.names()
 # what a backend needs installed to build here; CI installs all but TensorRT, which builds its kit without it
-_NEEDS = {"openvino": "openvino", "coreml": "coremltools"}
+_NEEDS = {"openvino": "openvino", "coreml": "coremltools", "litert": "litert_torch"}  # litert: see tests/test_litert.py
 # tiny weights are below coremltools' default 2048-element threshold: lower it so every linear is compressed
 _OPTIONS = {"coreml": {"coreml": {"weight_threshold": 256, "palette_group_size": 8}}}
 

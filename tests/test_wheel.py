@@ -35,9 +35,10 @@ def venv(tmp_path_factory) -> Path:
     r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "wheels", src], cwd=tmp)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp / "wheels").glob("vitexport-*.whl")
-    r = _run([sys.executable, "-m", "venv", "--system-site-packages", tmp / "venv"], cwd=tmp)
+    # no pip inside the venv (ensurepip may be absent): this pip installs into it with --python
+    r = _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", tmp / "venv"], cwd=tmp)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _run([tmp / "venv" / "bin" / "python", "-m", "pip", "install", "--no-deps", "--no-index", wheel], cwd=tmp)
+    r = _run([sys.executable, "-m", "pip", "--python", tmp / "venv" / "bin" / "python", "install", "--no-deps", "--no-index", wheel], cwd=tmp)
     assert r.returncode == 0, r.stderr[-2000:]
     return tmp / "venv"
 

@@ -60,7 +60,7 @@ def shipped() -> list[str]:
 def _read(name_or_path: str, relative_to: Path | None = None) -> tuple[str, str, str]:
     """(name, where, text) of a profile given by path (tried first) or by shipped name."""
     for cand in ([relative_to / name_or_path] if relative_to else []) + [Path(name_or_path)]:
-        if cand.suffix == ".toml" and cand.is_file():
+        if (cand.suffix == ".toml" or "/" in name_or_path) and cand.is_file():  # a bare word is a shipped name
             return cand.stem, str(cand), cand.read_text()
     res = importlib.resources.files("vitexport").joinpath(PACKAGE_DIR, f"{name_or_path}.toml")
     if res.is_file():
@@ -78,7 +78,7 @@ def load(name_or_path: str) -> dict[str, Any]:
     profile, where = _load_merged(name_or_path, None, ())
     profile.pop("base", None)
     check(profile, where)
-    name = Path(name_or_path).stem if name_or_path.endswith(".toml") else name_or_path
+    name = Path(name_or_path).stem if name_or_path.endswith(".toml") or "/" in name_or_path else name_or_path
     return {"name": name, **profile}
 
 

@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "openvino": "vitexport.backends.openvino:OpenVinoBackend",
     "coreml": "vitexport.backends.coreml:CoreMLBackend",
     "tensorrt": "vitexport.backends.tensorrt:TensorRTBackend",
+    "litert": "vitexport.backends.litert:LiteRTBackend",
 }
 
 

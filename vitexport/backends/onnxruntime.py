@@ -1,5 +1,9 @@
 """ONNX Runtime target (x86/ARM CPU hosts, Raspberry Pi): fp32, static int8 (QDQ), int4 weight-only (MatMulNBits).
 
+``[options.onnxruntime] mobile = true`` (the android-ort profile) makes ONNX Runtime Mobile artifacts: the same
+model converted to the ``.ort`` format (which a minimal/mobile ONNX Runtime build loads), the operator config for a
+reduced-size build, and what onnxruntime's own mobile usability checker says about NNAPI/CoreML partitioning.
+
 The whole story of this target is here: what each precision is, how it is built from the reference
 ONNX, and how it runs. The quantization recipes themselves live in `vitexport.quantization`,
 shared with other backends that consume QDQ ONNX.
@@ -7,8 +11,16 @@ shared with other backends that consume QDQ ONNX.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import logging
+import os
 import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,9 +29,35 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, Capability, copy_reference, recipe_from, recipe_overrides, require_calibration, shared_int4
+from . import Calibration, Capability, backend_options, copy_reference, recipe_from, recipe_overrides, require_calibration, shared_int4
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MobileOptions:
+    """``[options.onnxruntime]`` in a profile: whether to also write the ONNX Runtime Mobile (.ort) artifact."""
+
+    mobile: bool = False
+    # "Fixed" bakes the CPU EP's optimizations in (onnxruntime's advice for the CPU EP, which its checker recommends
+    # for ViTs: NNAPI/CoreML split them into many partitions); "Runtime" leaves them to the device (NNAPI/CoreML EPs)
+    optimization_style: str = "Fixed"
+    target_platform: str = "arm"  # Android/iOS phones; "amd64" for x86 Android images
+    check_usability: bool = True
+
+    def __post_init__(self):
+        if self.optimization_style not in ("Fixed", "Runtime"):
+            raise VitexportError(f"onnxruntime optimization_style must be Fixed or Runtime, not {self.optimization_style!r}")
+        if self.target_platform not in ("arm", "amd64"):
+            raise VitexportError(f"onnxruntime target_platform must be arm or amd64, not {self.target_platform!r}")
+
+
+def _mobile_options(raw: Mapping[str, Any]) -> MobileOptions:
+    fields = {f.name for f in dataclasses.fields(MobileOptions)}
+    unknown = set(raw) - fields
+    if unknown:
+        raise VitexportError(f"unknown onnxruntime option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
+    return MobileOptions(**raw)
 
 
 class OnnxRuntimeBackend:
@@ -30,8 +68,8 @@ class OnnxRuntimeBackend:
         "int4": Capability(calibration=True, runs_here="measured", recipe="vitexport.quantization.int4:Int4Recipe"),
     }
     precisions = tuple(capabilities)
-    settings: dict[str, Any] = {}  # threads come from the profile's top level
-    summary = {"devices": "x86/ARM CPUs, Raspberry Pi", "artifact": "`model.onnx` (QDQ int8, `MatMulNBits` int4)", "measured": "the real runtime"}
+    settings = MobileOptions  # [options.onnxruntime]; threads come from the profile's top level
+    summary = {"devices": "x86/ARM CPUs, Raspberry Pi", "artifact": "`model.onnx` (QDQ int8, `MatMulNBits` int4); with `mobile = true` also `model.ort` + reduced-build operator config", "measured": "the real runtime"}
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -63,7 +101,13 @@ class OnnxRuntimeBackend:
         if calibration is not None and precision != "fp32":
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
         recipe["summary"] = describe(precision, recipe)
-        return write_manifest(out_dir, backend=self.name, precision=precision, main=target.name, recipe=recipe, **reference.manifest_fields())
+        main = target.name
+        mobile = _mobile_options(backend_options(options, self.name))
+        if mobile.mobile:
+            recipe["mobile"] = write_mobile(target, mobile)
+            recipe["summary"] += f"; ONNX Runtime Mobile .ort ({mobile.optimization_style} optimizations, {mobile.target_platform})"
+            main = MOBILE_MODEL
+        return write_manifest(out_dir, backend=self.name, precision=precision, main=main, recipe=recipe, **reference.manifest_fields())
 
     def runner(self, artifact: Artifact, threads: int | None = None) -> "OrtRunner":
         ok, why = self.available()
@@ -108,3 +152,83 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
     if precision == "int4":
         return f"int4 weight-only MatMulNBits: {recipe.get('method')}, block sizes {recipe.get('block_sizes')}, {recipe.get('quantized')} linears int4, head float"
     return "float32 reference ONNX"
+
+
+# ------------------------------------------------------------------------------------------- ONNX Runtime Mobile
+
+MOBILE_MODEL = "model.ort"
+MOBILE_OPS_CONFIG = "required_operators.config"
+MOBILE_USABILITY = "mobile_usability.txt"
+
+
+def write_mobile(onnx_path: Path, opts: MobileOptions) -> dict[str, Any]:
+    """Convert ``onnx_path`` to ``model.ort`` beside it, with the reduced build's operator config; record the checker."""
+    import tempfile
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    out_dir = onnx_path.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        # the converter converts every .onnx under its input: give it a folder holding only this model
+        src = Path(tmp) / "in" / "model.onnx"
+        src.parent.mkdir()
+        os.symlink(onnx_path.resolve(), src)
+        if Path(str(onnx_path) + ".data").exists():
+            os.symlink(Path(str(onnx_path) + ".data").resolve(), Path(str(src) + ".data"))
+        dest = Path(tmp) / "out"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress
+                convert_onnx_models_to_ort(src.parent, output_dir=dest, optimization_styles=[OptimizationStyle[opts.optimization_style]],
+                                           target_platform=opts.target_platform)
+        except Exception as e:  # onnxruntime's converter raises its own failure types
+            raise VitexportError(f"onnxruntime cannot convert {onnx_path.name} to the .ort format: {str(e).splitlines()[0][:200]}") from None
+        ort_files = sorted(dest.rglob("*.ort"))
+        configs = sorted(dest.rglob("*.config"))
+        if len(ort_files) != 1 or len(configs) != 1:
+            raise VitexportError(f"onnxruntime's .ort converter wrote {len(ort_files)} models and {len(configs)} configs, expected one each")
+        shutil.copyfile(ort_files[0], out_dir / MOBILE_MODEL)
+        # the generated header names the temporary path: name the artifact's own file instead
+        ops = [l for l in configs[0].read_text().splitlines() if l and not l.startswith("#")]
+        (out_dir / MOBILE_OPS_CONFIG).write_text(f"# Generated by onnxruntime.tools.convert_onnx_models_to_ort from {MOBILE_MODEL}\n" + "\n".join(ops) + "\n")
+    summary: dict[str, Any] = {
+        "model": MOBILE_MODEL,
+        "source": onnx_path.name,
+        "optimization_style": opts.optimization_style,
+        "target_platform": opts.target_platform,
+        "operators_config": MOBILE_OPS_CONFIG,
+        "operators": ops,
+        "reduced_build": f"build.py --minimal_build --include_ops_by_config {MOBILE_OPS_CONFIG} (add extended for NNAPI/CoreML)",
+        "runtime": "onnxruntime-android (Maven com.microsoft.onnxruntime:onnxruntime-android) or onnxruntime-c/objc (CocoaPods), or a reduced build",
+    }
+    if opts.check_usability:
+        summary["usability"] = check_mobile_usability(onnx_path, out_dir / MOBILE_USABILITY)
+    return summary
+
+
+def check_mobile_usability(onnx_path: Path, report: Path) -> dict[str, Any]:
+    """Run ``python -m onnxruntime.tools.check_onnx_model_mobile_usability`` and keep what it says.
+
+    It is a command-line tool that logs its findings; its verdict lines are parsed, its full text kept in ``report``.
+    It checks NNAPI and CoreML partitioning; it does not check XNNPACK (which takes MatMul/Conv/Gemm and leaves the rest
+    to the CPU EP).
+    """
+    try:
+        proc = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability", str(onnx_path)],
+                              capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return {"error": "check_onnx_model_mobile_usability did not finish in 15 minutes"}
+    text = (proc.stdout + proc.stderr).replace(str(onnx_path), onnx_path.name)
+    report.write_text(text)
+    lines = [l.removeprefix("INFO:").strip() for l in text.splitlines()]
+    verdicts: dict[str, Any] = {"tool": "python -m onnxruntime.tools.check_onnx_model_mobile_usability", "exit_code": proc.returncode, "full_text": report.name}
+    keys = ("partitions with a total of", "Unsupported ops:", "Model should perform well", "not recommended", "will probably not work", "fixed")
+    ep = None
+    for l in lines:
+        if l.startswith("Checking ") and "for usability" not in l and not l.startswith("Checking if"):
+            ep = l.removeprefix("Checking ").strip()
+            verdicts[ep] = []
+        elif l.startswith("For optimal performance") or l.startswith("As NNAPI or CoreML may provide"):
+            verdicts["recommendation"] = l
+        elif ep and any(k in l for k in keys):
+            verdicts[ep].append(l)  # in order: as is, then with the dynamic shapes fixed
+    return verdicts
