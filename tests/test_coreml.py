@@ -168,7 +168,7 @@ def test_emulation_runs_what_the_package_holds(tiny_build, tmp_path):
     w[:32] = 0  # row 0 of the classifier = label 0's weights
     buf[data_off : data_off + w.nbytes] = w.tobytes()
     blob.write_bytes(bytes(buf))
-    after = cm.EmulatedRunner(Artifact.load(dst)).run(x)
+    after = cm.EmulatedRunner(Artifact.load(dst, verify=False)).run(x)  # edited on purpose: skip the sha256 check
     np.testing.assert_allclose(after[:, 1:], before[:, 1:], atol=1e-6)
     assert np.abs(after[:, 0] - before[:, 0]).max() > 1e-3
 

@@ -202,7 +202,7 @@ def test_trtexec_command_line():
         "--int8",
         "--fp16",
         "--memPoolSize=workspace:2048",
-        "--timingCacheFile=../tensorrt-timing.cache",
+        "--timingCacheFile=tensorrt-timing.cache",
         "--skipInference",
     ]
     typed = trtexec_command(engine_plan("int8", EngineSettings(strongly_typed=True, builder_optimization_level=5), "pixel_values", [3, 224, 224]))
@@ -304,12 +304,12 @@ def test_build_engine_script_drives_the_tensorrt_api(built, monkeypatch, tmp_pat
     d.mkdir()
     plan = json.loads((built["int8"].directory / "tensorrt.json").read_text())
     (d / "model.onnx").write_bytes(b"onnx")
-    (tmp_path / "tensorrt-timing.cache").write_bytes(b"CACHE1")
+    (d / "tensorrt-timing.cache").write_bytes(b"CACHE1")
     fake = _Recorder()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     info = script.build_engine(plan, d, log=lambda *_: None)
     assert (d / "model.engine").read_bytes() == b"ENGINE"
-    assert (tmp_path / "tensorrt-timing.cache").read_bytes() == b"CACHE2"  # written back for the next build
+    assert (d / "tensorrt-timing.cache").read_bytes() == b"CACHE2"  # written back for the next build, inside the folder
     assert json.loads((d / "engine.json").read_text()) == info and info["timing_cache_reused"] and info["tensorrt"] == "10.3.0"
     assert [c[1] for c in fake.names("create_network")] == [(0,)]  # TensorRT 10: no EXPLICIT_BATCH, weakly typed
     assert [c[1][0] for c in fake.names("set_flag")] == ["INT8", "FP16"]
@@ -343,7 +343,7 @@ def test_strongly_typed_int8_is_emulated_in_float32(built, inputs, tmp_path):
     shutil.copytree(built["int8"].directory, d)
     plan = json.loads((d / "tensorrt.json").read_text())
     (d / "tensorrt.json").write_text(json.dumps({**plan, **engine_plan("int8", EngineSettings(strongly_typed=True), "pixel_values", [3, 32, 32])}))
-    r32, r16 = TensorRTBackend().runner(Artifact.load(d)), TensorRTBackend().runner(Artifact.load(built["int8"].directory))
+    r32, r16 = TensorRTBackend().runner(Artifact.load(d, verify=False)), TensorRTBackend().runner(Artifact.load(built["int8"].directory))  # plan edited on purpose
     assert not r32.float16 and r16.float16
     a, b = r32.run(inputs), r16.run(inputs)
     assert not np.array_equal(a, b) and np.allclose(a, b, atol=5e-2)
@@ -404,4 +404,4 @@ def test_corrupt_plan_is_one_clear_error(built, tmp_path):
     shutil.copytree(built["int8"].directory, d)
     (d / "tensorrt.json").write_text("{not json")
     with pytest.raises(VitexportError, match="tensorrt.json.*rebuild the artifact"):
-        TensorRTBackend().runner(Artifact.load(d))
+        TensorRTBackend().runner(Artifact.load(d, verify=False))  # past the sha256 check: the runner's own parse

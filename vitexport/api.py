@@ -6,6 +6,7 @@ Data flows one way: ModelSpec -> ImageSets -> verified reference ONNX -> backend
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -16,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from . import backends as _backends
-from .artifacts import Artifact, check_output, staged_output, tool_versions
+from .artifacts import Artifact, check_output, clean_stale_partials, output_lock, staged_output, tool_versions
 from .data import ImageSet, Preprocessing, overlap
 from .errors import VitexportError
 from .harness import accuracy as _accuracy
@@ -107,7 +108,60 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
     this for stock-recipe baselines), measured by the same harness in the same run.
     """
     progress = progress or Progress(enabled=False)
+    check_build_options(opts)
     check_output(Path(opts.out), opts.force)
+    with output_lock(Path(opts.out)):  # one build per --out at a time, from here to the final rename
+        clean_stale_partials(Path(opts.out))
+        return _build_locked(opts, progress, extra_builders)
+
+
+def check_build_options(opts: BuildOptions) -> None:
+    """Everything about the options that can be checked before any slow work."""
+    _check_counts(num_calib=("--num-calib", opts.num_calib), num_eval=("--num-eval", opts.num_eval), threads=("--threads", opts.threads), batch_size=("batch_size", opts.batch_size))
+    from .export import check_opset
+
+    check_opset(opts.opset)
+    _check_out_is_not_an_input(Path(opts.out), {"--model": opts.model, "--calib": opts.calib, "--eval": opts.eval, "--classes": opts.classes})
+
+
+def _check_counts(**counts: tuple[str, int | None]) -> None:
+    for flag, value in counts.values():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise VitexportError(f"{flag} must be a positive whole number, not {value}")
+
+
+def _check_out_is_not_an_input(out: Path, inputs: Mapping[str, str | None]) -> None:
+    """--force replaces --out: it must never be, contain or sit inside a folder the build reads, nor the current folder."""
+    target = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or cwd.is_relative_to(target):
+        raise VitexportError(f"--out {out} is the current folder (or contains it), which a build would replace: choose a new folder, e.g. --out dist")
+    if target.is_mount():
+        raise VitexportError(f"--out {out} is a mount point, which a build would replace: choose a folder inside it")
+    for flag, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():
+            continue  # a hub id, or a default that is not used
+        src = Path(value).expanduser().resolve()
+        if target == src or target.is_relative_to(src) or src.is_relative_to(target):
+            how = "is" if target == src else ("is inside" if target.is_relative_to(src) else "contains")
+            raise VitexportError(f"--out {out} {how} the {flag} input {value}: the build would replace what it reads; choose an --out outside every input")
+
+
+def _check_free_space(folder: Path, need: int) -> None:
+    """The sizes known before the work starts (image caches, the reference ONNX) must fit on --out's disk."""
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise VitexportError(f"not enough free space on {folder}: this build needs at least {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free: free some space or choose an --out on another disk")
+
+
+def _weights_bytes(source: str) -> int:
+    d = Path(source)
+    return sum(p.stat().st_size for p in d.glob("*.safetensors")) if d.is_dir() else 0
+
+
+def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequence[Callable[..., Artifact]]) -> Report:
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
         _require_default(path, what, flag)
     plan = _plan(opts.backend, opts.precisions)
@@ -118,6 +172,7 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
 
     progress.step(f"loading {opts.model}")
     spec = ModelSpec.load(opts.model, trust_pickle=opts.trust_pickle)
+    module = spec.load_torch()  # now, not after preprocessing: random-initialised or mismatched weights stop the build first
     if not opts.eval:
         raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
     evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
@@ -131,6 +186,8 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
         shared = overlap(calibset, evalset)
         if shared:
             log.warning("%d calibration images are also evaluation images: accuracy figures will flatter the quantized rows", shared)
+    image_bytes = 4 * int(np.prod(spec.input_shape)) * (len(evalset) + (len(calibset) if calibset is not None else 0))
+    _check_free_space(Path(opts.out).absolute().parent, image_bytes + _weights_bytes(spec.source) + (1 << 20))
 
     stages = Stages(progress)
     with staged_output(Path(opts.out), opts.force) as tmp:
@@ -153,7 +210,8 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
 
         progress.step(f"exporting {spec.architecture} to ONNX (opset {opts.opset}) and checking it against PyTorch")
         with stages.stage("export and verification"):
-            reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset)
+            reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset, module=module)
+        del module
 
         artifacts: list[Artifact] = []
         builds: dict[str, dict[str, Any]] = {}
@@ -259,6 +317,12 @@ def _materialize(images: ImageSet, path: Path, progress: Progress, label: str) -
     """Decode and preprocess every image once, into a memory-mapped array (memory stays flat for big sets)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(images), *images.load(0).shape))
+    # reserve the blocks now: a memory-mapped write to a full disk is SIGBUS (exit 135, no message), this is ENOSPC
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
     with progress.bar(label, total=len(images)) as tick:
         for i in range(len(images)):
             arr[i] = images.load(i)
@@ -278,12 +342,14 @@ def measure_artifacts(
     reference_outputs: np.ndarray | None = None,
     reference: Artifact | None = None,
     stages: Stages | None = None,
+    strict: bool = False,
 ) -> list[Row]:
     """Run every artifact that can run here on the same inputs; the reference outputs are computed once.
 
     The reference is `reference` when given (eval --reference), else the ONNX Runtime fp32 artifact when one was
     built, else the reference ONNX itself, measured as its own row: every report has its reference row, so Δ top-1,
     ×smaller and ×faster always have a base, whatever precisions a profile builds.
+    `strict`: an artifact that cannot run here is an error (eval/bench of one artifact), not a 'not run here' row.
     """
     from .harness.report import REFERENCE, is_reference_artifact
 
@@ -307,6 +373,8 @@ def measure_artifacts(
         try:
             runner = _backends.get(art.backend).runner(art, opts.threads)
         except VitexportError as e:
+            if strict:
+                raise VitexportError(f"cannot run {art.directory} here: {e}") from None
             runner = None
             notes.append(f"not run here: {e}")
         except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
@@ -408,16 +476,21 @@ def evaluate(
     latency: bool = False,
     progress: Progress | None = None,
     remote: Sequence[Any] = (),
+    verify: bool = True,
 ) -> Report:
     """Accuracy of one artifact on a folder of images (and agreement with a reference artifact, if given).
 
     With `remote` (vitexport.remote.Devices) the artifact runs on those devices instead, on the images preprocessed
-    here; a reference artifact still runs here, once, and the devices' outputs are scored here against it."""
+    here; a reference artifact still runs here, once, and the devices' outputs are scored here against it.
+    `verify` False runs artifacts whose files no longer match their manifest's sha256 (edited on purpose)."""
     progress = progress or Progress(enabled=False)
-    art = Artifact.load(artifact_path)
+    _check_counts(limit=("--limit", limit), threads=("--threads", threads))
+    art = _load_artifact(artifact_path, verify)
+    ref = _load_artifact(reference, verify) if reference else None
+    if ref is not None:
+        _check_comparable(art, ref)
     imageset = _artifact_images(art, images, classes, limit)
     assert imageset is not None
-    ref_art = Artifact.load(reference) if reference else None
     arts = [art]
     opts = BuildOptions(threads=threads, latency=latency)
     classifier = art.manifest.get("io", {}).get("task", "classification") == "classification"
@@ -427,13 +500,13 @@ def evaluate(
             from . import remote as _remote
 
             ref_out = None
-            if ref_art is not None:
-                ref_runner = _backends.get(ref_art.backend).runner(ref_art, threads)
+            if ref is not None:
+                ref_runner = _backends.get(ref.backend).runner(ref, threads)
                 ref_out = _accuracy.run_all(ref_runner, x, opts.batch_size)
                 del ref_runner
             rows = _remote.measure(remote, [art], Path(tmp) / "images.npy", imageset.labels, classifier, ref_out, _row, threads=threads, latency=latency, batch_size=opts.batch_size, progress=progress)
         else:
-            rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress, reference=ref_art)
+            rows = measure_artifacts(arts, x, imageset.labels, classifier, opts, progress, reference=ref, strict=True)
         del x
     return Report(
         model=art.manifest.get("model", {}),
@@ -445,10 +518,32 @@ def evaluate(
     )
 
 
-def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None, remote: Sequence[Any] = ()) -> Report:
+def _load_artifact(path: str, verify: bool) -> Artifact:
+    """Artifact.load (manifest, paths, sha256) and a backend this vitexport has, before any image is read."""
+    art = Artifact.load(path, verify=verify)
+    if art.backend not in _backends.names():
+        raise VitexportError(f"{art.directory} names backend '{art.backend}', which this vitexport does not have ({', '.join(_backends.names())}): upgrade vitexport or rebuild the artifact")
+    return art
+
+
+def _check_comparable(art: Artifact, ref: Artifact) -> None:
+    """--reference must take the same input and give the same kind of output, or agreement and cosine mean nothing."""
+    a, r = art.manifest, ref.manifest
+    for what, get in (
+        ("task", lambda m: m["io"].get("task")),
+        ("input shape", lambda m: m["io"].get("input_shape")),
+        ("number of labels", lambda m: len(m.get("labels") or [])),
+        ("preprocessing", lambda m: Preprocessing.from_dict(m["preprocessing"])),
+    ):
+        if get(a) != get(r):
+            raise VitexportError(f"--reference {ref.directory} has another {what} ({get(r)}) than {art.directory} ({get(a)}): pass the fp32 artifact of the same build")
+
+
+def bench(artifact_path: str, images: str | None = None, threads: int | None = None, throughput_batch: int = 16, progress: Progress | None = None, remote: Sequence[Any] = (), verify: bool = True) -> Report:
     """Latency, throughput and peak memory of one artifact on this host (or on `remote` devices, in parallel)."""
     progress = progress or Progress(enabled=False)
-    art = Artifact.load(artifact_path)
+    _check_counts(threads=("--threads", threads), batch=("--batch", throughput_batch))
+    art = _load_artifact(artifact_path, verify)
     imageset = _artifact_images(art, images, None, 16)
     if imageset is not None:
         x = np.stack([imageset.load(i) for i in range(len(imageset))])
@@ -465,6 +560,8 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
     with PeakMemory() as pm:
         try:
             runner = _backends.get(art.backend).runner(art, threads)
+        except VitexportError as e:
+            raise VitexportError(f"cannot run {art.directory} here: {e}") from None
         except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
             raise VitexportError(f"{art.name} cannot run here: emulating it needs {e.name or e}: pip install {e.name or 'onnx'}") from None
         progress.step(f"timing {art.name} on {runner.device}")
@@ -474,8 +571,14 @@ def bench(artifact_path: str, images: str | None = None, threads: int | None = N
     return Report(model=art.manifest.get("model", {}), rows=(row,), host=host_info(), tools=tool_versions(), created=now())
 
 
+def check_report_out(out: Path, force: bool, inputs: Mapping[str, str | None]) -> None:
+    """eval/bench --out, before the slow part: writable, not an input (an artifact replaced by its own report)."""
+    _check_out_is_not_an_input(out, inputs)
+    check_output(out, force)
+
+
 def write_report(report: Report, out: str, force: bool = False) -> None:
     """report.json, report.md and report.html into the folder `out` (eval and bench --out), staged like a build."""
-    with staged_output(Path(out), force) as tmp:
+    with output_lock(Path(out)), staged_output(Path(out), force) as tmp:
         _output.write(report, tmp)
 

@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -68,8 +69,12 @@ class Artifact:
         return int(self.manifest.get("size_bytes") or size_on_disk(self.path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Artifact":
-        """An artifact folder (or any file inside it) -> Artifact, from its manifest."""
+    def load(cls, path: str | Path, verify: bool = True) -> "Artifact":
+        """An artifact folder (or any file inside it) -> Artifact, from its manifest.
+
+        The manifest is checked before anything runs: its fields, that `main` and every file stay inside the folder,
+        and (unless `verify` is False, for artifacts edited on purpose) every file's size and sha256.
+        """
         p = Path(path)
         if not p.exists():
             raise VitexportError(f"artifact not found: {p}")
@@ -77,10 +82,50 @@ class Artifact:
         if not (d / MANIFEST).is_file():
             raise VitexportError(f"{p} is not a vitexport artifact (no {MANIFEST} beside it): pass an artifact folder from a build's output")
         try:
-            m = json.loads((d / MANIFEST).read_text())
-        except json.JSONDecodeError as e:
+            m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise VitexportError(f"{d / MANIFEST} is corrupt ({e}): rebuild the artifact") from None
+        _check_manifest(d, m, verify)
         return cls(m["backend"], m["precision"], d, m["main"], m)
+
+
+def _inside(directory: Path, rel: str) -> bool:
+    return (directory / rel).resolve().is_relative_to(directory.resolve())
+
+
+def _check_manifest(d: Path, m: Any, verify: bool) -> None:
+    where = d / MANIFEST
+    if not isinstance(m, dict):
+        raise VitexportError(f"{where} is not a vitexport manifest (not a JSON object): rebuild the artifact")
+    for key, kind in (("backend", str), ("precision", str), ("main", str), ("preprocessing", dict), ("io", dict), ("files", list)):
+        if not isinstance(m.get(key), kind):
+            raise VitexportError(f"{where} is not a vitexport manifest ('{key}' missing or not a {kind.__name__}): rebuild the artifact")
+    shape = m["io"].get("input_shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[1:])):
+        raise VitexportError(f"{where} has no valid io.input_shape (['batch', C, H, W]): rebuild the artifact")
+    if not isinstance(m.get("labels", []), list):
+        raise VitexportError(f"{where} has 'labels' that are not a list: rebuild the artifact")
+    try:
+        from .data import Preprocessing
+
+        Preprocessing.from_dict(m["preprocessing"]).output_size
+    except (TypeError, ValueError, VitexportError) as e:
+        raise VitexportError(f"{where} has damaged preprocessing ({e}): rebuild the artifact") from None
+    entries = [f for f in m["files"] if isinstance(f, dict) and isinstance(f.get("path"), str)]
+    for rel in [m["main"], *(f["path"] for f in entries)]:
+        if not _inside(d, rel):
+            raise VitexportError(f"{where} points outside its folder ({rel}): refusing to follow it; rebuild the artifact")
+    if not (d / m["main"]).exists():
+        raise VitexportError(f"artifact {d} is incomplete: its main file {m['main']} is missing (copy the whole folder, or rebuild it)")
+    for f in entries:
+        target = d / f["path"]
+        if not target.is_file():
+            raise VitexportError(f"artifact {d} is incomplete: {f['path']} is missing (copy the whole folder, or rebuild it)")
+        if verify and (target.stat().st_size != f.get("size_bytes") or sha256(target) != f.get("sha256")):
+            raise VitexportError(
+                f"{target} does not match the sha256 in its manifest (changed or damaged since the build): rebuild the artifact, "
+                "or pass --ignore-sha256 if you edited it on purpose"
+            )
 
 
 def write_manifest(
@@ -133,11 +178,90 @@ def check_output(out: Path, force: bool) -> None:
             break
 
 
+BUILD_FILE = ".vitexport-build.json"  # in a partial folder: which process is writing it (a dead one's is stale)
+
+
+def _lock_path(out: Path) -> Path:
+    out = out.absolute()
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for a whole build: a second build into the same folder fails at once.
+
+    The lock is flock(2) on `.<out>.lock` beside it, so the kernel releases it when a build dies, even by SIGKILL.
+    The file is removed on release; a build that locked a file someone removed meanwhile locks again.
+    """
+    import fcntl
+
+    path = _lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VitexportError(f"cannot write to {path.parent}: {e.strerror}: choose another --out") from None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise VitexportError(f"another vitexport build (pid {holder}) is writing {out}: wait for it to finish, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our lock: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def clean_stale_partials(out: Path) -> list[str]:
+    """Under `output_lock(out)`: remove the partial folders that dead builds into `out` left (SIGKILL, power loss).
+
+    Only folders with vitexport's build file are removed (no live build can own them while we hold the lock);
+    anything else that looks like one is named, not touched. Returns what was said.
+    """
+    out = out.absolute()
+    said = []
+    for p in sorted(out.parent.glob(f".{out.name}.partial-*")) + sorted(out.parent.glob(f".{out.name}.old-*")):
+        info = p / BUILD_FILE
+        if p.is_dir() and info.is_file() and ".partial-" in p.name:
+            try:
+                pid = json.loads(info.read_text()).get("pid", "?")
+            except (OSError, ValueError):
+                pid = "?"
+            shutil.rmtree(p, ignore_errors=True)
+            said.append(f"removed {p}, the partial output of a build that died (pid {pid})")
+        else:
+            said.append(f"{p} looks like the leftover of an interrupted build that vitexport cannot vouch for: check it and remove it")
+    for line in said:
+        logging.getLogger(__name__).warning(line)
+    return said
+
+
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` in one rename.
 
-    On any error the temporary folder is removed and `out` is left as it was.
+    On any error (or interrupt) the temporary folder is removed and `out` is left as it was. The folder carries a
+    build file with this process's pid until the rename, so a rerun can tell a dead build's leftovers. `out` is
+    checked again just before the rename: a folder that appeared meanwhile is replaced only with --force.
     """
     out = Path(out)
     check_output(out, force)
@@ -148,7 +272,11 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     except OSError as e:
         raise VitexportError(f"cannot write to {parent}: {e.strerror}: choose another --out") from None
     try:
+        os.chmod(tmp, _umask_mode())  # mkdtemp makes 0700; the output should have the mode any new folder gets
+        (tmp / BUILD_FILE).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename, "out": str(out.absolute()), "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}))
         yield tmp
+        check_output(out, force)  # again: someone may have created it while we worked
+        (tmp / BUILD_FILE).unlink()
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, old / out.name)

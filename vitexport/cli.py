@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import VitexportError
+from .errors import Terminated, VitexportError, from_os_error
 
 EXIT_USAGE = 2  # a user mistake: bad path, bad image, unsupported model, missing runtime
 EXIT_GATE = 1  # the build finished but an artifact failed a --min-agreement / --max-top1-drop gate
+EXIT_BUG = 3  # an unexpected exception: a bug in vitexport (one line; --verbose shows the traceback)
+EXIT_SIGINT = 130  # Ctrl-C: 128 + SIGINT, as shells report it
+EXIT_SIGTERM = 143  # SIGTERM (CI runners, `timeout`): 128 + SIGTERM
 
 _EPILOG_BUILD = """examples:
   vitexport build                                   # the shipped DeiT-tiny, ONNX Runtime fp32/int8/int4, into dist/
@@ -22,10 +26,17 @@ _EPILOG_BUILD = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as the one line every other error is (argparse would print the usage block first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"vitexport: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import api, backends
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the report as JSON on stdout, nothing else")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress and no table; errors still go to stderr")
     common.add_argument("--verbose", "-v", action="store_true", help="log what each stage does")
@@ -39,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--remote-cache", default=None, metavar="DIR", help="cache folder on the device, relative to its home (default: .cache/vitexport)")
     g.add_argument("--ssh-config", default=None, metavar="FILE", help="ssh config file to use instead of ~/.ssh/config")
 
-    p = argparse.ArgumentParser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
+    p = _Parser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
     p.add_argument("--version", action="version", version=f"vitexport {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -70,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--classes", metavar="TSV", help="index<TAB>wnid<TAB>label file for WNID_* image names")
     e.add_argument("--limit", type=int, metavar="N", help="use at most N images")
     e.add_argument("--latency", action="store_true", help="also time batch-1 latency")
+    e.add_argument("--ignore-sha256", action="store_true", help="run artifacts whose files no longer match their manifest's sha256 (only for artifacts you edited on purpose)")
     e.add_argument("--out", metavar="DIR", help="also write report.json, report.md and report.html to DIR")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -77,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("artifact", help="artifact folder (or a file inside it)")
     n.add_argument("--images", metavar="DIR", help="time on real images from DIR (default: random inputs of the right shape)")
     n.add_argument("--batch", type=int, default=16, metavar="N", help="batch size for the throughput figure (default: 16)")
+    n.add_argument("--ignore-sha256", action="store_true", help="run an artifact whose files no longer match its manifest's sha256 (only if you edited it on purpose)")
     n.add_argument("--out", metavar="DIR", help="also write report.json, report.md and report.html to DIR")
     n.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -125,6 +138,15 @@ def _devices(args) -> tuple:
     return parse_devices(args.remote, args.remote_python, args.remote_timeout, args.remote_cache, args.ssh_config)
 
 
+def _check_gates(min_agreement: float | None, max_drop: float | None) -> None:
+    """Before the build: a NaN gate would compare False with everything and never fail."""
+    import math
+
+    for flag, value in (("--min-agreement", min_agreement), ("--max-top1-drop", max_drop)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise VitexportError(f"{flag} {value} must be a number of percent (points), 0 or more")
+
+
 def _write(report, args) -> None:
     if args.out:
         from . import api
@@ -150,75 +172,116 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.quiet or args.json, args.verbose)
-    from . import api
     from .progress import Progress
 
     progress = Progress(enabled=not (args.quiet or args.json))
+    for stream in (sys.stdout, sys.stderr):  # a path that is not valid UTF-8 is printed escaped, not a crash at the end
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    previous = _terminate_like_interrupt()
     try:
-        if args.command == "build":
-            opts = api.BuildOptions(
-                model=args.model,
-                calib=args.calib,
-                eval=args.eval,
-                classes=args.classes,
-                num_calib=args.num_calib,
-                num_eval=args.num_eval,
-                out=args.out,
-                force=args.force,
-                trust_pickle=args.trust_pickle,
-                latency=not args.no_latency,
-                min_agreement=args.min_agreement,
-                max_top1_drop=args.max_top1_drop,
-                gate_rule=args.gate_rule,
-                cache_dir=args.cache_dir,
-                remote=_devices(args),
-                **{**api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads), **({"opset": args.opset} if args.opset is not None else {})},
-            )
-            report = api.build(opts, progress)
-            _emit(report, args)
-            if not (args.quiet or args.json):
-                print(f"\nwrote {args.out}/ (report.html, report.md, report.json, one folder per artifact)")
-            failures = _gate(report, args.min_agreement, args.max_top1_drop, args.gate_rule)
-            if failures:
-                print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
-                return EXIT_GATE
-        elif args.command == "eval":
-            if args.out:
-                api.check_output(Path(args.out), args.force)  # before the slow part
-            report = api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, remote=_devices(args))
-            _emit(report, args)
-            _write(report, args)
-        elif args.command == "bench":
-            if args.out:
-                api.check_output(Path(args.out), args.force)
-            report = api.bench(args.artifact, args.images, args.threads, args.batch, progress, remote=_devices(args))
-            _emit(report, args)
-            _write(report, args)
-        elif args.command == "report":
-            if args.report_command != "merge":
-                args.report_parser.print_help(sys.stderr)
-                return EXIT_USAGE
-            from .remote.merge import merge_files
-
-            report = merge_files(args.reports, args.out, args.force)
-            _emit(report, args)
-            if not (args.quiet or args.json):
-                print(f"\nwrote {args.out}/report.json and report.md ({len(report.rows)} rows from {len(args.reports)} reports)")
-        elif args.command == "targets":
-            from .profiles import shipped
-
-            profiles = [api.load_target(n) for n in shipped()]
-            if args.json:
-                print(json.dumps(profiles, indent=2))
-            else:
-                for t in profiles:
-                    print(f"{t['name']:<22} {t.get('backend', '?'):<12} {','.join(t.get('precisions', [])):<20} {t.get('description', '')}")
+        return _run(args, progress)
     except VitexportError as e:
         print(f"vitexport: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
+    except Terminated as e:
+        print(f"vitexport: terminated ({signal.Signals(e.signum).name}); nothing was written", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("vitexport: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except OSError as e:  # a full disk, a read-only folder: the environment, not vitexport
+        print(f"vitexport: error: {from_os_error(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print("vitexport: error: out of memory: use fewer images (--num-calib, --num-eval) or a machine with more memory", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # a bug: one line (exit 3, not the gate's 1); --verbose keeps the traceback for the report
+        if args.verbose:
+            logging.getLogger("vitexport").exception("internal error")
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"vitexport: error: internal error {e.__class__.__name__}: {first} (a bug: rerun with --verbose and report the traceback)", file=sys.stderr)
+        return EXIT_BUG
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_like_interrupt():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) so staged output and locks clean up; returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signals can only be handled in the main thread; an embedding application keeps its own
+
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _run(args, progress) -> int:
+    from . import api
+
+    if args.command == "build":
+        _check_gates(args.min_agreement, args.max_top1_drop)
+        opts = api.BuildOptions(
+            model=args.model,
+            calib=args.calib,
+            eval=args.eval,
+            classes=args.classes,
+            num_calib=args.num_calib,
+            num_eval=args.num_eval,
+            out=args.out,
+            force=args.force,
+            trust_pickle=args.trust_pickle,
+            latency=not args.no_latency,
+            min_agreement=args.min_agreement,
+            max_top1_drop=args.max_top1_drop,
+            gate_rule=args.gate_rule,
+            cache_dir=args.cache_dir,
+            remote=_devices(args),
+            **{**api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads), **({"opset": args.opset} if args.opset is not None else {})},
+        )
+        report = api.build(opts, progress)
+        _emit(report, args)
+        if not (args.quiet or args.json):
+            print(f"\nwrote {args.out}/ (report.html, report.md, report.json, one folder per artifact)")
+        failures = _gate(report, args.min_agreement, args.max_top1_drop, args.gate_rule)
+        if failures:
+            print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
+            return EXIT_GATE
+    elif args.command == "eval":
+        if args.out:
+            api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images, "--reference": args.reference, "--classes": args.classes})  # before the slow part
+        report = api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, remote=_devices(args), verify=not args.ignore_sha256)
+        _emit(report, args)
+        _write(report, args)
+    elif args.command == "bench":
+        if args.out:
+            api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images})
+        report = api.bench(args.artifact, args.images, args.threads, args.batch, progress, remote=_devices(args), verify=not args.ignore_sha256)
+        _emit(report, args)
+        _write(report, args)
+    elif args.command == "report":
+        if args.report_command != "merge":
+            args.report_parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        from .remote.merge import merge_files
+
+        report = merge_files(args.reports, args.out, args.force)
+        _emit(report, args)
+        if not (args.quiet or args.json):
+            print(f"\nwrote {args.out}/report.json and report.md ({len(report.rows)} rows from {len(args.reports)} reports)")
+    elif args.command == "targets":
+        from .profiles import shipped
+
+        profiles = [api.load_target(n) for n in shipped()]
+        if args.json:
+            print(json.dumps(profiles, indent=2))
+        else:
+            for t in profiles:
+                print(f"{t['name']:<22} {t.get('backend', '?'):<12} {','.join(t.get('precisions', [])):<20} {t.get('description', '')}")
     return 0
 
 

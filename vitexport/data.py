@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -41,30 +42,36 @@ class Preprocessing:
 
     @classmethod
     def from_processor_config(cls, cfg: Mapping, source: str = "") -> "Preprocessing":
+        """Every value is checked: a size of 0 or "224" must not silently skip the resize, a zero std must not divide."""
+        where = source or str(cfg.get("image_processor_type", "")) or "preprocessor_config.json"
         size = cfg.get("size") if cfg.get("do_resize", True) else None
         resize = shortest = None
-        if isinstance(size, int):
-            resize = (size, size)
-        elif isinstance(size, Mapping):
-            if "height" in size and "width" in size:
-                resize = (int(size["height"]), int(size["width"]))
-            elif "shortest_edge" in size:
-                shortest = int(size["shortest_edge"])
+        if size is not None:
+            if isinstance(size, Mapping) and "shortest_edge" in size and not ("height" in size and "width" in size):
+                shortest = _positive_int(size["shortest_edge"], "size.shortest_edge", where)
             else:
-                raise VitexportError(f"unsupported image processor size {dict(size)} in {source or 'preprocessor_config.json'}: expected height/width or shortest_edge")
+                resize = _hw(size, "size", where)
         crop = None
-        if cfg.get("do_center_crop") and cfg.get("crop_size"):
-            c = cfg["crop_size"]
-            crop = (int(c), int(c)) if isinstance(c, int) else (int(c["height"]), int(c["width"]))
+        if cfg.get("do_center_crop") and cfg.get("crop_size") is not None:
+            crop = _hw(cfg["crop_size"], "crop_size", where)
         mean = std = None
         if cfg.get("do_normalize", True):
-            mean = _triple(cfg.get("image_mean", 0.5))
-            std = _triple(cfg.get("image_std", 0.5))
-        rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else None
+            mean = _triple(cfg.get("image_mean", 0.5), "image_mean", where)
+            std = _triple(cfg.get("image_std", 0.5), "image_std", where)
+            if min(std) <= 0:
+                raise VitexportError(f"image_std {list(std)} in {where} has a value <= 0 (inputs would be inf/NaN): fix preprocessor_config.json")
+        rescale = None
+        if cfg.get("do_rescale", True):
+            rescale = _finite(cfg.get("rescale_factor", 1 / 255), "rescale_factor", where)
+            if rescale <= 0:
+                raise VitexportError(f"rescale_factor {rescale} in {where} must be positive (usually 1/255): fix preprocessor_config.json")
+        resample = cfg.get("resample", 2)
+        if isinstance(resample, bool) or not isinstance(resample, int) or resample not in _RESAMPLE_NAMES:
+            raise VitexportError(f"resample {resample!r} in {where} is not a PIL filter ({', '.join(f'{k} {v}' for k, v in _RESAMPLE_NAMES.items())}): fix preprocessor_config.json")
         return cls(
             resize=resize,
             shortest_edge=shortest,
-            resample=int(cfg.get("resample", 2)),
+            resample=resample,
             crop=crop,
             rescale=rescale,
             mean=mean,
@@ -83,14 +90,34 @@ class Preprocessing:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["resample_name"] = _RESAMPLE_NAMES.get(self.resample, str(self.resample))
+        # in words too, for whoever feeds the artifact without vitexport (from_dict reads only the fields above)
+        d["color"] = "RGB"
+        d["layout"] = "NCHW float32"
+        d["steps"] = self.describe()
         return d
+
+    def describe(self) -> str:
+        name = _RESAMPLE_NAMES.get(self.resample, str(self.resample))
+        steps = ["convert to RGB (transparent pixels on white)"]
+        if self.resize:
+            steps.append(f"resize to {self.resize[0]}x{self.resize[1]} (height x width, aspect ratio not kept) with {name} filter")
+        elif self.shortest_edge:
+            steps.append(f"resize so the shorter side is {self.shortest_edge} (aspect ratio kept) with {name} filter")
+        if self.crop:
+            steps.append(f"centre crop {self.crop[0]}x{self.crop[1]}")
+        if self.rescale is not None:
+            steps.append(f"multiply by {self.rescale:.6g}")
+        if self.mean is not None and self.std is not None:
+            steps.append(f"subtract mean {list(self.mean)} and divide by std {list(self.std)} per channel (R, G, B)")
+        steps.append("channels first (NCHW), float32")
+        return "; ".join(steps)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Preprocessing":
         def tup(v):
             return tuple(v) if v is not None else None
 
-        return cls(
+        pre = cls(
             resize=tup(d.get("resize")),
             shortest_edge=d.get("shortest_edge"),
             resample=int(d.get("resample", 2)),
@@ -100,6 +127,27 @@ class Preprocessing:
             std=tup(d.get("std")),
             source=d.get("source", ""),
         )
+        pre._check("the manifest's preprocessing")
+        return pre
+
+    def _check(self, where: str) -> None:
+        """The same rules as from_processor_config, for preprocessing read back from a manifest."""
+        for key, size in (("resize", self.resize), ("crop", self.crop)):
+            if size is not None:
+                if len(size) != 2:
+                    raise VitexportError(f"{key} {list(size)} in {where} must be [height, width]")
+                _hw({"height": size[0], "width": size[1]}, key, where)
+        if self.shortest_edge is not None:
+            _positive_int(self.shortest_edge, "shortest_edge", where)
+        for key, v in (("mean", self.mean), ("std", self.std)):
+            if v is not None:
+                _triple(list(v), key, where)
+        if self.std is not None and min(self.std) <= 0:
+            raise VitexportError(f"std {list(self.std)} in {where} has a value <= 0")
+        if self.rescale is not None:
+            _finite(self.rescale, "rescale", where)
+        if self.resample not in _RESAMPLE_NAMES:
+            raise VitexportError(f"resample {self.resample} in {where} is not a PIL filter")
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> float32 CHW array."""
@@ -119,10 +167,34 @@ class Preprocessing:
         return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
-def _triple(v) -> tuple[float, float, float]:
-    if isinstance(v, (int, float)):
-        return (float(v),) * 3
-    return tuple(float(x) for x in v)  # type: ignore[return-value]
+def _finite(v, key: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise VitexportError(f"{key} {v!r} in {where} is not a finite number: fix preprocessor_config.json")
+    return float(v)
+
+
+def _triple(v, key: str = "value", where: str = "preprocessor_config.json") -> tuple[float, float, float]:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (_finite(v, key, where),) * 3
+    if not isinstance(v, (list, tuple)) or len(v) != 3:
+        raise VitexportError(f"{key} {v!r} in {where} must be one number or three (R, G, B): fix preprocessor_config.json")
+    return tuple(_finite(x, key, where) for x in v)  # type: ignore[return-value]
+
+
+def _positive_int(v, key: str, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise VitexportError(f"{key} {v!r} in {where} must be a positive whole number of pixels: fix preprocessor_config.json")
+    return v
+
+
+def _hw(v, key: str, where: str) -> tuple[int, int]:
+    """A size as preprocessor configs write it: an int, or {"height", "width"}."""
+    if isinstance(v, Mapping) and "height" in v and "width" in v:
+        return _positive_int(v["height"], f"{key}.height", where), _positive_int(v["width"], f"{key}.width", where)
+    if isinstance(v, Mapping):
+        raise VitexportError(f"unsupported {key} {dict(v)} in {where}: expected height/width or shortest_edge")
+    n = _positive_int(v, key, where)
+    return n, n
 
 
 def _shortest_edge_size(wh: tuple[int, int], short: int) -> tuple[int, int]:
@@ -163,7 +235,11 @@ def load_rgb(path: Path) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError:
         raise VitexportError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:  # not an OSError: PIL refuses images past twice MAX_IMAGE_PIXELS
+        raise VitexportError(f"image {path} is too large to decode safely ({e}): shrink it or remove it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise VitexportError(f"cannot read image {path}: {e.__class__.__name__}: {e} (remove or replace the file)") from None
+    except Exception as e:  # damaged files make PIL's decoders raise many other types (struct.error, IndexError, ...)
         raise VitexportError(f"cannot read image {path}: {e.__class__.__name__}: {e} (remove or replace the file)") from None
 
 
@@ -190,9 +266,11 @@ def read_classes_file(path: Path) -> dict[str, int]:
     """`index<TAB>wnid<TAB>label` lines (header optional) -> {wnid: index}."""
     out: dict[str, int] = {}
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise VitexportError(f"cannot read classes file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise VitexportError(f"classes file {path} is not UTF-8 text: it should hold 'index<TAB>wnid<TAB>label' lines") from None
     for line in lines:
         parts = line.split("\t")
         if len(parts) >= 2 and parts[0].strip().isdigit():
@@ -234,7 +312,11 @@ def list_images(root: Path) -> list[Path]:
         raise VitexportError(f"image folder not found: {root}")
     if not root.is_dir():
         raise VitexportError(f"not a folder of images: {root} (pass a directory)")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    dangling = [p for p in candidates if p.is_symlink() and not p.exists()]
+    if dangling:  # a broken file stops the build (README): a link to nothing is one, not something to skip quietly
+        raise VitexportError(f"image {dangling[0]} is a symbolic link to a file that does not exist ({os.readlink(dangling[0])}): fix or remove it")
+    files = [p for p in candidates if p.is_file()]
     if not files:
         raise VitexportError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
     return files
@@ -267,13 +349,27 @@ class ImageSet:
         root = Path(root)
         paths = list_images(root)
         labels_map = _discover_labels(root, paths, id2label, Path(classes_file) if classes_file else None)
+        if skip < 0 or (limit is not None and limit < 1):
+            raise VitexportError(f"image counts must be positive (limit {limit}, skip {skip})")
         paths = paths[skip:]
         if limit is not None:
             paths = paths[:limit]
         if not paths:
             raise VitexportError(f"no images left in {root} after skipping {skip}")
         labels = tuple(labels_map.label(p, root) for p in paths)
-        return cls(root, tuple(paths), labels, preprocessing, labels_map.kind)
+        kind = labels_map.kind
+        if id2label and any(lab is not None and not 0 <= lab < len(id2label) for lab in labels):
+            # indices past the model's labels (ImageNet's classes.tsv with a fine-tune's 4 labels) would score as
+            # misses: a classes file the user named is refused; labels vitexport found by itself are not used
+            top = max(lab for lab in labels if lab is not None)
+            what = f"{classes_file}" if classes_file else f"the labels found in {root}"
+            if classes_file:
+                raise VitexportError(
+                    f"{what} has class indices up to {top} but the model has {len(id2label)} labels: pass a classes file with the model's own indices, or none"
+                )
+            log.warning("%s (%s) go up to class index %d but the model has %d labels: they are not used; top-1 against labels is skipped (agreement and cosine only)", what, kind, top, len(id2label))
+            labels, kind = (None,) * len(labels), "none"
+        return cls(root, tuple(paths), labels, preprocessing, kind)
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,13 +69,44 @@ class Reference:
         return onnx.load(str(self.path))
 
 
-def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, opset: int = DEFAULT_OPSET) -> Reference:
-    """Trace `spec` to ONNX (dynamic batch) in `out_dir/model.onnx` and check it against PyTorch on `verify_inputs`."""
+MIN_OPSET = 17
+
+
+def check_opset(opset: int) -> None:
+    """17 keeps LayerNormalization one op; the newest is what the installed onnx defines."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        why = f" (LayerNormalization needs opset {MIN_OPSET} or newer)" if isinstance(opset, int) and opset < MIN_OPSET else ""
+        raise VitexportError(f"--opset {opset} is out of range{why}: choose {MIN_OPSET} to {newest} (default {DEFAULT_OPSET})")
+
+
+def verification_problem(v: Mapping[str, Any]) -> str | None:
+    """Why a verification fails, or None. NaN compares False with everything, so non-finite values fail explicitly."""
+    if not v.get("finite", True) or not np.isfinite(v["max_abs_diff"]):
+        return f"the model gives non-finite outputs (NaN or inf) on {v['n']} real images: check its weights and preprocessor_config.json (image_std, rescale_factor)"
+    if v["max_abs_diff"] > MAX_ABS_DIFF or v["top1_agreement"] < MIN_AGREEMENT:
+        return (
+            f"the exported ONNX disagrees with PyTorch (max abs diff {v['max_abs_diff']:.2e}, top-1 agreement "
+            f"{v['top1_agreement']:.3f} on {v['n']} images): please report this model"
+        )
+    return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, opset: int = DEFAULT_OPSET, module=None) -> Reference:
+    """Trace `spec` to ONNX (dynamic batch) in `out_dir/model.onnx` and check it against PyTorch on `verify_inputs`.
+
+    `module`: the spec's `load_torch()` when the caller already loaded it (to check the weights before slow work)."""
     import torch
 
-    if opset < 17:
-        raise VitexportError(f"opset {opset} would decompose LayerNormalization: use opset 17 or newer")
-    module = spec.load_torch()
+    check_opset(opset)
+    if not np.isfinite(verify_inputs).all():
+        raise VitexportError("the preprocessed images contain NaN or inf: check image_mean, image_std and rescale_factor in preprocessor_config.json")
+    module = module if module is not None else spec.load_torch()
     num_parameters = sum(p.numel() for p in module.parameters())
     embedding = ""
     if spec.task == "embedding":
@@ -100,24 +132,32 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
                 verbose=False,
             )
         except Exception as e:  # the exporter raises many types; each is a failed export of this model
-            raise VitexportError(f"torch.onnx could not export {spec.source} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from e
+            first = _ANSI.sub("", str(e)).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise VitexportError(f"torch.onnx could not export {spec.source} ({e.__class__.__name__}: {first})") from None
     model = program.model_proto
     model.producer_name = "vitexport"
     dropped = drop_all_visible_attention_mask(model)
     if dropped:
         log.info("dropped an all-visible attention mask added to %d attention score tensors", dropped)
+    model.graph.output[0].doc_string = _output_doc(spec, embedding)
     ref = Reference(path, spec, opset, num_parameters)
     save_onnx(model, path, ref.metadata())
 
     verification = verify(module, path, verify_inputs, spec.output_name)
     verification["embedding"] = embedding
-    if verification["max_abs_diff"] > MAX_ABS_DIFF or verification["top1_agreement"] < MIN_AGREEMENT:
-        raise VitexportError(
-            f"the exported ONNX disagrees with PyTorch (max abs diff {verification['max_abs_diff']:.2e}, top-1 agreement "
-            f"{verification['top1_agreement']:.3f} on {verification['n']} images): please report this model"
-        )
+    problem = verification_problem(verification)
+    if problem:
+        raise VitexportError(problem)
     log.info("reference ONNX verified on %d images: max abs diff %.2e", verification["n"], verification["max_abs_diff"])
     return Reference(path, spec, opset, num_parameters, verification)
+
+
+def _output_doc(spec: ModelSpec, embedding: str) -> str:
+    """What the output is, in the ONNX file itself, for apps that read it without vitexport."""
+    if spec.task == "classification":
+        return f"logits [batch, {len(spec.id2label)}]: one score per label (softmax for probabilities); labels in metadata vitexport.labels"
+    what = "the pooler output (dense + tanh on the CLS token)" if embedding == "pooler_output" else "the final hidden state of the CLS token"
+    return f"embedding [batch, {spec.hidden_size}]: {what}"
 
 
 def drop_all_visible_attention_mask(model) -> int:
@@ -198,7 +238,7 @@ def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch:
 
     from .ort_session import ort_session
 
-    sess = ort_session(onnx_path)
+    sess = ort_session(onnx_path, what=f"the exported ONNX (an opset newer than this onnxruntime runs? the default is --opset {DEFAULT_OPSET})")
     torch_out, onnx_out = [], []
     with torch.inference_mode():
         for i in range(0, len(inputs), batch):
@@ -208,6 +248,7 @@ def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch:
     t, o = np.concatenate(torch_out), np.concatenate(onnx_out)
     return {
         "n": int(len(t)),
+        "finite": bool(np.isfinite(t).all() and np.isfinite(o).all()),
         "max_abs_diff": float(np.abs(t - o).max()),
         "top1_agreement": float((t.argmax(-1) == o.argmax(-1)).mean()),
         "against": f"torch {torch.__version__}",

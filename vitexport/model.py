@@ -24,6 +24,7 @@ CLASSIFIERS = {
     "DeiTForImageClassification",
     "DeiTForImageClassificationWithTeacher",
 }
+SUPPORTED_ARCHITECTURES = CLASSIFIERS | {"ViTModel", "DeiTModel"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class ModelSpec:
         task = "classification" if arch in CLASSIFIERS else "embedding"
         if arch.endswith("ForMaskedImageModeling"):
             raise VitexportError(f"{src} is a {arch} (masked image modelling) checkpoint: export a classifier or a ViTModel backbone")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise VitexportError(f"{src}: architecture {arch} is not one vitexport exports: use a checkpoint of {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+        if int(getattr(config, "num_channels", 3)) != 3:
+            raise VitexportError(f"{src} takes {config.num_channels}-channel images; vitexport feeds RGB images (3 channels): use a 3-channel checkpoint")
 
         proc_cfg = _processor_config(src, AutoImageProcessor)
         pre = Preprocessing.from_processor_config(proc_cfg, source=str(proc_cfg.get("image_processor_type", "")))
@@ -100,13 +105,15 @@ class ModelSpec:
         transformers.utils.logging.disable_progress_bar()  # our own progress reporting speaks for the build
 
         cls = getattr(transformers, self.architecture, None)
-        if cls is None:
-            raise VitexportError(f"transformers {transformers.__version__} has no class {self.architecture}: upgrade transformers")
+        if cls is None:  # a supported architecture that this transformers lacks (DeiT was removed from some releases)
+            raise VitexportError(f"transformers {transformers.__version__} has no class {self.architecture}: install a transformers that has it")
         kwargs: dict[str, Any] = {"attn_implementation": "eager"}  # plain MatMul/Softmax attention: every backend fuses it
         if not self.trust_pickle:
             kwargs["use_safetensors"] = True
-        model = _load(cls.from_pretrained, self.source, "weights", **kwargs).eval()
-        return _Head(model, self.task).eval()
+        kwargs["output_loading_info"] = True
+        model, info = _load(cls.from_pretrained, self.source, "weights", **kwargs)
+        _refuse_random_weights(self.source, self.architecture, info)
+        return _Head(model.eval(), self.task).eval()
 
     def labels_list(self) -> list[str]:
         return [self.id2label.get(i, str(i)) for i in range(len(self.id2label))]
@@ -143,6 +150,34 @@ def _check_local_dir(path: Path, trust_pickle: bool) -> None:
         raise VitexportError(f"{path} only has pickle weights (.bin), which can run code when loaded: convert it to safetensors, or pass --trust-pickle if you trust its source")
     if not has_safe and not has_pickle:
         raise VitexportError(f"{path} has no weights (model.safetensors)")
+    _check_weight_files(path)
+
+
+def _refuse_random_weights(source: str, architecture: str, info: Mapping[str, Any]) -> None:
+    """from_pretrained initialises at random whatever the checkpoint lacks and only logs it: that would be an artifact
+    whose outputs mean nothing. Missing or mismatched weights stop the build."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get("mismatched_keys") or []))
+    if mismatched:
+        raise VitexportError(f"{source}: weights {', '.join(mismatched[:3])} have another shape than config.json says: fix config.json or the weights")
+    if missing:
+        names = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise VitexportError(
+            f"{source} has no weights for {names}: as a {architecture} they would be random; "
+            "fix 'architectures' in config.json (a classifier is ViTForImageClassification) or use a complete checkpoint"
+        )
+
+
+def _check_weight_files(path: Path) -> None:
+    """Read every safetensors header now (cheap): a truncated or damaged file fails before any slow work."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="np") as st:  # parses the header and checks it covers the file
+                st.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
+            raise VitexportError(f"{f} is damaged ({str(e).splitlines()[0][:160] if str(e) else e.__class__.__name__}): download or copy it again") from None
 
 
 def _processor_config(src: str, auto_processor) -> dict:
@@ -170,6 +205,11 @@ def _load(fn, src: str, what: str, **kwargs):
         ) from None
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise VitexportError(f"cannot load the {what} of {src}: {str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+    except Exception as e:  # damaged files, refused pickles, shape mismatches: transformers/torch raise many types
+        text = str(e).strip()
+        if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+            raise VitexportError(f"the weights of {src} have other shapes than its config.json says: fix config.json or the weights") from None
+        raise VitexportError(f"cannot load the {what} of {src}: {e.__class__.__name__}: {text.splitlines()[0][:200] if text else ''}") from None
 
 
 def _torch_head():

@@ -55,6 +55,11 @@ DEVICE_ENV = "VITEXPORT_OPENVINO_DEVICE"  # overrides the device an artifact run
 # AVX512_BF16: the fp32 IR drifted 0.6% from onnxruntime fp32). Rows are measured in f32 so that a row's precision
 # is the artifact's, not the host's; set this to bf16 (or f16) to measure what OpenVINO's default does on such a CPU.
 PRECISION_ENV = "VITEXPORT_OPENVINO_INFERENCE_PRECISION"
+MEASURED_PRECISION = "f32"  # the CPU plugin's compute precision vitexport measures with (see OpenVinoRunner)
+MEASURED_PRECISION_HOW = (
+    "the figures hold for f32 compute: core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'}); "
+    "without it a CPU with AVX512-BF16 or AMX computes in bf16 (faster, less exact)"
+)
 XML = "model.xml"
 
 # Defaults of each precision's recipe; override per build with options {"openvino": {"int8": {...}, "int4": {...}}}
@@ -153,6 +158,8 @@ class OpenVinoBackend:
         if calibration is not None and precision in ("int8", "int4"):
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
         recipe["device"] = mine.get("device", "CPU")
+        recipe["inference_precision_hint"] = MEASURED_PRECISION
+        recipe["inference_precision_how"] = MEASURED_PRECISION_HOW
         recipe["summary"] = describe(precision, recipe)
         art = write_manifest(out_dir, backend=self.name, precision=precision, main=target.name, recipe=recipe, extra_tools=("openvino", "nncf"), **reference.manifest_fields())
         return with_ir_size(art)
@@ -393,6 +400,9 @@ def _embed_rt_info(model, reference, precision: str) -> None:
     for key, value in reference.metadata().items():
         model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["vitexport", key.removeprefix("vitexport.")])
     model.set_rt_info(precision, ["vitexport", "precision"])
+    # plain compile_model computes in bf16 on CPUs with AVX512-BF16/AMX; vitexport's figures are f32 compute
+    model.set_rt_info(MEASURED_PRECISION, ["vitexport", "inference_precision_hint"])
+    model.set_rt_info(MEASURED_PRECISION_HOW, ["vitexport", "inference_precision_how"])
 
 
 def read_rt_info(xml: str | Path) -> dict[str, Any]:
@@ -400,7 +410,7 @@ def read_rt_info(xml: str | Path) -> dict[str, Any]:
     ov = _openvino()
     model = ov.Core().read_model(str(xml))
     out: dict[str, Any] = {}
-    for key in ("model", "preprocessing", "labels", "task", "embedding", "precision"):
+    for key in ("model", "preprocessing", "labels", "task", "embedding", "precision", "inference_precision_hint", "inference_precision_how"):
         if model.has_rt_info(["vitexport", key]):
             text = model.get_rt_info(["vitexport", key]).astype(str)
             try:

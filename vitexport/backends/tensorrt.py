@@ -17,8 +17,8 @@ The whole story of this target is here:
   LayerNorm, Softmax, GELU and the attention matmuls stay float (fp16 in the engine, which keeps TensorRT's fused
   attention). No calibrator: the scales are in the graph. ``fp32``: the reference ONNX with TF32 turned off.
 - **Engine build settings.** One optimisation profile for the batch axis of ``pixel_values`` (min/opt/max batch), a
-  workspace memory-pool limit, a timing cache file reused between builds (by default ``../tensorrt-timing.cache``,
-  shared by the artifacts of one output folder), weakly typed networks with ``--fp16`` / ``--int8 --fp16`` by default
+  workspace memory-pool limit, a timing cache file reused between builds (by default ``tensorrt-timing.cache`` inside
+  the artifact folder, which stays self-contained; ``build_engine.py --timing-cache`` shares one between folders), weakly typed networks with ``--fp16`` / ``--int8 --fp16`` by default
   (the non-quantized layers then run in fp16; works on TensorRT 8.6 and 10.x), or ``strongly_typed = true`` for
   ``--stronglyTyped`` (TensorRT >= 9; the float layers then keep the ONNX's fp32).
 - **Measuring.** With an engine and TensorRT here, the runner runs the engine (device memory through cuda-python,
@@ -97,7 +97,7 @@ class EngineSettings:
     workspace_mb: int = 1024  # workspace memory-pool limit
     strongly_typed: bool = False  # int8 only: --stronglyTyped (TensorRT >= 9); float layers then keep the ONNX's fp32
     builder_optimization_level: int | None = None  # None: TensorRT's default (3)
-    timing_cache: str = "../tensorrt-timing.cache"  # relative to the artifact folder: shared by sibling artifacts
+    timing_cache: str = "tensorrt-timing.cache"  # inside the artifact folder, which must stay self-contained (pass --timing-cache to share one)
     build_here: bool = True  # build the engine during `vitexport build` when TensorRT and a GPU are here
     tensorrt: str | None = None  # the device's TensorRT (e.g. "8.6" on JetPack 6.0): decides the ONNX opset it can parse
 

@@ -12,6 +12,7 @@ from .report import Report, render_markdown
 
 
 def write(report: Report, out_dir: Path) -> None:
-    (out_dir / "report.json").write_text(report.to_json())
-    (out_dir / "report.md").write_text(render_markdown(report))
-    (out_dir / "report.html").write_text(render_html(report), encoding="utf-8")
+    # UTF-8 whatever the locale; a path that is not valid UTF-8 is written escaped rather than failing the build
+    (out_dir / "report.json").write_text(report.to_json(), encoding="utf-8", errors="backslashreplace")
+    (out_dir / "report.md").write_text(render_markdown(report), encoding="utf-8", errors="backslashreplace")
+    (out_dir / "report.html").write_text(render_html(report), encoding="utf-8", errors="backslashreplace")

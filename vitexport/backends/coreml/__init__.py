@@ -9,8 +9,9 @@ The whole story of this target is here:
 - **Input** is an RGB ``ImageType`` of the checkpoint's own size with the preprocessing inside the model: CoreML's
   image input does ``scale * pixel + bias[c]``; the per-channel 1/std it cannot express is folded into the patch
   embedding convolution's weights (exact: the patch convolution has no padding). CoreML's image input does **not**
-  resize or centre-crop: the app feeds an image already resized/cropped to the model's size (Vision's
-  ``VNCoreMLRequest`` with ``imageCropAndScaleOption = .centerCrop`` does it); the metadata says so.
+  resize or centre-crop: the app frames the image exactly as the checkpoint's preprocessing did (every figure was
+  measured that way); ``vitexport.app_framing`` in the metadata gives the Vision settings that reproduce it
+  (a ``regionOfInterest`` plus ``.scaleFill`` or ``.centerCrop``: plain ``.centerCrop`` is another framing).
 - **Outputs**: a classifier gets CoreML's classifier outputs (``classLabel`` + ``classLabel_probs``, softmax
   probabilities over the checkpoint's own labels); a backbone outputs its embedding as an MLMultiArray.
 - **Precisions** (the minimum deployment target each needs is chosen and recorded):
@@ -47,6 +48,7 @@ from typing import Any, Mapping
 from ...artifacts import Artifact, write_manifest
 from ...errors import VitexportError
 from .. import Calibration, Capability, backend_options
+from .package import app_framing  # noqa: F401  (also the app's framing, in words, for README and tests)
 from .settings import (  # noqa: F401  (re-exported: the names tests and scripts use)
     _TARGETS,
     COMPUTE_UNITS,
@@ -171,7 +173,8 @@ def _write_package(reference, calibration: Calibration | None, precision: str, o
             "scale": folded["scale"],
             "bias": folded["bias"],
             "std_folded_into": folded["conv"],
-            "not_inside": "resize / centre crop: feed an image already of this size (e.g. VNCoreMLRequest imageCropAndScaleOption .centerCrop)",
+            "not_inside": "resize / centre crop: the app frames the image as app_framing says",
+            "app_framing": app_framing(spec.preprocessing),
         }
         if precision == "int4" and opts.int4_method == "gptq":
             recipe["int4"] = _attach_gptq_int4(module, head, reference, calibration, options, opts)

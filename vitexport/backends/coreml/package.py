@@ -25,15 +25,15 @@ def _describe_model(mlmodel, reference, precision: str, target: str, recipe: Map
     pre = spec.preprocessing.to_dict()
     h, w = spec.input_shape[1:]
     what = "image classifier" if spec.task == "classification" else "image embedding backbone"
+    source = _source_name(spec.source)  # never the build machine's path
     mlmodel.short_description = (
-        f"{spec.architecture} {what} from {spec.source}, {precision}, built by vitexport. Input: an RGB image of exactly {h}x{w}: "
-        f"the app resizes/centre-crops it (checkpoint recipe: {_resize_text(spec.preprocessing)}); scaling and normalisation happen inside the model."
+        f"{spec.architecture} {what} from {source}, {precision}, built by vitexport. Input: an RGB image of exactly {h}x{w}, "
+        f"framed as the checkpoint's preprocessing does ({_resize_text(spec.preprocessing)}; see vitexport.app_framing); scaling and normalisation happen inside the model."
     )
     author, licence = _card_fields(spec.source)
     if author:
         mlmodel.author = author
-    if licence:
-        mlmodel.license = licence
+    mlmodel.license = licence or f"not stated by the checkpoint ({source}): check its model card before shipping"
     mlmodel.version = version("vitexport") if _has_dist("vitexport") else "0"
     mlmodel.input_description[INPUT_NAME] = f"RGB image {h}x{w}, already resized and centre-cropped ({_resize_text(spec.preprocessing)})"
     if spec.task == "classification":
@@ -47,8 +47,36 @@ def _describe_model(mlmodel, reference, precision: str, target: str, recipe: Map
     meta["vitexport.minimum_deployment_target"] = target
     meta["vitexport.preprocessing"] = json.dumps(pre)
     meta["vitexport.app_preprocessing"] = f"resize/crop to {h}x{w} in the app: {_resize_text(spec.preprocessing)}"
-    meta["vitexport.model"] = json.dumps(spec.summary(reference.num_parameters))
+    meta["vitexport.app_framing"] = app_framing(spec.preprocessing)
+    meta["vitexport.model"] = json.dumps({**spec.summary(reference.num_parameters), "source": source})
     meta["vitexport.task"] = spec.task
+
+
+def _source_name(source: str) -> str:
+    """A hub id as is; a local checkpoint by its folder name (the absolute path says nothing to the app)."""
+    return Path(source).name if Path(source).exists() else source
+
+
+def app_framing(pre) -> str:
+    """How an app reproduces the evaluated framing with Vision (CoreML's image input neither resizes nor crops).
+
+    resize HxW then crop hxw is the central (h/H, w/W) of the original, stretched to hxw: a centred regionOfInterest
+    with .scaleFill. shortest-edge s then crop c is the central square of side c/s of the short side: the same
+    region fraction with .centerCrop. Vision's own resampling filter differs from the checkpoint's."""
+    h, w = pre.output_size
+    if pre.resize:
+        fh, fw = (pre.crop[0] / pre.resize[0], pre.crop[1] / pre.resize[1]) if pre.crop else (1.0, 1.0)
+        option = ".scaleFill"
+    elif pre.shortest_edge and pre.crop:
+        fh = fw = pre.crop[0] / pre.shortest_edge
+        option = ".centerCrop"
+    else:
+        return f"feed an RGB image of exactly {h}x{w}"
+    roi = f"CGRect(x: {(1 - fw) / 2:.4f}, y: {(1 - fh) / 2:.4f}, width: {fw:.4f}, height: {fh:.4f})"
+    return (
+        f"{_resize_text(pre)} = the central {fh:.2%} x {fw:.2%} (height x width) of the image scaled to {h}x{w}: "
+        f"VNCoreMLRequest regionOfInterest = {roi}, imageCropAndScaleOption = {option}"
+    )
 
 
 def _resize_text(pre) -> str:
