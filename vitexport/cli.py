@@ -272,7 +272,7 @@ def _run(args, progress) -> int:
         report = merge_files(args.reports, args.out, args.force)
         _emit(report, args)
         if not (args.quiet or args.json):
-            print(f"\nwrote {args.out}/report.json and report.md ({len(report.rows)} rows from {len(args.reports)} reports)")
+            print(f"\nwrote {args.out}/report.json, report.md and report.html ({len(report.rows)} rows from {len(args.reports)} reports)")
     elif args.command == "targets":
         from .profiles import shipped
 

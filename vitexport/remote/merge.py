@@ -12,8 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from ..artifacts import staged_output
+from ..artifacts import output_lock, staged_output
 from ..errors import VitexportError
+from ..harness import output as _output
 from ..harness.report import THIS_HOST, Report, measured_on, now
 
 
@@ -71,6 +72,7 @@ def merge_files(paths: Sequence[str], out: str, force: bool = False) -> Report:
         raise VitexportError("give at least two reports to merge")
     reports = [_load(p) for p in paths]  # every input is read and checked before anything is written
     report = merge(reports, [str(p) for p in paths])
-    with staged_output(Path(out), force) as tmp:  # renamed into place whole: a failed merge leaves nothing behind
-        report.write(tmp)
+    # locked like a build's --out, and renamed into place whole: a failed merge leaves nothing behind
+    with output_lock(Path(out)), staged_output(Path(out), force) as tmp:
+        _output.write(report, tmp)
     return report
