@@ -230,8 +230,9 @@ def test_w8a8_needs_macos_and_bad_options_are_clear(tmp_path):
 
 def test_target_profiles(tmp_path):
     from vitexport.api import load_target
+    from vitexport.backends import recipe_from
 
     for name, plat in (("iphone", "iOS"), ("mac", "macOS")):
         t = load_target(name)
         assert t["backend"] == "coreml" and "fp16" in t["precisions"]
-        assert cm._options(t.get("options", {}).get("coreml", {})).platform == plat
+        assert recipe_from(cm.CoreMLOptions, t.get("options", {}).get("coreml", {}), "coreml").platform == plat

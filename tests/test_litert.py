@@ -78,7 +78,10 @@ def test_ort_artifact_has_reduced_build_config_and_usability_verdicts(ort_mobile
 
 
 def test_ort_mobile_bad_option_is_one_clear_error(tiny_vit, tmp_path):
-    from vitexport.backends.onnxruntime import _mobile_options
+    from vitexport.backends import recipe_from
+    from vitexport.backends.onnxruntime import MobileOptions
+
+    _mobile_options = lambda raw: recipe_from(MobileOptions, raw, "onnxruntime")  # noqa: E731
 
     with pytest.raises(VitexportError, match="unknown onnxruntime option"):
         _mobile_options({"mobil": True})
@@ -106,7 +109,10 @@ def test_app_input_inverts_the_checkpoints_normalisation():
 
 
 def test_litert_options_are_checked():
-    from vitexport.backends.litert import _options
+    from vitexport.backends import recipe_from
+    from vitexport.backends.litert import LiteRTOptions
+
+    _options = lambda raw: recipe_from(LiteRTOptions, raw, "litert")  # noqa: E731
 
     with pytest.raises(VitexportError, match="unknown litert option"):
         _options({"int8_mode": "stock"})

@@ -251,18 +251,20 @@ def parse_precisions(text: str | Iterable[str], backend: Backend) -> list[str]:
     return sorted(set(items), key=backend.precisions.index)  # the backend's order: the fp32 reference row first
 
 
-def recipe_from(cls, overrides: Mapping[str, Any] | None):
-    """A recipe dataclass (Int8Recipe, Int4Recipe, ...) from a profile's or caller's overrides: unknown keys are one
-    clear error, and TOML's lists become the tuples the frozen recipes use."""
+def recipe_from(cls, overrides: Mapping[str, Any] | None, what: str | None = None):
+    """A recipe or settings dataclass (Int8Recipe, CoreMLOptions, ...) from a profile's or caller's overrides: unknown
+    keys are one clear error (naming `what`, e.g. the backend, else the class), and TOML's lists become the tuples the
+    frozen dataclasses use."""
+    what = what or cls.__name__
     overrides = dict(overrides or {})
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(overrides) - fields
     if unknown:
-        raise VitexportError(f"unknown {cls.__name__} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
+        raise VitexportError(f"unknown {what} option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     except (ValueError, TypeError) as e:  # a recipe's own checks: the user's value, not a bug
-        raise VitexportError(f"bad {cls.__name__} option: {e}") from None
+        raise VitexportError(f"bad {what} option: {e}") from None
 
 
 def target_table() -> str:

@@ -71,13 +71,6 @@ class LiteRTOptions:
             raise VitexportError(f"litert int8_method must be one of {', '.join(INT8_METHODS)}, not {self.int8_method!r}")
 
 
-def _options(raw: Mapping[str, Any]) -> LiteRTOptions:
-    fields = {f.name for f in dataclasses.fields(LiteRTOptions)}
-    unknown = set(raw) - fields
-    if unknown:
-        raise VitexportError(f"unknown litert option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
-    return LiteRTOptions(**raw)
-
 
 class LiteRTBackend:
     name = "litert"
@@ -107,7 +100,7 @@ class LiteRTBackend:
         ok, why = self.available()
         if not ok:
             raise VitexportError(f"backend litert is not available here: {why}")
-        opts = _options(backend_options(options, self.name))
+        opts = recipe_from(LiteRTOptions, backend_options(options, self.name), "litert")
         if precision == "int8":
             require_calibration(calibration, "litert int8")
         out_dir.mkdir(parents=True, exist_ok=True)

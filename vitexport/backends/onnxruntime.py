@@ -12,7 +12,6 @@ shared with other backends that consume QDQ ONNX.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import os
@@ -51,13 +50,6 @@ class MobileOptions:
         if self.target_platform not in ("arm", "amd64"):
             raise VitexportError(f"onnxruntime target_platform must be arm or amd64, not {self.target_platform!r}")
 
-
-def _mobile_options(raw: Mapping[str, Any]) -> MobileOptions:
-    fields = {f.name for f in dataclasses.fields(MobileOptions)}
-    unknown = set(raw) - fields
-    if unknown:
-        raise VitexportError(f"unknown onnxruntime option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
-    return MobileOptions(**raw)
 
 
 class OnnxRuntimeBackend:
@@ -102,7 +94,7 @@ class OnnxRuntimeBackend:
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
         recipe["summary"] = describe(precision, recipe)
         main = target.name
-        mobile = _mobile_options(backend_options(options, self.name))
+        mobile = recipe_from(MobileOptions, backend_options(options, self.name), "onnxruntime")
         if mobile.mobile:
             recipe["mobile"] = write_mobile(target, mobile)
             recipe["summary"] += f"; ONNX Runtime Mobile .ort ({mobile.optimization_style} optimizations, {mobile.target_platform})"

@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 from ...artifacts import Artifact, write_manifest
 from ...errors import VitexportError
-from .. import Calibration, Capability, backend_options
+from .. import Calibration, Capability, backend_options, recipe_from
 from .package import app_framing  # noqa: F401  (also the app's framing, in words, for README and tests)
 from .settings import (  # noqa: F401  (re-exported: the names tests and scripts use)
     _TARGETS,
@@ -60,7 +60,6 @@ from .settings import (  # noqa: F401  (re-exported: the names tests and scripts
     SKELETON,
     WEIGHT_MAP,
     CoreMLOptions,
-    _options,
     deployment_target,
 )
 
@@ -123,7 +122,7 @@ class CoreMLBackend:
         ok, why = self.available()
         if not ok:
             raise VitexportError(why)
-        opts = _options(backend_options(options, self.name))
+        opts = recipe_from(CoreMLOptions, backend_options(options, self.name), "coreml")
         needs = self.capabilities[precision].builds_on
         if needs and _host_system() != needs:
             raise VitexportError(

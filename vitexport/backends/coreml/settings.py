@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
 
 from ...errors import VitexportError
 
@@ -72,13 +71,6 @@ def deployment_target(precision: str, opts: CoreMLOptions) -> str:
         ios, mac = "iOS16", "macOS13"
     return ios if opts.platform == "iOS" else mac
 
-
-def _options(raw: Mapping[str, Any]) -> CoreMLOptions:
-    fields = {f.name for f in dataclasses.fields(CoreMLOptions)}
-    unknown = set(raw) - fields
-    if unknown:
-        raise VitexportError(f"unknown coreml option(s) {', '.join(sorted(unknown))}: known are {', '.join(sorted(fields))}")
-    return CoreMLOptions(**raw)
 
 
 def _coremltools():
