@@ -82,7 +82,7 @@ def markdown(results: dict) -> str:
             p50 = ", ".join(f"{run[name]['p50_ms']:.1f}" for run in r["runs"] if name in run) or "–"
             agree = f"{100 * f['agreement']:.1f}" if f.get("agreement") is not None else "–"
             cos = f"{f['cosine']:.4f}" if f.get("cosine") is not None else "–"
-            lg = f"−{f.get('lost', 0)}/+{f.get('gained', 0)}" if "lost" in f else "–"
+            lg = f"−{f['lost']}/+{f['gained']}" if f.get("lost") is not None else "–"
             lines.append(f"| {name} | {p50} | {agree} | {cos} | {lg} | {f['size_mb']:.1f} |")
         lines.append("")
     return "\n".join(lines)
@@ -112,7 +112,7 @@ def main() -> int:
     shared, work, out = Path(args.shared), Path(args.work), Path(args.out)
     shutil.rmtree(work, ignore_errors=True)
     progress = Progress(enabled=True)
-    results = {"command": "python " + " ".join(["benchmarks/int8_latency.py", *sys.argv[1:]]), "host": f"{cpu_name()} ({platform.machine()})", "threads": args.threads, "note": "", "models": {}}
+    results = {"command": "python " + " ".join(["benchmarks/int8_latency.py", *sys.argv[1:]]), "host": f"{cpu_name()} ({platform.machine()})", "threads": args.threads, "note": "Shared host: absolute times move with the load, the ratios of one interleaved run less", "models": {}}
     t0 = time.time()
     if not args.skip_deit:
         calib, evals = shared_split(shared, work / "split")
