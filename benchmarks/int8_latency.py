@@ -40,13 +40,29 @@ from vitexport.data import ImageSet, Preprocessing  # noqa: E402
 from vitexport.harness.report import cpu_name  # noqa: E402
 from vitexport.progress import Progress  # noqa: E402
 
-PAIRS = {"onnxruntime": ("onnxruntime-int8", "onnxruntime-int8-stock-dynamic"), "openvino": ("openvino-int8", "openvino-int8-stock-nncf")}
+PAIRS = {
+    "onnxruntime": ("onnxruntime-int8", "onnxruntime-int8-stock-dynamic"),
+    "openvino": ("openvino-int8", "openvino-int8-stock-nncf"),
+    "openvino (latency first)": ("openvino-int8-latency-first", "openvino-int8-stock-nncf"),
+}
+
+
+def openvino_latency_first(reference, calibration, tmp: Path):
+    """vitexport's OpenVINO int8 with LATENCY_FIRST (1 % float fallback, 8-bit weights): the speed it buys, the
+    fidelity it costs, side by side with the default."""
+    from stock import relabel
+
+    from vitexport.backends.openvino import LATENCY_FIRST, OpenVinoBackend
+
+    art = OpenVinoBackend().build(reference, calibration, "int8", {"openvino": {"int8": LATENCY_FIRST}}, tmp / "openvino-int8-latency-first")
+    return relabel(art, "int8-latency-first", "vitexport int8, latency first (LATENCY_FIRST): " + art.manifest["recipe"]["summary"])
 
 
 def build(model: str, calib: Path, evals: Path, out: Path, threads: int, progress):
-    """ours (fp32 + int8 of both runtimes) and the two stock int8 rows, evaluated on ``evals``; no timing yet."""
+    """ours (fp32 + int8 of both runtimes, and OpenVINO's latency-first int8) and the two stock int8 rows, evaluated
+    on ``evals``; no timing yet."""
     opts = api.BuildOptions(model=model, backend="onnxruntime,openvino", precisions=("fp32", "int8"), calib=str(calib), eval=str(evals), out=str(out), force=True, threads=threads, latency=False)
-    return api.build(opts, progress, extra_builders=[stock_dynamic, stock_nncf_int8])
+    return api.build(opts, progress, extra_builders=[stock_dynamic, stock_nncf_int8, openvino_latency_first])
 
 
 def timings(report, evals: Path, threads: int, repeats: int, rounds: int, seconds: float) -> list[dict]:
