@@ -275,3 +275,14 @@ def test_build_through_api_side_by_side(tiny_vit, image_folder, calib_folder, tm
     assert set(rows) == {"onnxruntime-fp32", "openvino-fp32", "openvino-fp16"}
     assert rows["openvino-fp32"]["accuracy"]["agreement"] == 1.0 and rows["openvino-fp32"]["accuracy"]["emulated"] is False
     assert (out / "openvino-fp16" / "model.xml").is_file()
+
+
+def test_latency_first_settings_are_a_valid_recipe():
+    """LATENCY_FIRST is what a profile's [options.openvino.int8] would say: every key a known setting or recipe field."""
+    from vitexport.backends import recipe_from
+    from vitexport.backends.openvino import INT8_DEFAULTS, LATENCY_FIRST, _settings
+    from vitexport.quantization.int8 import Int8Recipe
+
+    settings = _settings(INT8_DEFAULTS, LATENCY_FIRST, "int8")
+    recipe = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **settings["recipe"]})
+    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"]
