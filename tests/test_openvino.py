@@ -157,16 +157,16 @@ def test_int8_quantizes_attention_query_and_key(built, reference, calibration, t
     import onnx
     import onnxruntime as ort
 
-    hi = _attention_fq_ranges(built["int8"].path)
-    rec = built["int8"].manifest["recipe"]["attention"]
-    assert len(hi) == 4 and rec["quantized_inputs"] == 4 and np.allclose(hi, rec["max_abs"], rtol=1e-3)
     be = OpenVinoBackend()
-    float_attn = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": False, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "fa")
-    assert "attention" not in float_attn.manifest["recipe"]
-    assert _op_types(built["int8"].path)["FakeQuantize"] == _op_types(float_attn.path)["FakeQuantize"] + 4
+    q = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "qa")
+    hi = _attention_fq_ranges(q.path)
+    rec = q.manifest["recipe"]["attention"]
+    assert len(hi) == 4 and rec["quantized_inputs"] == 4 and np.allclose(hi, rec["max_abs"], rtol=1e-3)
+    assert "attention" not in built["int8"].manifest["recipe"]  # the default leaves attention float
+    assert _op_types(q.path)["FakeQuantize"] == _op_types(built["int8"].path)["FakeQuantize"] + 4
     # "minmax" (percentile 100) with only the classifier head int8, so nothing upstream of the attentions is
     # quantized: each range is then exactly the largest |q| or |k| over the calibration images
-    exact = be.build(reference, calibration, "int8", {"openvino": {"int8": {"recipe": {"fallback_budget": 0.0, "calibration": "minmax", "roles": ["head"]}}}}, tmp_path / "mm")
+    exact = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0, "calibration": "minmax", "roles": ["head"]}}}}, tmp_path / "mm")
     model = onnx.load(str(reference.path))
     qk = _query_key_projections(model)
     assert len(qk) == 4
@@ -176,7 +176,7 @@ def test_int8_quantizes_attention_query_and_key(built, reference, calibration, t
     got = sess.run(qk, {sess.get_inputs()[0].name: x})
     want = sorted(float(np.abs(g).max()) for g in got)
     assert np.allclose(sorted(_attention_fq_ranges(exact.path)), want, rtol=1e-3)
-    out = be.runner(built["int8"]).run(inputs)
+    out = be.runner(q).run(inputs)
     assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
 
 
@@ -285,4 +285,4 @@ def test_latency_first_settings_are_a_valid_recipe():
 
     settings = _settings(INT8_DEFAULTS, LATENCY_FIRST, "int8")
     recipe = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **settings["recipe"]})
-    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"]
+    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"] and not INT8_DEFAULTS["quantize_attention"]
