@@ -41,6 +41,7 @@ def _session(model: onnx.ModelProto, threads: int):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting (calibration._session)
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
