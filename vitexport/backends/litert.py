@@ -95,61 +95,12 @@ class LiteRTBackend:
     # ------------------------------------------------------------------ build
 
     def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
-        if precision not in self.precisions:
-            raise VitexportError(f"litert has no precision {precision}: choose from {', '.join(self.precisions)}")
-        ok, why = self.available()
-        if not ok:
-            raise VitexportError(f"backend litert is not available here: {why}")
-        opts = recipe_from(LiteRTOptions, backend_options(options, self.name), "litert")
-        if precision == "int8":
-            require_calibration(calibration, "litert int8")
+        opts = self._check(precision, calibration, options)
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         spec = reference.spec
-        pre = spec.preprocessing
-        h, w = spec.input_shape[1:]
-        recipe: dict[str, Any] = {
-            "input": {
-                "name": INPUT_NAME, "layout": "NHWC", "shape": [1, h, w, 3], "dtype": "float32", "values": "RGB 0..255",
-                "inside": f"x * {pre.rescale} - mean, / std (the checkpoint's rescale, mean {list(pre.mean or ())}, std {list(pre.std or ())})",
-                "not_inside": f"resize / centre crop to {h}x{w}: the app's job, as the checkpoint's processor does it (see preprocessing)",
-            },
-            "output": "logits (apply softmax for probabilities)" if spec.task == "classification" else "embedding",
-            "batch": 1,
-        }
-        import torch
-
-        head = spec.load_torch()
-        if precision == "int8" and opts.int8_method == "vitexport":
-            int8 = _carry_int8_recipe(head, reference, calibration, options)
-            _clamp_inputs(head, int8.ranges)
-            recipe["int8"] = dict(int8.summary)
-        module = _AppModule(head, pre).eval()
-        example = torch.rand(1, h, w, 3) * 255
-        with _quiet(), tempfile.TemporaryDirectory() as tmp:
-            tc = time.perf_counter()
-            float_path = Path(tmp) / "float.tflite"
-            _convert(module, example, float_path)
-            recipe["convert_s"] = round(time.perf_counter() - tc, 2)
-            del module, head
-            tq = time.perf_counter()
-            if precision == "fp32":
-                data = float_path.read_bytes()
-                recipe["compression"] = "none"
-            elif precision == "fp16":
-                data = _quantize(float_path, _FP16_RECIPE, None)
-                recipe["compression"] = "float16 weights (ai-edge-quantizer float_casting, explicit DEQUANTIZE), float32 compute on CPU"
-            elif opts.int8_method == "stock":
-                qsv = _calibrate(float_path, _STOCK_INT8_RECIPE, calibration, pre, opts)
-                data = _quantize(float_path, _STOCK_INT8_RECIPE, qsv)
-                recipe["compression"] = "ai-edge-quantizer static_wi8_ai8: every supported op, int8 activations (min/max), int8 per-channel weights"
-                recipe["method"] = "stock"
-            else:
-                data, placed = _quantize_carried(float_path, int8, calibration, pre, opts)
-                recipe["int8"]["placed"] = placed
-                recipe["compression"] = "static int8 FULLY_CONNECTED (int8 activations, int8 per-channel weights): the ViT-aware recipe's codes and ranges"
-                recipe["method"] = "vitexport"
-            recipe["quantize_s"] = round(time.perf_counter() - tq, 2)
+        recipe = _io_recipe(spec)
+        data = _convert_and_compress(reference, calibration, precision, options, opts, recipe)
         data = _with_metadata(data, _metadata(reference, recipe))
         (out_dir / MODEL).write_bytes(data)
         (out_dir / LABELS).write_text("".join(f"{l}\n" for l in spec.labels_list()))
@@ -158,10 +109,23 @@ class LiteRTBackend:
             recipe.update(calibration_images=calibration.count, calibration_source=calibration.source)
         recipe["build_s"] = round(time.perf_counter() - t0, 2)
         recipe["summary"] = describe(precision, recipe)
+        h, w = spec.input_shape[1:]
         fields = reference.manifest_fields()
         fields["io"] = {**fields["io"], "input": INPUT_NAME, "input_shape": [1, h, w, 3], "input_kind": f"float32 NHWC RGB 0..255, {h}x{w} (resized/cropped by the app)",
                         "output": "logits" if spec.task == "classification" else "embedding", "labels_file": LABELS}
         return write_manifest(out_dir, backend=self.name, precision=precision, main=MODEL, recipe=recipe, extra_tools=("litert-torch", "ai-edge-litert", "ai-edge-quantizer"), **fields)
+
+    def _check(self, precision: str, calibration: Calibration | None, options: Mapping[str, Any]) -> "LiteRTOptions":
+        """Everything that can stop the build, before any slow work."""
+        if precision not in self.precisions:
+            raise VitexportError(f"litert has no precision {precision}: choose from {', '.join(self.precisions)}")
+        ok, why = self.available()
+        if not ok:
+            raise VitexportError(f"backend litert is not available here: {why}")
+        opts = recipe_from(LiteRTOptions, backend_options(options, self.name), "litert")
+        if precision == "int8":
+            require_calibration(calibration, "litert int8")
+        return opts
 
     # ------------------------------------------------------------------ run
 
@@ -184,6 +148,68 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- building
+
+
+def _io_recipe(spec) -> dict[str, Any]:
+    """What the app feeds and reads (recorded in the manifest and the .tflite's metadata)."""
+    pre = spec.preprocessing
+    h, w = spec.input_shape[1:]
+    return {
+        "input": {
+            "name": INPUT_NAME, "layout": "NHWC", "shape": [1, h, w, 3], "dtype": "float32", "values": "RGB 0..255",
+            "inside": f"x * {pre.rescale} - mean, / std (the checkpoint's rescale, mean {list(pre.mean or ())}, std {list(pre.std or ())})",
+            "not_inside": f"resize / centre crop to {h}x{w}: the app's job, as the checkpoint's processor does it (see preprocessing)",
+        },
+        "output": "logits (apply softmax for probabilities)" if spec.task == "classification" else "embedding",
+        "batch": 1,
+    }
+
+
+def _convert_and_compress(reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], opts: LiteRTOptions,
+                          recipe: dict[str, Any]) -> bytes:
+    """The checkpoint (with the int8 recipe's float-side decisions) -> float .tflite -> the precision's .tflite bytes."""
+    import torch
+
+    spec = reference.spec
+    pre = spec.preprocessing
+    h, w = spec.input_shape[1:]
+    head = spec.load_torch()
+    int8 = None
+    if precision == "int8" and opts.int8_method == "vitexport":
+        int8 = _carry_int8_recipe(head, reference, calibration, options)
+        _clamp_inputs(head, int8.ranges)
+        recipe["int8"] = dict(int8.summary)
+    module = _AppModule(head, pre).eval()
+    with _quiet(), tempfile.TemporaryDirectory() as tmp:
+        tc = time.perf_counter()
+        float_path = Path(tmp) / "float.tflite"
+        _convert(module, torch.rand(1, h, w, 3) * 255, float_path)
+        recipe["convert_s"] = round(time.perf_counter() - tc, 2)
+        del module, head
+        tq = time.perf_counter()
+        data = _compress(float_path, precision, int8, calibration, pre, opts, recipe)
+        recipe["quantize_s"] = round(time.perf_counter() - tq, 2)
+    return data
+
+
+def _compress(float_path: Path, precision: str, int8: "_CarriedInt8 | None", calibration: Calibration | None, pre, opts: LiteRTOptions,
+              recipe: dict[str, Any]) -> bytes:
+    if precision == "fp32":
+        recipe["compression"] = "none"
+        return float_path.read_bytes()
+    if precision == "fp16":
+        recipe["compression"] = "float16 weights (ai-edge-quantizer float_casting, explicit DEQUANTIZE), float32 compute on CPU"
+        return _quantize(float_path, _FP16_RECIPE, None)
+    if int8 is None:
+        qsv = _calibrate(float_path, _STOCK_INT8_RECIPE, calibration, pre, opts)
+        recipe["compression"] = "ai-edge-quantizer static_wi8_ai8: every supported op, int8 activations (min/max), int8 per-channel weights"
+        recipe["method"] = "stock"
+        return _quantize(float_path, _STOCK_INT8_RECIPE, qsv)
+    data, placed = _quantize_carried(float_path, int8, calibration, pre, opts)
+    recipe["int8"]["placed"] = placed
+    recipe["compression"] = "static int8 FULLY_CONNECTED (int8 activations, int8 per-channel weights): the ViT-aware recipe's codes and ranges"
+    recipe["method"] = "vitexport"
+    return data
 
 
 class _AppModule:
@@ -284,9 +310,6 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
     """Run the core int8 recipe on the reference ONNX and put its float-side decisions into ``head`` in place:
     SmoothQuant's LayerNorm/weight scaling and the GPTQ-rounded weights (codes * scale, exactly representable).
     Returns the codes, scales and activation ranges the LiteRT int8 model must carry."""
-    import torch
-    from onnx import numpy_helper
-
     from ..quantization.int8 import Int8Recipe, quantize_int8
 
     # TFLite's int8 spec: weights symmetric in [-127, 127], int32 accumulation (XNNPACK QS8): no 7-bit workaround
@@ -295,33 +318,31 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
         raise VitexportError("litert int8 does not carry centred activations (center_activations): LiteRT's int8 activations are asymmetric")
     ref = reference.load()
     qmodel, summary = quantize_int8(ref, calibration.batches, recipe, progress=options.get("progress"))
+    quantized = {r["node"] for r in summary["quantized"]}
+    codes, scales, ranges, changed = _rewrite_parameters(head, ref, qmodel, quantized)
+    if set(ranges) != set(codes) or len(ranges) != len(quantized):
+        raise VitexportError("litert int8: quantized linears and their GPTQ codes do not match")
+    return _CarriedInt8(codes, scales, ranges, _carried_summary(summary, len(codes), changed))
+
+
+def _rewrite_parameters(head, ref, qmodel, quantized: set[str]) -> tuple[dict, dict, dict, int]:
+    """Copy every LayerNorm/linear parameter of the quantized reference (SmoothQuant-scaled, GPTQ-rounded) into
+    ``head``; return the int8 codes and scales per linear, each quantized linear's input range, and how many changed."""
+    import torch
+    from onnx import numpy_helper
+
     params_of = _node_parameters(head, ref)  # reference node -> {input position: (torch parameter, transposed?)}
     inits = {t.name: t for t in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
     qnodes = {n.name: n for n in qmodel.graph.node if n.name}
     params = dict(head.named_parameters())
-
-    def value(tensor: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-        if tensor in inits:
-            return numpy_helper.to_array(inits[tensor]).astype(np.float32), None
-        dq = producer.get(tensor)
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            raise VitexportError(f"litert int8: cannot read {tensor} back from the quantized reference")
-        codes = numpy_helper.to_array(inits[dq.input[0]])
-        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [1] * codes.ndim
-        shape[axis] = -1
-        return codes.astype(np.float32) * scale.reshape(shape), (codes, scale)
-
     codes_by, scales_by, ranges, changed = {}, {}, {}, 0
-    quantized = {r["node"] for r in summary["quantized"]}
     for node_name, positions in params_of.items():
         q = qnodes.get(node_name)
         if q is None:
             raise VitexportError(f"litert int8: node {node_name} is missing from the quantized reference")
         for pos, (tname, transposed) in positions.items():
-            arr, quant = value(q.input[pos])
+            arr, quant = _read_back(q.input[pos], inits, producer)
             with torch.no_grad():
                 params[tname].copy_(torch.from_numpy(np.ascontiguousarray(arr.T if transposed else arr)).reshape(params[tname].shape))
             changed += 1
@@ -335,15 +356,34 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
             zp = int(numpy_helper.to_array(inits[dq_act.input[2]]))
             # the uint8 grid [0, 255] is the int8 grid [-128, 127] shifted by 128: the same range, the same codes
             ranges[positions[1][0].rsplit(".", 1)[0]] = ((0 - zp) * s, (255 - zp) * s)
-    if set(ranges) != set(codes_by) or len(ranges) != len(quantized):
-        raise VitexportError("litert int8: quantized linears and their GPTQ codes do not match")
+    return codes_by, scales_by, ranges, changed
+
+
+def _read_back(tensor: str, inits: Mapping[str, Any], producer: Mapping[str, Any]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """A constant input of the quantized reference as float, with its (codes, scale) when a DequantizeLinear makes it."""
+    from onnx import numpy_helper
+
+    if tensor in inits:
+        return numpy_helper.to_array(inits[tensor]).astype(np.float32), None
+    dq = producer.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        raise VitexportError(f"litert int8: cannot read {tensor} back from the quantized reference")
+    codes = numpy_helper.to_array(inits[dq.input[0]])
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    shape = [1] * codes.ndim
+    shape[axis] = -1
+    return codes.astype(np.float32) * scale.reshape(shape), (codes, scale)
+
+
+def _carried_summary(summary: Mapping[str, Any], quantized: int, changed: int) -> dict[str, Any]:
     fb = summary.get("sensitivity_fallback", {}).get("kept_float", [])
-    keep = {
+    return {
         "method": "vitexport.quantization.int8 (ViT-aware), carried into LiteRT",
         "recipe": summary["recipe"],
         "calibration": summary["calibration"],
         "smoothquant": {"alpha": summary["smoothquant"]["alpha"], "tensors": len(summary["smoothquant"]["tensors"])},
-        "quantized": len(codes_by),
+        "quantized": quantized,
         "kept_float": len(fb),
         "kept_float_inputs": [k.get("activation") for k in fb],
         "float_linears": [f["node"] + ": " + f["reason"] for f in summary["float"]],
@@ -351,7 +391,6 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
         "weights": "int8 symmetric per-channel, GPTQ-rounded (full 8 bits: XNNPACK accumulates in int32)",
         "activations": "int8 asymmetric per tensor: the recipe's uint8 ranges shifted by 128 (same grid)",
     }
-    return _CarriedInt8(codes_by, scales_by, ranges, keep)
 
 
 def _node_parameters(head, ref) -> dict[str, dict[int, tuple[str, bool]]]:
