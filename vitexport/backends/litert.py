@@ -14,10 +14,12 @@ The whole story of this target is here:
   The TFLite Support "ModelMetadata" schema is not written: its writer (tflite-support) is unmaintained and has no
   wheels for current Pythons.
 - **Precisions**: ``fp32``; ``fp16`` (float16 weights with DEQUANTIZE, what the GPU delegate consumes directly;
-  ai-edge-quantizer's float casting); ``int8``: static int8 on the linear layers as LiteRT's XNNPACK kernels run it
-  (int8 activations per tensor, int8 weights per channel), carrying the ViT-aware recipe's decisions
-  (vitexport.quantization.int8: SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, percentile
-  activation ranges, which inputs stay float), written through ai-edge-quantizer with the recipe's ranges and codes;
+  ai-edge-quantizer's float casting); ``int8``: int8 on the linear layers as LiteRT's XNNPACK kernels run it (int8
+  weights per channel, int8 activations), carrying the ViT-aware recipe's decisions (vitexport.quantization.int8:
+  SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, calibrated activation ranges as clamps,
+  which inputs stay float), written through ai-edge-quantizer. Activations are dynamic by default (quantized at run time by
+  the kernel, float outputs, as ONNX's QDQ MatMul gives): TFLite's static int8 FULLY_CONNECTED also requantizes its
+  output to int8, which doubled the error on held-out calibration images (``int8_activations = "static"`` keeps it);
   ``int8_method = "stock"`` gives ai-edge-quantizer's own ``static_wi8_ai8`` recipe (every supported op, min/max
   ranges) instead, the baseline the recipe is measured against.
 - **Measuring.** The runner is ``ai_edge_litert.interpreter.Interpreter``: the real LiteRT runtime with its default
@@ -46,7 +48,7 @@ import numpy as np
 
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
-from . import Calibration, Capability, backend_options, recipe_from, recipe_overrides, require_calibration
+from . import Calibration, Capability, backend_options, quantize_int8_shared, recipe_from, recipe_overrides, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ LABELS = "labels.txt"
 INPUT_NAME = "image"
 METADATA_KEY = "vitexport"
 INT8_METHODS = ("vitexport", "stock")
+INT8_ACTIVATIONS = ("dynamic", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +68,17 @@ class LiteRTOptions:
 
     int8_method: str = "vitexport"  # "vitexport": the ViT-aware recipe carried in | "stock": ai-edge-quantizer static_wi8_ai8
     calibration_threads: int = 0  # ai-edge-quantizer calibration threads (0: its default)
+    # "dynamic": the recipe's linears take int8 activations quantized at run time by the kernel and give float outputs
+    # (XNNPACK's dynamically quantized FULLY_CONNECTED), chosen on held-out calibration images
+    # (benchmarks/litert_choice.py); "static": int8 in and out with calibrated ranges (TFLite requantizes each output
+    # to int8 with its own range, which ONNX's QDQ MatMul never does: about as much error again as the input's)
+    int8_activations: str = "dynamic"
 
     def __post_init__(self):
         if self.int8_method not in INT8_METHODS:
             raise VitexportError(f"litert int8_method must be one of {', '.join(INT8_METHODS)}, not {self.int8_method!r}")
+        if self.int8_activations not in INT8_ACTIVATIONS:
+            raise VitexportError(f"litert int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, not {self.int8_activations!r}")
 
 
 
@@ -140,7 +150,9 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
         return "LiteRT stock int8 (ai-edge-quantizer static_wi8_ai8, min/max ranges, every supported op), XNNPACK"
     if precision == "int8":
         i8 = recipe.get("int8", {})
-        return (f"LiteRT static int8 linears with the ViT-aware recipe (GPTQ codes, percentile ranges, SmoothQuant): {i8.get('quantized')} linears int8, "
+        how = ("dynamic int8 activations (quantized by the kernel, float outputs)" if recipe.get("int8_activations") == "dynamic"
+               else "static int8 activations (percentile ranges in, min/max ranges out)")
+        return (f"LiteRT int8 linears with the ViT-aware recipe (GPTQ codes, SmoothQuant, {how}): {i8.get('quantized')} linears int8, "
                 f"{i8.get('kept_float')} inputs kept float; XNNPACK")
     if precision == "fp16":
         return "LiteRT float16 weights (GPU delegate consumes them; CPU computes float32)"
@@ -207,9 +219,19 @@ def _compress(float_path: Path, precision: str, int8: "_CarriedInt8 | None", cal
         return _quantize(float_path, _STOCK_INT8_RECIPE, qsv)
     data, placed = _quantize_carried(float_path, int8, calibration, pre, opts)
     recipe["int8"]["placed"] = placed
-    recipe["compression"] = "static int8 FULLY_CONNECTED (int8 activations, int8 per-channel weights): the ViT-aware recipe's codes and ranges"
+    recipe["int8"]["activations"] = _ACTIVATIONS[opts.int8_activations]
+    recipe["compression"] = f"int8 FULLY_CONNECTED ({opts.int8_activations} int8 activations, int8 per-channel GPTQ weights): the ViT-aware recipe's linears"
     recipe["method"] = "vitexport"
+    recipe["int8_activations"] = opts.int8_activations
     return data
+
+
+_ACTIVATIONS = {
+    "dynamic": "int8, quantized at run time by the kernel (XNNPACK dynamically quantized FULLY_CONNECTED), float output; "
+               "each input first clamped to the recipe's calibrated range",
+    "static": "int8 asymmetric per tensor: the recipe's uint8 ranges shifted by 128 (same grid); outputs requantized to int8 "
+              "with ai-edge-quantizer's min/max ranges",
+}
 
 
 class _AppModule:
@@ -255,6 +277,8 @@ _INT8_OP_CONFIG = {
     "weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"},
     "compute_precision": "INTEGER", "explicit_dequantize": False,
 }
+# ai-edge-quantizer's recipe_manager.add_dynamic_config: int8 weights, activations quantized by the kernel
+_DYNAMIC_INT8_OP_CONFIG = {"weight_tensor_config": _INT8_OP_CONFIG["weight_tensor_config"], "compute_precision": "INTEGER", "explicit_dequantize": False}
 # ai-edge-quantizer's recipe.static_wi8_ai8(), written out so the stock row does not move if its defaults do
 _STOCK_INT8_RECIPE = [{"regex": ".*", "operation": "*", "algorithm_key": "min_max_uniform_quantize", "op_config": _INT8_OP_CONFIG}]
 
@@ -310,14 +334,14 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
     """Run the core int8 recipe on the reference ONNX and put its float-side decisions into ``head`` in place:
     SmoothQuant's LayerNorm/weight scaling and the GPTQ-rounded weights (codes * scale, exactly representable).
     Returns the codes, scales and activation ranges the LiteRT int8 model must carry."""
-    from ..quantization.int8 import Int8Recipe, quantize_int8
+    from ..quantization.int8 import Int8Recipe
 
     # TFLite's int8 spec: weights symmetric in [-127, 127], int32 accumulation (XNNPACK QS8): no 7-bit workaround
     recipe = recipe_from(Int8Recipe, {"reduce_range": False, **recipe_overrides(options, "litert", "int8")})
     if recipe.symmetric_activations and recipe.center_activations:
         raise VitexportError("litert int8 does not carry centred activations (center_activations): LiteRT's int8 activations are asymmetric")
     ref = reference.load()
-    qmodel, summary = quantize_int8(ref, calibration.batches, recipe, progress=options.get("progress"))
+    qmodel, summary = quantize_int8_shared(reference, calibration, recipe, options)  # float statistics shared with the build's other int8 rows
     quantized = {r["node"] for r in summary["quantized"]}
     codes, scales, ranges, changed = _rewrite_parameters(head, ref, qmodel, quantized)
     if set(ranges) != set(codes) or len(ranges) != len(quantized):
@@ -389,7 +413,6 @@ def _carried_summary(summary: Mapping[str, Any], quantized: int, changed: int) -
         "float_linears": [f["node"] + ": " + f["reason"] for f in summary["float"]],
         "torch_parameters_rewritten": changed,
         "weights": "int8 symmetric per-channel, GPTQ-rounded (full 8 bits: XNNPACK accumulates in int32)",
-        "activations": "int8 asymmetric per tensor: the recipe's uint8 ranges shifted by 128 (same grid)",
     }
 
 
@@ -494,7 +517,7 @@ def _fc_modules(model, codes: Mapping[str, np.ndarray], scales: Mapping[str, np.
 
 
 def _quantize_carried(float_path: Path, int8: _CarriedInt8, calibration: Calibration, pre, opts: LiteRTOptions) -> tuple[bytes, dict[str, Any]]:
-    """Static int8 on exactly the recipe's linears, with its activation ranges and its GPTQ weight codes."""
+    """int8 on exactly the recipe's linears with its GPTQ weight codes; static: with its activation ranges too."""
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
     model = fbu.read_model(str(float_path))
@@ -506,7 +529,11 @@ def _quantize_carried(float_path: Path, int8: _CarriedInt8, calibration: Calibra
     name = lambda i: g.tensors[i].name.decode()  # noqa: E731
     scopes = [re.escape(name(g.operators[i].outputs[0])) for i in fcs]
     # ai-edge-quantizer matches a regex against each op's scope (its output tensor names, ';'-joined, trailing ';')
-    recipe = [{"regex": f"^(?:{'|'.join(scopes)});$", "operation": "FULLY_CONNECTED", "algorithm_key": "min_max_uniform_quantize", "op_config": _INT8_OP_CONFIG}]
+    regex = f"^(?:{'|'.join(scopes)});$"
+    if opts.int8_activations == "dynamic":  # no activation ranges to give: the kernel quantizes each row as it comes
+        return _place_codes(_quantize(float_path, [{"regex": regex, "operation": "FULLY_CONNECTED", "algorithm_key": "min_max_uniform_quantize",
+                                                    "op_config": _DYNAMIC_INT8_OP_CONFIG}], None), fcs, int8)
+    recipe = [{"regex": regex, "operation": "FULLY_CONNECTED", "algorithm_key": "min_max_uniform_quantize", "op_config": _INT8_OP_CONFIG}]
     qsv = _calibrate(float_path, recipe, calibration, pre, opts)  # the FC outputs' ranges (int8 in TFLite, float in ONNX)
     for i, module in fcs.items():
         lo, hi = int8.ranges[module]
