@@ -8,13 +8,14 @@ from typing import Any
 from .errors import VitexportError
 
 
-def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None):
+def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None, user_model: bool = True):
     """An ``onnxruntime.InferenceSession`` on the CPU provider for a path, serialized bytes or a ModelProto.
 
     ``optimization``: "all" (runners: the fusions the runtime really does) or "basic" (emulations, whose float16
     rounding casts a fusion would remove). ``qdq_fusion=False`` keeps each Q/DQ pair as float fake-quantization.
     ``threads``: intra-op threads (None: onnxruntime's choice), one inter-op thread. A model onnxruntime cannot load
-    is a VitexportError naming ``what`` (the path by default)."""
+    is a VitexportError naming ``what`` (the path by default); ``user_model=False`` for a model vitexport made in
+    memory itself (calibration, the fallback search), where a refusal is a bug and its own error propagates."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -29,5 +30,7 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
     try:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        if not user_model:
+            raise
         name = what or (str(model) if isinstance(model, (str, Path)) else "the model")
         raise VitexportError(f"onnxruntime cannot load {name}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
