@@ -10,6 +10,12 @@ recipes of ONNX Runtime, OpenVINO and TensorRT (same smoothing as each recipe):
 - sensitivity search: one rewritten model and session per input, run in full (``sensitivity_scores_one_model_each``,
   the old search) against one gated session per block run from the block's input (``sensitivity_scores``): the KL
   of each input, the rank correlation, and whether the inputs left float are the same set; process CPU seconds of each.
+
+    python benchmarks/calibration_equivalence.py --codes-vs 94b6c5c   # ~10 min CPU; writes results/codes-vs-94b6c5c.json
+
+- GPTQ codes: the weight codes of ONNX Runtime int8, TensorRT int8 and int4 made by this tree and by another commit
+  (e.g. 94b6c5c, the last one before the shared calibration), on the same reference ONNX and calibration images,
+  each tree run in its own process: the fraction of codes that are identical.
 """
 
 from __future__ import annotations
@@ -29,12 +35,77 @@ sys.path.insert(0, str(HERE))
 from run_matrix import shared_split  # noqa: E402
 
 
+CODE_RECIPES = ("onnxruntime", "tensorrt", "int4")
+
+
+def emit_codes(reference: str, images: str, out: str) -> None:
+    """Weight codes of the int8 (ONNX Runtime, TensorRT) and int4 recipes of whichever vitexport is imported (this
+    tree's or an older one's: only quantize_int8/quantize_int4's first three arguments are used)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vitexport.backends.tensorrt import INT8_RECIPE
+    from vitexport.quantization.int4 import Int4Recipe, quantize_int4
+    from vitexport.quantization.int8 import Int8Recipe, quantize_int8
+
+    x = np.load(images)
+    batches = lambda: (x[i : i + 16] for i in range(0, len(x), 16))  # noqa: E731  (the build's batches)
+    model = onnx.load(reference)
+    codes = {}
+    for name in CODE_RECIPES:
+        if name == "int4":
+            q, _ = quantize_int4(model, batches, Int4Recipe())
+            keep = [t for t in q.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+        else:
+            q, _ = quantize_int8(model, batches, Int8Recipe() if name == "onnxruntime" else Int8Recipe(**INT8_RECIPE))
+            keep = [t for t in q.graph.initializer if t.name.endswith("weight_quantized")]
+        for t in keep:
+            a = numpy_helper.to_array(t)
+            codes[f"{name}/{t.name}"] = np.concatenate([a & 15, a >> 4]) if a.dtype == np.uint8 else a  # int4: both nibbles
+    np.savez(out, **codes)
+
+
+def codes_vs(rev: str, work: Path, reference: str, images: str) -> dict:
+    """Run emit_codes in this tree and in ``rev`` (git archive into ``work``), each in its own process."""
+    import subprocess
+    import tarfile
+    import io
+
+    repo = HERE.parent
+    old = work / f"tree-{rev}"
+    if not old.exists():
+        tar = subprocess.run(["git", "-C", str(repo), "archive", rev], check=True, capture_output=True).stdout
+        tarfile.open(fileobj=io.BytesIO(tar)).extractall(old)
+    files = {}
+    for label, root in (("this tree", repo), (rev, old)):
+        out = work / f"codes-{label.replace(' ', '-')}.npz"
+        env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+        subprocess.run([sys.executable, __file__, "--emit-codes", str(out), "--reference", reference, "--images", images], check=True, env=env)
+        files[label] = np.load(out)
+    a, b = files["this tree"], files[rev]
+    result = {"against": rev, "command": f"python benchmarks/calibration_equivalence.py --codes-vs {rev}", "recipes": {}}
+    for name in CODE_RECIPES:
+        keys = sorted(k for k in a.files if k.startswith(name + "/"))
+        same = sum(int((a[k] == b[k]).sum()) for k in keys if k in b.files and a[k].shape == b[k].shape)
+        total = sum(a[k].size for k in keys)
+        result["recipes"][name] = {"codes": total, "identical": same, "identical_fraction": round(same / max(total, 1), 6), "tensors_missing_in_other": sum(k not in b.files for k in keys)}
+        print(name, result["recipes"][name], flush=True)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     ap.add_argument("--work", default=str(HERE / "out" / "equivalence"))
     ap.add_argument("--out", default=str(HERE / "results" / "calibration-equivalence.json"))
+    ap.add_argument("--codes-vs", metavar="REV", help="compare GPTQ codes with another commit's (e.g. 94b6c5c) instead")
+    ap.add_argument("--emit-codes", help=argparse.SUPPRESS)
+    ap.add_argument("--reference", help=argparse.SUPPRESS)
+    ap.add_argument("--images", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.emit_codes:  # the child process of --codes-vs
+        emit_codes(args.reference, args.images, args.emit_codes)
+        return 0
     import onnx
 
     from vitexport.backends.openvino import INT8_DEFAULTS
@@ -57,6 +128,12 @@ def main() -> int:
     x = np.stack([images.load(i) for i in range(len(images))])
     batches = lambda: (x[i : i + 16] for i in range(0, len(x), 16))  # noqa: E731
     ref = export_reference(spec, work / "reference", x[:8])
+    if args.codes_vs:
+        np.save(work / "calibration.npy", x)
+        result = codes_vs(args.codes_vs, work, str(ref.path), str(work / "calibration.npy"))
+        target = Path(args.out).with_name(f"codes-vs-{args.codes_vs}.json")
+        target.write_text(json.dumps({"model": "DeiT-tiny", "calibration_images": len(x), **result}, indent=2) + "\n")
+        return 0
     model = ref.load()
     acts = sorted({l.activation for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")})
     stats = collect_float_stats(model, acts, batches, len(x), gram=False)

@@ -64,6 +64,7 @@ def _cpu_s() -> float:
 
 def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir: Path, rounds: int, seconds: float) -> dict:
     rss0 = (_status_kb("VmRSS") or 0) / 1024
+    load0 = os.getloadavg()  # the host is shared: how busy it was when the build started, and after
     t0, c0 = time.perf_counter(), _cpu_s()
     report = api.build(opts, progress, extra_builders=extra)
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
@@ -102,6 +103,7 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
         "stages": stages,
         "rows": rows,
         "latency": lat,
+        "load_average_before": load0,
         "load_average_after": os.getloadavg(),
     }
 
@@ -116,7 +118,7 @@ def markdown(results: dict) -> str:
         lines += [f"## {r['model']}", "", r["command"], "",
                   f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
-                  f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB", f"- load average after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
+                  f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
                   "| stage | wall s | CPU s |", "|---|---|---|"]
         lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} |" for s in r["stages"] if s["seconds"] >= 0.5]
         lat = r["latency"]

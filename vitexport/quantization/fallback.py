@@ -30,7 +30,44 @@ log = logging.getLogger(__name__)
 
 
 def _session(model: onnx.ModelProto, threads: int):
-    return ort_session(model, threads, user_model=False)
+    return ort_session(model, threads, spinning=False, user_model=False)  # no busy-waiting (calibration._session)
+
+
+def _fresh_names(g: onnx.ModelProto) -> Callable[[str], str]:
+    """fresh(base) -> a tensor name not yet used in ``g`` (and reserved)."""
+    used = {t.name for t in g.graph.initializer} | {o for n in g.graph.node for o in n.output} | {i.name for i in g.graph.input}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name)
+        return name
+
+    return fresh
+
+
+def _gated_activation(g: onnx.ModelProto, act: str, gate: str, qdq: tuple[np.ndarray, np.ndarray, float], fresh: Callable[[str], str]) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes computing ``Where(gate, fake_quant(act), act)`` as insert_qdq quantizes it (centring shift, Q, DQ,
+    shift added back), their constants added to ``g``; returns (nodes, gated tensor name)."""
+    scale, zp, shift = qdq
+    s, z = fresh(f"{act}_fb_scale"), fresh(f"{act}_fb_zp")
+    g.graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32), s), numpy_helper.from_array(zp, z)])
+    nodes, src = [], act
+    if shift:
+        c = fresh(f"{act}_fb_center")
+        g.graph.initializer.append(numpy_helper.from_array(np.array(shift, np.float32), c))
+        src = fresh(f"{act}_fb_centered")
+        nodes.append(helper.make_node("Sub", [act, c], [src]))
+    q, dq, out = fresh(f"{act}_fb_q"), fresh(f"{act}_fb_dq"), fresh(f"{act}_fb_gated")
+    nodes += [helper.make_node("QuantizeLinear", [src, s, z], [q]), helper.make_node("DequantizeLinear", [q, s, z], [dq])]
+    if shift:
+        back = fresh(f"{act}_fb_uncentered")
+        nodes.append(helper.make_node("Add", [dq, c], [back]))
+        dq = back
+    nodes.append(helper.make_node("Where", [gate, dq, act], [out]))
+    return nodes, out
 
 
 def gated_model(
@@ -45,17 +82,7 @@ def gated_model(
     g = onnx.ModelProto()
     g.CopyFrom(model)
     idx = GraphIndex(g)
-    used = {t.name for t in g.graph.initializer} | {o for n in g.graph.node for o in n.output} | {i.name for i in g.graph.input}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        used.add(name)
-        return name
-
-    by_out = {id(n): n for n in g.graph.node}
+    fresh = _fresh_names(g)
     before: dict[int, list[onnx.NodeProto]] = {}
     gates: dict[str, str] = {}
     order = {id(n): i for i, n in enumerate(g.graph.node)}
@@ -64,33 +91,15 @@ def gated_model(
         gate = fresh(f"fallback_gate_{len(gates)}")
         gates[act] = gate
         g.graph.input.append(helper.make_tensor_value_info(gate, TensorProto.BOOL, []))
-        scale, zp, shift = act_qdq(act)
-        s, z = fresh(f"{act}_fb_scale"), fresh(f"{act}_fb_zp")
-        g.graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32), s), numpy_helper.from_array(zp, z)])
-        nodes = []
-        src = act
-        if shift:
-            c = fresh(f"{act}_fb_center")
-            g.graph.initializer.append(numpy_helper.from_array(np.array(shift, np.float32), c))
-            src = fresh(f"{act}_fb_centered")
-            nodes.append(helper.make_node("Sub", [act, c], [src]))
-        q, dq, out = fresh(f"{act}_fb_q"), fresh(f"{act}_fb_dq"), fresh(f"{act}_fb_gated")
-        nodes += [helper.make_node("QuantizeLinear", [src, s, z], [q]), helper.make_node("DequantizeLinear", [q, s, z], [dq])]
-        if shift:
-            back = fresh(f"{act}_fb_uncentered")
-            nodes.append(helper.make_node("Add", [dq, c], [back]))
-            dq = back
-        nodes.append(helper.make_node("Where", [gate, dq, act], [out]))
+        nodes, out = _gated_activation(g, act, gate, act_qdq(act), fresh)
         consumers = [nodes_by_output[l.node.output[0]] for l in ls]
-        first = min(consumers, key=lambda n: order[id(n)])
-        before.setdefault(id(first), []).extend(nodes)
+        before.setdefault(id(min(consumers, key=lambda n: order[id(n)])), []).extend(nodes)
         for l, node in zip(ls, consumers):
             w = idx.const_array(node.input[1])
             wq, wg = fresh(f"{node.input[1]}_fb_q"), fresh(f"{node.input[1]}_fb_gated")
             g.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight_codes(l, w).astype(w.dtype)), wq))
             before.setdefault(id(node), []).append(helper.make_node("Where", [gate, wq, node.input[1]], [wg]))
             node.input[0], node.input[1] = out, wg
-    del by_out
     nodes = list(g.graph.node)
     del g.graph.node[:]
     for n in nodes:

@@ -8,20 +8,21 @@ import numpy as np
 def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
     """U upper triangular with H^-1 = U^T U (float64). Raises ``np.linalg.LinAlgError`` when H is not SPD.
 
-    torch's Cholesky + cholesky_inverse (no general inverse) is about twice as fast as numpy's inv + cholesky for
-    ViT-Base's fc2 (K=3072).
+    With J the order-reversing permutation and J H J = L L^T, U = J L^-1 J (the Cholesky factor is unique): one
+    Cholesky and one triangular inverse on torch's threads, about half the work of inverting H and factoring again.
     """
     try:
-        import torch  # LAPACK through torch's threads: several times faster than numpy's inv + cholesky here
+        import torch  # LAPACK through torch's threads
     except ImportError:  # pragma: no cover - torch is a dependency of the package
         torch = None
     if torch is not None:
-        t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float64))
+        t = torch.from_numpy(np.ascontiguousarray(h[::-1, ::-1], dtype=np.float64))
         l, info = torch.linalg.cholesky_ex(t)
         if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(l), upper=True)
-            if int(info) == 0 and bool(torch.isfinite(u).all()):
-                return u.numpy()
+            eye = torch.eye(len(h), dtype=torch.float64)
+            u = torch.linalg.solve_triangular(l, eye, upper=False).numpy()[::-1, ::-1]
+            if np.isfinite(u).all():
+                return np.ascontiguousarray(u)
         raise np.linalg.LinAlgError("Hessian is not positive definite")
     return np.linalg.cholesky(np.linalg.inv(h)).T
 

@@ -597,7 +597,7 @@ def calibrate_ranges(
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> np.ndarray:
-    sess = ort_session(model, threads, user_model=False)
+    sess = ort_session(model, threads, spinning=False, user_model=False)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
 
