@@ -9,10 +9,13 @@ sorted positions 0, 4, 8, ..., evaluation on the other 375. No knob is chosen he
 defaults (LiteRT int8: the core ViT-aware recipe with full 8-bit weights, which TFLite's int8 spec prescribes), so the
 evaluation split is only measured, never tuned on.
 
-Rows: onnxruntime fp32 (the reference) / int8; litert fp32 / fp16 / int8 (the recipe carried in) / int8-stock
-(ai-edge-quantizer's static_wi8_ai8 on the same calibration images); onnxruntime fp32-mobile / int8-mobile (the .ort
+Rows: onnxruntime fp32 (the reference) / int8; litert fp32 / fp16 / int8 (the recipe carried in, dynamic int8
+activations: the default, chosen on held-out calibration images by benchmarks/litert_choice.py) / int8-static (the same
+recipe with static int8 activations and int8 FC outputs) / int8-stock (ai-edge-quantizer's static_wi8_ai8 on the same
+calibration images); onnxruntime fp32-mobile / int8-mobile (the .ort
 files converted from the onnxruntime rows' .onnx). Batch-1 latency of every row is measured interleaved, round by round
 (vitexport.harness.latency.measure_all), at --threads (default 1: the host is shared, one thread is the steadiest).
+``ort_vs_onnx`` in litert.json compares each .ort's logits with its .onnx's, run as on this host and as on ARM.
 """
 
 from __future__ import annotations
@@ -43,6 +46,43 @@ def litert_stock_int8(reference, calibration, tmp: Path) -> Artifact:
 
     art = LiteRTBackend().build(reference, calibration, "int8", {"litert": {"int8_method": "stock"}}, tmp / "litert-int8-stock")
     return relabel(art, "int8-stock", "stock: " + art.manifest["recipe"]["summary"])
+
+
+def litert_static_int8(reference, calibration, tmp: Path) -> Artifact:
+    """The recipe with static int8 activations (int8 FC outputs): what litert-int8 was before dynamic activations."""
+    from vitexport.backends.litert import LiteRTBackend
+
+    art = LiteRTBackend().build(reference, calibration, "int8", {"litert": {"int8_activations": "static"}}, tmp / "litert-int8-static")
+    return relabel(art, "int8-static", art.manifest["recipe"]["summary"])
+
+
+def ort_mobile_check(dist: Path, model: str, eval_dir: Path, num_eval: int | None) -> dict:
+    """Each .ort against its own .onnx on the evaluation images, the .onnx run two ways: as ONNX Runtime runs it on this
+    x86 host (its NchwcTransformer rewrites the patch convolution into a blocked layout) and as it runs it on an ARM
+    phone (no NCHWc; session.qdqisint8allowed=1): the graph the .ort converter bakes for target_platform arm."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from vitexport.data import ImageSet
+    from vitexport.model import ModelSpec
+
+    spec = ModelSpec.load(model)
+    images = ImageSet.from_folder(str(eval_dir), spec.preprocessing, spec.id2label, None, limit=num_eval)
+    x = np.stack([images.load(i) for i in range(len(images))])
+
+    def logits(path: Path, arm: bool) -> np.ndarray:
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.qdqisint8allowed", "1" if arm else "0")
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"] if arm else [])
+        return np.concatenate([s.run(None, {s.get_inputs()[0].name: x[i : i + 16]})[0] for i in range(0, len(x), 16)])
+
+    out = {}
+    for p in ("fp32", "int8"):
+        folder = dist / f"onnxruntime-{p}-mobile"
+        o = logits(folder / "model.ort", False)
+        for how, y in (("onnx_as_on_this_host", logits(folder / "model.onnx", False)), ("onnx_as_on_arm", logits(folder / "model.onnx", True))):
+            out.setdefault(p, {})[how] = {"images_whose_top1_differs": int((o.argmax(1) != y.argmax(1)).sum()), "max_abs_logit_difference": float(np.abs(o - y).max())}
+    return out
 
 
 def ort_mobile(precision: str):
@@ -118,6 +158,11 @@ def table(summary: dict) -> str:
             f"| {name} | {r['size_mb']:.1f} | {100 * r['top1']:.1f} | {d} | {r.get('lost', '–')}/{r.get('gained', '–')} | {ag} | {r['cosine']:.4f} | "
             f"{'–' if lat is None else f'{lat:.2f}'} | {'–' if lat is None or not ref_p50 else f'{lat / ref_p50:.2f}'} |"
         )
+    for p, check in summary.get("ort_vs_onnx", {}).items():
+        here, arm = check["onnx_as_on_this_host"], check["onnx_as_on_arm"]
+        lines.append(f"\nonnxruntime-{p}-mobile (.ort, converted for arm) vs its .onnx: run as on this x86 host {here['images_whose_top1_differs']} top-1 differ "
+                     f"(max |Δlogit| {here['max_abs_logit_difference']:.3g}); run as on ARM (no NCHWc) {arm['images_whose_top1_differs']} differ "
+                     f"(max |Δlogit| {arm['max_abs_logit_difference']:.3g}).")
     return "\n".join(lines) + "\n"
 
 
@@ -140,7 +185,7 @@ def main() -> int:
             model=str(shared / "models" / "deit-tiny-patch16-224"), backend="onnxruntime,litert", precisions=("fp32", "fp16", "int8"),
             calib=str(calib), eval=str(evals), num_eval=args.num_eval, out=str(work / "dist"), threads=args.threads, latency=True,
         )
-        extra = [litert_stock_int8, ort_mobile("fp32"), ort_mobile("int8")]
+        extra = [litert_static_int8, litert_stock_int8, ort_mobile("fp32"), ort_mobile("int8")]
         report = api.build(opts, Progress(enabled=True), extra_builders=extra)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +201,9 @@ def main() -> int:
             "note": "latency: batch 1, interleaved round by round on a host shared with other jobs: compare ratios, not absolute times",
             "rows": summarise(report),
         }
+        (out / "litert.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        summary["ort_vs_onnx"] = ort_mobile_check(work / "dist", opts.model, evals, args.num_eval)
+        print("ort_vs_onnx", json.dumps(summary["ort_vs_onnx"]))
         (out / "litert.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (out / "litert.md").write_text(table(summary))
         for name, r in summary["rows"].items():

@@ -98,3 +98,29 @@ def test_the_checker_sees_function_level_imports():
     graph = imports()
     assert "vitexport.quantization.int8" in graph["vitexport.backends.onnxruntime"]  # imported inside build()
     assert "vitexport.profiles" in graph["vitexport.api"]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function (methods and nested ones too) in vitexport/ longer than ``limit`` lines, def line to last line."""
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_no_function_over_60_lines():
+    long = long_functions()
+    assert not long, f"split these into named steps (at most {MAX_FUNCTION_LINES} lines each):\n" + "\n".join(long)
+
+
+def test_the_length_check_sees_long_functions(tmp_path):
+    # the walk counts the def line to the last line, nested functions included
+    src = "def outer():\n    def inner():\n" + "        x = 1\n" * 70 + "    return inner\n"
+    nodes = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef)]
+    assert {n.name: n.end_lineno - n.lineno + 1 for n in nodes} == {"outer": 73, "inner": 71}
+    assert any("quantize_int8" in f for f in long_functions(limit=20))

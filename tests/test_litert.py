@@ -34,7 +34,7 @@ needs_litert = pytest.mark.skipif(
 )
 LITERT_SPEC = "litert-torch==0.10.*"  # keep in step with pyproject's [litert] extra
 # what test_litert_runtime_in_private_venv runs there (pytest -k matches the module name too: name the tests)
-LITERT_RUNTIME_TESTS = "rows_are_measured or fp32_matches or metadata_labels or gptq_codes or stock_int8 or litert_options"
+LITERT_RUNTIME_TESTS = "rows_are_measured or fp32_matches or metadata_labels or gptq_codes or stock_int8 or static_int8 or litert_options"
 
 
 # ---------------------------------------------------------------------------------------- ONNX Runtime Mobile (.ort)
@@ -62,6 +62,12 @@ def test_ort_artifact_scores_the_same_as_its_onnx_source(ort_mobile):
         b = ort.InferenceSession(str(art.path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
         assert (a.argmax(1) == b.argmax(1)).all()
+        # bit for bit the .onnx as ONNX Runtime runs it on ARM: the .ort is converted for target_platform arm, which
+        # leaves out x86's NchwcTransformer (a blocked layout for the patch convolution) and allows int8 QDQ fusions
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.qdqisint8allowed", "1")
+        arm = ort.InferenceSession(str(art.directory / "model.onnx"), so, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
+        np.testing.assert_array_equal(b, arm.run(None, {"pixel_values": x})[0])
     assert rows["onnxruntime-int8"].accuracy["agreement"] >= 0.9
 
 
@@ -118,6 +124,9 @@ def test_litert_options_are_checked():
         _options({"int8_mode": "stock"})
     with pytest.raises(VitexportError, match="int8_method"):
         _options({"int8_method": "fast"})
+    with pytest.raises(VitexportError, match="int8_activations must be one of dynamic, static"):
+        _options({"int8_activations": "int16"})
+    assert _options({}).int8_activations == "dynamic"
 
 
 @pytest.mark.skipif(HAVE_LITERT, reason="litert-torch is installed here")
@@ -233,7 +242,38 @@ def test_litert_int8_carries_the_recipes_gptq_codes(litert_build, reference, tin
     for codes, scale in expected:  # match by per-channel scale (the converter renames and reorders tensors)
         hit = [c for c, s in found if s.shape == scale.shape and np.allclose(s, scale, rtol=1e-6)]
         assert len(hit) == 1 and np.array_equal(hit[0], codes)
-    assert art.manifest["recipe"]["ops"].get("QUANTIZE", 0) >= 1
+    # dynamic int8 activations (the default): every int8 FULLY_CONNECTED reads and writes float, no QUANTIZE op
+    assert art.manifest["recipe"]["int8_activations"] == "dynamic" and "QUANTIZE" not in art.manifest["recipe"]["ops"]
+    assert _int8_fc_io_types(art.path) == {(schema.TensorType.FLOAT32, schema.TensorType.FLOAT32)}
+
+
+def _int8_fc_io_types(path) -> set:
+    """(input type, output type) of every FULLY_CONNECTED with int8 weights."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model(str(path))
+    g = model.subgraphs[0]
+    return {(g.tensors[op.inputs[0]].type, g.tensors[op.outputs[0]].type) for op in g.operators
+            if max(model.operatorCodes[op.opcodeIndex].builtinCode, model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == schema.BuiltinOperator.FULLY_CONNECTED
+            and g.tensors[op.inputs[1]].type == schema.TensorType.INT8}
+
+
+@needs_litert
+def test_litert_static_int8_requantizes_fc_outputs(litert_build, tiny_vit, tmp_path):
+    """int8_activations = "static": the recipe's ranges quantize each int8 FC's input, and TFLite's int8 kernel writes an
+    int8 output (the default, dynamic, has float FC inputs and outputs)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    out = tmp_path / "dist"
+    report = build(BuildOptions(model=str(tiny_vit), backend="litert", precisions=("int8",), calib=str(CALIB), eval=str(EVAL),
+                                num_calib=16, num_eval=16, out=str(out), latency=False, options={"litert": {"int8_activations": "static"}}))
+    art = Artifact.load(out / "litert-int8")
+    assert art.manifest["recipe"]["int8_activations"] == "static" and art.manifest["recipe"]["ops"].get("QUANTIZE", 0) >= 1
+    assert _int8_fc_io_types(art.path) == {(schema.TensorType.INT8, schema.TensorType.INT8)}
+    assert art.manifest["recipe"]["int8"]["placed"]["int8_fully_connected"] == Artifact.load(litert_build[0] / "litert-int8").manifest["recipe"]["int8"]["placed"]["int8_fully_connected"]
+    static = next(r for r in report.rows if r.name == "litert-int8").accuracy
+    assert static["emulated"] is False and static["cosine"] > 0.9
 
 
 @needs_litert

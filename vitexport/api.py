@@ -161,31 +161,126 @@ def _weights_bytes(source: str) -> int:
     return sum(p.stat().st_size for p in d.glob("*.safetensors")) if d.is_dir() else 0
 
 
-def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequence[Callable[..., Artifact]]) -> Report:
+def _checked_plan(opts: BuildOptions) -> list[tuple[_backends.Backend, list[str]]]:
+    """The defaults are installed, the backends and precisions exist and the options are spelled right: before any slow work."""
     for path, what, flag in ((opts.model, "model", "--model"), (opts.calib, "calibration images", "--calib"), (opts.eval, "evaluation images", "--eval")):
         _require_default(path, what, flag)
     plan = _plan(opts.backend, opts.precisions)
     from .profiles import check_options
 
     check_options(opts.options, "build options")  # the same checks as a profile's: a typo is an error, not a default
+    return plan
+
+
+@dataclass(frozen=True)
+class _Images:
+    """The evaluation set, the calibration set when any artifact needs one, and how many images they share."""
+
+    evalset: ImageSet
+    calibset: ImageSet | None
+    shared: int | None
+
+
+def _image_sets(opts: BuildOptions, spec, plan: list[tuple[_backends.Backend, list[str]]], extra: bool) -> _Images:
+    if not opts.eval:
+        raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
+    evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
+    needing = sorted({p for b, ps in plan for p in ps if _backends.needs_calibration(p, b)})
+    if not (extra or needing):
+        return _Images(evalset, None, None)
+    if not opts.calib:
+        raise VitexportError(f"{', '.join(needing) or 'the extra builders'} need calibration images: pass --calib DIR")
+    calibset = ImageSet.from_folder(opts.calib, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_calib)
+    shared = overlap(calibset, evalset)
+    if shared:
+        log.warning("%d calibration images are also evaluation images: accuracy figures will flatter the quantized rows", shared)
+    return _Images(evalset, calibset, shared)
+
+
+def _calibration(calibset: ImageSet, calib_x: np.ndarray, opts: BuildOptions) -> _backends.Calibration:
+    """The preprocessed calibration images as the backends draw on them (in batches of 16, fingerprinted for --cache-dir)."""
+    batches = lambda: (np.asarray(calib_x[i : i + 16]) for i in range(0, len(calib_x), 16))  # noqa: E731
+    fingerprint = None
+    if opts.cache_dir:
+        from .quantization.cache import images_sha256
+
+        fingerprint = images_sha256(batches())
+    return _backends.Calibration(batches=batches, count=len(calib_x), source=str(calibset.root), cache_dir=opts.cache_dir, fingerprint=fingerprint)
+
+
+def _build_artifacts(
+    plan: list[tuple[_backends.Backend, list[str]]], reference, calibration: _backends.Calibration | None, opts: BuildOptions,
+    stages: Stages, progress: Progress, tmp: Path, extra_builders: Sequence[Callable[..., Artifact]],
+) -> tuple[list[Artifact], dict[str, dict[str, Any]]]:
+    """(every artifact, in plan order, then the extra rows; each one's build seconds and peak memory)."""
+    artifacts: list[Artifact] = []
+    builds: dict[str, dict[str, Any]] = {}
+
+    def timed(make) -> None:
+        start = time.perf_counter()
+        with PeakMemory() as pm:
+            art = make()
+        artifacts.append(art)
+        builds[art.name] = {"seconds": round(time.perf_counter() - start, 2), "peak_mb": pm.peak_mb, "process_peak_mb": PeakMemory.process_peak_mb()}
+
+    for backend, precisions in plan:
+        for precision in precisions:
+            progress.step(f"building {backend.name} {precision}")
+            # each calibration pass, search and rounding step has its own bar and timing (options["stages"]);
+            # the whole build step is one stage too, so conversion is what its sub-stages leave over
+            with stages.stage(f"build {backend.name} {precision}"):
+                options = {**opts.options, "stages": stages.child(f"{backend.name} {precision}")}
+                timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision, backend) else None, precision, options, tmp / f"{backend.name}-{precision}"))
+    for make_extra in extra_builders:
+        with stages.stage("build extra rows"):
+            timed(lambda: make_extra(reference, calibration, tmp))
+    return artifacts, builds
+
+
+def _remote_rows(opts: BuildOptions, artifacts: list[Artifact], reference_path: Path, eval_x: np.ndarray, eval_npy: Path, evalset: ImageSet, classifier: bool, progress: Progress) -> list[Row]:
+    """Device rows, scored here against the fp32 reference outputs, computed here once."""
+    from . import remote
+    from .backends.onnxruntime import OrtRunner
+
+    ref_out = _accuracy.run_all(OrtRunner(reference_path, opts.threads), eval_x, opts.batch_size)
+    return remote.measure(opts.remote, artifacts, eval_npy, evalset.labels, classifier, ref_out, _row, threads=opts.threads, latency=opts.latency, batch_size=opts.batch_size, progress=progress)
+
+
+def _build_report(opts: BuildOptions, spec, reference, rows: list[Row], images: _Images, calibration: _backends.Calibration | None, stages: Stages) -> Report:
+    evalset = images.evalset
+    report = Report(
+        model={**spec.summary(reference.num_parameters), "label_examples": [spec.id2label[i] for i in sorted(spec.id2label)[:5]]},
+        rows=tuple(rows),
+        reference={"opset": reference.opset, "verification": dict(reference.verification)},
+        evaluation={
+            "images": len(evalset),
+            "source": str(evalset.root),
+            "labelled": sum(lab is not None for lab in evalset.labels),
+            "label_source": evalset.label_source,
+            "calibration_images": calibration.count if calibration else 0,
+            "calibration_source": calibration.source if calibration else None,
+            "calibration_overlap": images.shared,  # images (by content) in both sets; None when there was no calibration set
+            "preprocessing": spec.preprocessing.to_dict(),
+            "target": opts.target,
+            **({"devices": [d.name for d in opts.remote], "shipped": _remote_note()} if opts.remote else {}),
+        },
+        host=host_info(),
+        tools=tool_versions(),
+        created=now(),
+        stages=tuple(stages.records),
+    )
+    return with_gate(report, opts.min_agreement, opts.max_top1_drop, opts.gate_rule)
+
+
+def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequence[Callable[..., Artifact]]) -> Report:
+    plan = _checked_plan(opts)
     from .model import ModelSpec  # needs transformers; eval/bench never import it
 
     progress.step(f"loading {opts.model}")
     spec = ModelSpec.load(opts.model, trust_pickle=opts.trust_pickle)
     module = spec.load_torch()  # now, not after preprocessing: random-initialised or mismatched weights stop the build first
-    if not opts.eval:
-        raise VitexportError("pass --eval DIR: the export is verified, and every artifact measured, on real images")
-    evalset = ImageSet.from_folder(opts.eval, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_eval)
-    calibset = None
-    shared = None
-    needing = sorted({p for b, ps in plan for p in ps if _backends.needs_calibration(p, b)})
-    if extra_builders or needing:
-        if not opts.calib:
-            raise VitexportError(f"{', '.join(needing) or 'the extra builders'} need calibration images: pass --calib DIR")
-        calibset = ImageSet.from_folder(opts.calib, spec.preprocessing, spec.id2label, opts.classes, limit=opts.num_calib)
-        shared = overlap(calibset, evalset)
-        if shared:
-            log.warning("%d calibration images are also evaluation images: accuracy figures will flatter the quantized rows", shared)
+    images = _image_sets(opts, spec, plan, bool(extra_builders))
+    evalset, calibset = images.evalset, images.calibset
     image_bytes = 4 * int(np.prod(spec.input_shape)) * (len(evalset) + (len(calibset) if calibset is not None else 0))
     _check_free_space(Path(opts.out).absolute().parent, image_bytes + _weights_bytes(spec.source) + (1 << 20))
 
@@ -198,13 +293,7 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
         if calibset is not None:
             with stages.stage("preprocessing calibration images"):
                 calib_x = _materialize(calibset, cache / "calib.npy", progress, "preprocessing calibration images")
-            batches = lambda: (np.asarray(calib_x[i : i + 16]) for i in range(0, len(calib_x), 16))  # noqa: E731
-            fingerprint = None
-            if opts.cache_dir:
-                from .quantization.cache import images_sha256
-
-                fingerprint = images_sha256(batches())
-            calibration = _backends.Calibration(batches=batches, count=len(calib_x), source=str(calibset.root), cache_dir=opts.cache_dir, fingerprint=fingerprint)
+            calibration = _calibration(calibset, calib_x, opts)
 
         from .export import export_reference
 
@@ -213,60 +302,15 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
             reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset, module=module)
         del module
 
-        artifacts: list[Artifact] = []
-        builds: dict[str, dict[str, Any]] = {}
-
-        def timed(make) -> None:
-            start = time.perf_counter()
-            with PeakMemory() as pm:
-                art = make()
-            artifacts.append(art)
-            builds[art.name] = {"seconds": round(time.perf_counter() - start, 2), "peak_mb": pm.peak_mb, "process_peak_mb": PeakMemory.process_peak_mb()}
-
-        for backend, precisions in plan:
-            for precision in precisions:
-                progress.step(f"building {backend.name} {precision}")
-                # each calibration pass, search and rounding step has its own bar and timing (options["stages"]);
-                # the whole build step is one stage too, so conversion is what its sub-stages leave over
-                with stages.stage(f"build {backend.name} {precision}"):
-                    options = {**opts.options, "progress": None, "stages": stages.child(f"{backend.name} {precision}")}
-                    timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision, backend) else None, precision, options, tmp / f"{backend.name}-{precision}"))
-        for make_extra in extra_builders:
-            with stages.stage("build extra rows"):
-                timed(lambda: make_extra(reference, calibration, tmp))
-
-        rows = measure_artifacts(artifacts, eval_x, evalset.labels, spec.task == "classification", opts, progress, reference_path=reference.path, stages=stages)
-        if opts.remote:  # device rows are scored here against the fp32 reference outputs, computed here once
-            from . import remote
-            from .backends.onnxruntime import OrtRunner
-
-            ref_out = _accuracy.run_all(OrtRunner(reference.path, opts.threads), eval_x, opts.batch_size)
-            rows += remote.measure(opts.remote, artifacts, cache / "eval.npy", evalset.labels, spec.task == "classification", ref_out, _row, threads=opts.threads, latency=opts.latency, batch_size=opts.batch_size, progress=progress)
+        artifacts, builds = _build_artifacts(plan, reference, calibration, opts, stages, progress, tmp, extra_builders)
+        classifier = spec.task == "classification"
+        rows = measure_artifacts(artifacts, eval_x, evalset.labels, classifier, opts, progress, reference_path=reference.path, stages=stages)
+        if opts.remote:
+            rows += _remote_rows(opts, artifacts, reference.path, eval_x, cache / "eval.npy", evalset, classifier, progress)
         rows = [replace(r, build=builds.get(r.name)) for r in rows]
         shutil.rmtree(cache, ignore_errors=True)
         rows = [_final_path(r, tmp, Path(opts.out)) for r in rows]
-        report = Report(
-            model={**spec.summary(reference.num_parameters), "label_examples": [spec.id2label[i] for i in sorted(spec.id2label)[:5]]},
-            rows=tuple(rows),
-            reference={"opset": reference.opset, "verification": dict(reference.verification)},
-            evaluation={
-                "images": len(evalset),
-                "source": str(evalset.root),
-                "labelled": sum(lab is not None for lab in evalset.labels),
-                "label_source": evalset.label_source,
-                "calibration_images": calibration.count if calibration else 0,
-                "calibration_source": calibration.source if calibration else None,
-                "calibration_overlap": shared,  # images (by content) in both sets; None when there was no calibration set
-                "preprocessing": spec.preprocessing.to_dict(),
-                "target": opts.target,
-                **({"devices": [d.name for d in opts.remote], "shipped": _remote_note()} if opts.remote else {}),
-            },
-            host=host_info(),
-            tools=tool_versions(),
-            created=now(),
-            stages=tuple(stages.records),
-        )
-        report = with_gate(report, opts.min_agreement, opts.max_top1_drop, opts.gate_rule)
+        report = _build_report(opts, spec, reference, rows, images, calibration, stages)
         _output.write(report, tmp)
     return report
 
@@ -351,35 +395,19 @@ def measure_artifacts(
     ×smaller and ×faster always have a base, whatever precisions a profile builds.
     `strict`: an artifact that cannot run here is an error (eval/bench of one artifact), not a 'not run here' row.
     """
-    from .harness.report import REFERENCE, is_reference_artifact
+    from .harness.report import REFERENCE
 
     stages = stages or Stages()
     evaluation = stages.child("evaluation")
 
     ref_out = reference_outputs
-    artifacts = list(artifacts)
-    if reference is None:
-        reference = next((a for a in artifacts if is_reference_artifact(a.backend, a.precision)), None)
-    if reference is None and ref_out is None and reference_path is not None:
-        reference = _reference_artifact(Path(reference_path))
-    if reference is not None and all(a is not reference for a in artifacts):
-        artifacts.insert(0, reference)
+    artifacts, reference = _with_reference(list(artifacts), reference, reference_path if ref_out is None else None)
     is_reference = lambda a: a is reference  # noqa: E731
     measured: list[tuple[Artifact, dict | None, dict | None, list[str]]] = []
     timed: dict[str, Any] = {}  # runners kept for the interleaved timing after every accuracy pass
     for art in sorted(artifacts, key=lambda a: not is_reference(a)):
-        notes: list[str] = []
         acc = mem = None
-        try:
-            runner = _backends.get(art.backend).runner(art, opts.threads)
-        except VitexportError as e:
-            if strict:
-                raise VitexportError(f"cannot run {art.directory} here: {e}") from None
-            runner = None
-            notes.append(f"not run here: {e}")
-        except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
-            runner = None
-            notes.append(f"not run here: emulating it needs {e.name or e}: pip install {e.name or 'onnx'}")
+        runner, notes = _open_runner(art, opts.threads, strict)
         if runner is not None:
             with PeakMemory() as pm, evaluation.stage(art.name, total=len(inputs)) as tick:
                 outputs = _accuracy.run_all(runner, inputs, opts.batch_size, tick)
@@ -405,6 +433,32 @@ def measure_artifacts(
     ]
     order = {a.name: i for i, a in enumerate(artifacts)}
     return sorted(rows, key=lambda r: order[r.name])
+
+
+def _with_reference(artifacts: list[Artifact], reference: Artifact | None, reference_path: Path | str | None) -> tuple[list[Artifact], Artifact | None]:
+    """(the artifacts with the reference first when it is not among them, the reference): the given one, else the
+    ONNX Runtime fp32 artifact, else the reference ONNX at ``reference_path`` (None: the outputs are given)."""
+    from .harness.report import is_reference_artifact
+
+    if reference is None:
+        reference = next((a for a in artifacts if is_reference_artifact(a.backend, a.precision)), None)
+    if reference is None and reference_path is not None:
+        reference = _reference_artifact(Path(reference_path))
+    if reference is not None and all(a is not reference for a in artifacts):
+        artifacts.insert(0, reference)
+    return artifacts, reference
+
+
+def _open_runner(art: Artifact, threads: int | None, strict: bool) -> tuple[Any, list[str]]:
+    """(the artifact's runner, or None and the note saying why it does not run here; an error when ``strict``)."""
+    try:
+        return _backends.get(art.backend).runner(art, threads), []
+    except VitexportError as e:
+        if strict:
+            raise VitexportError(f"cannot run {art.directory} here: {e}") from None
+        return None, [f"not run here: {e}"]
+    except ImportError as e:  # an emulation's own dependency (onnx) on a runtime-only install
+        return None, [f"not run here: emulating it needs {e.name or e}: pip install {e.name or 'onnx'}"]
 
 
 def _reference_artifact(path: Path) -> Artifact:

@@ -33,15 +33,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"vitexport: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from . import api, backends
-
+def _common() -> argparse.ArgumentParser:
+    """The options every command takes (output and threads)."""
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the report as JSON on stdout, nothing else")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress and no table; errors still go to stderr")
     common.add_argument("--verbose", "-v", action="store_true", help="log what each stage does")
     common.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for the runtimes (default: the runtime's own choice)")
+    return common
 
+
+def _remote() -> argparse.ArgumentParser:
+    """The options of commands that can measure on devices over ssh."""
     remote = argparse.ArgumentParser(add_help=False)
     g = remote.add_argument_group("measuring on devices over SSH (the system ssh client: your ~/.ssh/config, keys and agent)")
     g.add_argument("--remote", action="append", default=[], metavar="[NAME=]USER@HOST", help="run on this device over ssh (repeat for several devices, measured in parallel); NAME labels its rows (default: USER@HOST)")
@@ -49,12 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--remote-timeout", type=float, default=None, metavar="SECONDS", help="give up on a device after this long per copy or run (default: 3600)")
     g.add_argument("--remote-cache", default=None, metavar="DIR", help="cache folder on the device, relative to its home (default: .cache/vitexport)")
     g.add_argument("--ssh-config", default=None, metavar="FILE", help="ssh config file to use instead of ~/.ssh/config")
+    return remote
 
-    p = _Parser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
-    p.add_argument("--version", action="version", version=f"vitexport {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    b = sub.add_parser("build", parents=[common, remote], help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json, report.md and report.html to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_build(sub, parents: list[argparse.ArgumentParser]) -> None:
+    from . import api, backends
+
+    b = sub.add_parser("build", parents=parents, help="export, quantize and measure artifacts for a target", description="Export a ViT/DeiT checkpoint to a verified fp32 ONNX, build one artifact per precision for a backend, measure each against the fp32 reference on the evaluation images, and write artifacts, report.json, report.md and report.html to --out.", epilog=_EPILOG_BUILD, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--model", default=str(api.DEFAULT_MODEL), metavar="ID_OR_DIR", help="hub id (google/vit-base-patch16-224, facebook/deit-tiny-patch16-224, google/vit-base-patch16-224-in21k) or checkpoint directory (default: the shipped DeiT-tiny)")
     b.add_argument("--backend", metavar="LIST", help=f"target runtime(s), comma-separated for rows side by side: {', '.join(backends.names())} (default: the --target's, else onnxruntime)")
     b.add_argument("--precision", metavar="LIST", help="comma-separated precisions (default: the --target's, else fp32,int8,int4)")
@@ -74,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
     b.add_argument("--gate-rule", choices=("point", "interval"), default="point", help="when a gate fails: 'point' (default) when the measured figure is beyond the bar; 'interval' only when its whole 95%% interval is (a failure noise cannot explain)")
 
-    e = sub.add_parser("eval", parents=[common, remote], help="accuracy of one artifact on a folder of images", description="Measure one artifact's accuracy on a folder of images with the preprocessing recorded in its manifest. Needs only the artifact's runtime, numpy and pillow (no torch).")
+
+def _add_eval(sub, parents: list[argparse.ArgumentParser]) -> None:
+    e = sub.add_parser("eval", parents=parents, help="accuracy of one artifact on a folder of images", description="Measure one artifact's accuracy on a folder of images with the preprocessing recorded in its manifest. Needs only the artifact's runtime, numpy and pillow (no torch).")
     e.add_argument("artifact", help="artifact folder (or a file inside it), e.g. dist/onnxruntime-int8")
     e.add_argument("--images", required=True, metavar="DIR", help="images; labels from an ImageFolder layout or WNID_* names + classes.tsv")
     e.add_argument("--reference", metavar="ARTIFACT", help="an fp32 artifact to measure top-1 agreement and cosine against")
@@ -85,7 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", metavar="DIR", help="also write report.json, report.md and report.html to DIR")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    n = sub.add_parser("bench", parents=[common, remote], help="latency, throughput and peak memory of one artifact on this host", description="Time one artifact on this host: batch-1 p50/p90 latency after warm-up, throughput at a larger batch, peak memory. Needs only the artifact's runtime and numpy.")
+
+def _add_bench(sub, parents: list[argparse.ArgumentParser]) -> None:
+    n = sub.add_parser("bench", parents=parents, help="latency, throughput and peak memory of one artifact on this host", description="Time one artifact on this host: batch-1 p50/p90 latency after warm-up, throughput at a larger batch, peak memory. Needs only the artifact's runtime and numpy.")
     n.add_argument("artifact", help="artifact folder (or a file inside it)")
     n.add_argument("--images", metavar="DIR", help="time on real images from DIR (default: random inputs of the right shape)")
     n.add_argument("--batch", type=int, default=16, metavar="N", help="batch size for the throughput figure (default: 16)")
@@ -93,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--out", metavar="DIR", help="also write report.json, report.md and report.html to DIR")
     n.add_argument("--force", action="store_true", help="replace --out if it exists")
 
+
+def _add_targets_and_report(sub, common: argparse.ArgumentParser) -> None:
     sub.add_parser("targets", parents=[common], help="list the shipped device profiles")
     r = sub.add_parser("report", help="work with report.json files (merge reports from several hosts and devices)")
     rsub = r.add_subparsers(dest="report_command", metavar="ACTION")
@@ -101,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("reports", nargs="+", metavar="REPORT_JSON")
     m.add_argument("-o", "--out", required=True, metavar="DIR", help="folder for the merged report.json and report.md")
     m.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common, remote = _common(), _remote()
+    p = _Parser(prog="vitexport", description="Turn a Hugging Face Vision Transformer into verified, quantized device artifacts, with one report of accuracy, size, latency and memory.")
+    p.add_argument("--version", action="version", version=f"vitexport {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_build(sub, [common, remote])
+    _add_eval(sub, [common, remote])
+    _add_bench(sub, [common, remote])
+    _add_targets_and_report(sub, common)
     return p
 
 
@@ -220,69 +241,93 @@ def _terminate_like_interrupt():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def _run(args, progress) -> int:
+def _run_build(args, progress) -> int:
     from . import api
 
-    if args.command == "build":
-        _check_gates(args.min_agreement, args.max_top1_drop)
-        opts = api.BuildOptions(
-            model=args.model,
-            calib=args.calib,
-            eval=args.eval,
-            classes=args.classes,
-            num_calib=args.num_calib,
-            num_eval=args.num_eval,
-            out=args.out,
-            force=args.force,
-            trust_pickle=args.trust_pickle,
-            latency=not args.no_latency,
-            min_agreement=args.min_agreement,
-            max_top1_drop=args.max_top1_drop,
-            gate_rule=args.gate_rule,
-            cache_dir=args.cache_dir,
-            remote=_devices(args),
-            **{**api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads), **({"opset": args.opset} if args.opset is not None else {})},
-        )
-        report = api.build(opts, progress)
-        _emit(report, args)
-        if not (args.quiet or args.json):
-            print(f"\nwrote {args.out}/ (report.html, report.md, report.json, one folder per artifact)")
-        failures = _gate(report, args.min_agreement, args.max_top1_drop, args.gate_rule)
-        if failures:
-            print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
-            return EXIT_GATE
-    elif args.command == "eval":
-        if args.out:
-            api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images, "--reference": args.reference, "--classes": args.classes})  # before the slow part
-        report = api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, remote=_devices(args), verify=not args.ignore_sha256)
-        _emit(report, args)
-        _write(report, args)
-    elif args.command == "bench":
-        if args.out:
-            api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images})
-        report = api.bench(args.artifact, args.images, args.threads, args.batch, progress, remote=_devices(args), verify=not args.ignore_sha256)
-        _emit(report, args)
-        _write(report, args)
-    elif args.command == "report":
-        if args.report_command != "merge":
-            args.report_parser.print_help(sys.stderr)
-            return EXIT_USAGE
-        from .remote.merge import merge_files
-
-        report = merge_files(args.reports, args.out, args.force)
-        _emit(report, args)
-        if not (args.quiet or args.json):
-            print(f"\nwrote {args.out}/report.json, report.md and report.html ({len(report.rows)} rows from {len(args.reports)} reports)")
-    elif args.command == "targets":
-        from .profiles import shipped
-
-        profiles = [api.load_target(n) for n in shipped()]
-        if args.json:
-            print(json.dumps(profiles, indent=2))
-        else:
-            for t in profiles:
-                print(f"{t['name']:<22} {t.get('backend', '?'):<12} {','.join(t.get('precisions', [])):<20} {t.get('description', '')}")
+    _check_gates(args.min_agreement, args.max_top1_drop)
+    opts = api.BuildOptions(
+        model=args.model,
+        calib=args.calib,
+        eval=args.eval,
+        classes=args.classes,
+        num_calib=args.num_calib,
+        num_eval=args.num_eval,
+        out=args.out,
+        force=args.force,
+        trust_pickle=args.trust_pickle,
+        latency=not args.no_latency,
+        min_agreement=args.min_agreement,
+        max_top1_drop=args.max_top1_drop,
+        gate_rule=args.gate_rule,
+        cache_dir=args.cache_dir,
+        remote=_devices(args),
+        **{**api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads), **({"opset": args.opset} if args.opset is not None else {})},
+    )
+    report = api.build(opts, progress)
+    _emit(report, args)
+    if not (args.quiet or args.json):
+        print(f"\nwrote {args.out}/ (report.html, report.md, report.json, one folder per artifact)")
+    failures = _gate(report, args.min_agreement, args.max_top1_drop, args.gate_rule)
+    if failures:
+        print("vitexport: quality gate failed: " + "; ".join(failures), file=sys.stderr)
+        return EXIT_GATE
     return 0
+
+
+def _run_eval(args, progress) -> int:
+    from . import api
+
+    if args.out:
+        api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images, "--reference": args.reference, "--classes": args.classes})  # before the slow part
+    report = api.evaluate(args.artifact, args.images, args.reference, args.classes, args.limit, args.threads, args.latency, progress, remote=_devices(args), verify=not args.ignore_sha256)
+    _emit(report, args)
+    _write(report, args)
+    return 0
+
+
+def _run_bench(args, progress) -> int:
+    from . import api
+
+    if args.out:
+        api.check_report_out(Path(args.out), args.force, {"artifact": args.artifact, "--images": args.images})
+    report = api.bench(args.artifact, args.images, args.threads, args.batch, progress, remote=_devices(args), verify=not args.ignore_sha256)
+    _emit(report, args)
+    _write(report, args)
+    return 0
+
+
+def _run_report(args, progress) -> int:
+    if args.report_command != "merge":
+        args.report_parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    from .remote.merge import merge_files
+
+    report = merge_files(args.reports, args.out, args.force)
+    _emit(report, args)
+    if not (args.quiet or args.json):
+        print(f"\nwrote {args.out}/report.json, report.md and report.html ({len(report.rows)} rows from {len(args.reports)} reports)")
+    return 0
+
+
+def _run_targets(args, progress) -> int:
+    from . import api
+    from .profiles import shipped
+
+    profiles = [api.load_target(n) for n in shipped()]
+    if args.json:
+        print(json.dumps(profiles, indent=2))
+    else:
+        for t in profiles:
+            print(f"{t['name']:<22} {t.get('backend', '?'):<12} {','.join(t.get('precisions', [])):<20} {t.get('description', '')}")
+    return 0
+
+
+_COMMANDS = {"build": _run_build, "eval": _run_eval, "bench": _run_bench, "report": _run_report, "targets": _run_targets}
+
+
+def _run(args, progress) -> int:
+    run = _COMMANDS.get(args.command)
+    return run(args, progress) if run else 0
 
 
 if __name__ == "__main__":

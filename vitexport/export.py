@@ -47,7 +47,7 @@ class Reference:
     def metadata(self) -> dict[str, Any]:
         """What travels inside every artifact so a consumer can feed it without the checkpoint."""
         return {
-            "vitexport.model": self.spec.summary(self.num_parameters),
+            "vitexport.model": {**self.spec.summary(self.num_parameters), "source": portable_source(self.spec.source)},
             "vitexport.preprocessing": self.spec.preprocessing.to_dict(),
             "vitexport.labels": self.spec.labels_list(),
             "vitexport.task": self.spec.task,
@@ -67,6 +67,45 @@ class Reference:
         import onnx
 
         return onnx.load(str(self.path))
+
+
+def portable_source(source: str) -> str:
+    """A hub id as is; a local checkpoint by its folder name: the absolute path says nothing to an app, and would make
+    the same model's bytes depend on the folder it was built in (the manifest keeps the full path)."""
+    return Path(source).name if Path(source).exists() else source
+
+
+# where the exporter's tracing ran: a Python traceback (File "/path/x.py", line 3) or a bare path to a .py file
+_SOURCE_PATH = re.compile(r'File "|(?:^|[\s"\'(\[])(?:/|[A-Za-z]:\\)\S*\.py\b')
+
+
+def strip_source_paths(model) -> int:
+    """Drop node-level metadata_props that name source files (torch's ``pkg.torch.onnx.stack_trace``): they hold the
+    paths of the checkout and of the Python installation, so two checkouts would build different bytes of the same
+    model. Other node metadata (fx node, name scopes) stays. Returns how many entries were dropped."""
+    dropped = 0
+    for node in _all_nodes(model):
+        keep = [p for p in node.metadata_props if not _SOURCE_PATH.search(p.value)]
+        if len(keep) != len(node.metadata_props):
+            dropped += len(node.metadata_props) - len(keep)
+            kept = [(p.key, p.value) for p in keep]
+            del node.metadata_props[:]
+            for key, value in kept:
+                node.metadata_props.add(key=key, value=value)
+    return dropped
+
+
+def _all_nodes(model):
+    """Every node of the model: the main graph's, its subgraphs' (If, Loop, Scan bodies) and its functions'."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            yield node
+            for a in node.attribute:
+                graphs.extend([a.g] if a.HasField("g") else list(a.graphs))
+    for f in model.functions:
+        yield from f.node
 
 
 MIN_OPSET = 17
@@ -136,6 +175,7 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
             raise VitexportError(f"torch.onnx could not export {spec.source} ({e.__class__.__name__}: {first})") from None
     model = program.model_proto
     model.producer_name = "vitexport"
+    strip_source_paths(model)
     dropped = drop_all_visible_attention_mask(model)
     if dropped:
         log.info("dropped an all-visible attention mask added to %d attention score tensors", dropped)

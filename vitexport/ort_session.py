@@ -8,13 +8,15 @@ from typing import Any
 from .errors import VitexportError
 
 
-def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None):
+def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None, user_model: bool = True, spinning: bool = True):
     """An ``onnxruntime.InferenceSession`` on the CPU provider for a path, serialized bytes or a ModelProto.
 
     ``optimization``: "all" (runners: the fusions the runtime really does) or "basic" (emulations, whose float16
     rounding casts a fusion would remove). ``qdq_fusion=False`` keeps each Q/DQ pair as float fake-quantization.
     ``threads``: intra-op threads (None: onnxruntime's choice), one inter-op thread. A model onnxruntime cannot load
-    is a VitexportError naming ``what`` (the path by default)."""
+    is a VitexportError naming ``what`` (the path by default); ``user_model=False`` for a model vitexport made in
+    memory itself (calibration, the fallback search), where a refusal is a bug and its own error propagates.
+    ``spinning=False``: idle intra-op threads sleep instead of busy-waiting (long batch loops on a shared host)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -23,11 +25,15 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not qdq_fusion:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     source = model if isinstance(model, (bytes, str)) else str(model) if isinstance(model, Path) else model.SerializeToString()
     try:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        if not user_model:
+            raise
         name = what or (str(model) if isinstance(model, (str, Path)) else "the model")
         raise VitexportError(f"onnxruntime cannot load {name}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None

@@ -14,10 +14,12 @@ The whole story of this target is here:
   The TFLite Support "ModelMetadata" schema is not written: its writer (tflite-support) is unmaintained and has no
   wheels for current Pythons.
 - **Precisions**: ``fp32``; ``fp16`` (float16 weights with DEQUANTIZE, what the GPU delegate consumes directly;
-  ai-edge-quantizer's float casting); ``int8``: static int8 on the linear layers as LiteRT's XNNPACK kernels run it
-  (int8 activations per tensor, int8 weights per channel), carrying the ViT-aware recipe's decisions
-  (vitexport.quantization.int8: SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, percentile
-  activation ranges, which inputs stay float), written through ai-edge-quantizer with the recipe's ranges and codes;
+  ai-edge-quantizer's float casting); ``int8``: int8 on the linear layers as LiteRT's XNNPACK kernels run it (int8
+  weights per channel, int8 activations), carrying the ViT-aware recipe's decisions (vitexport.quantization.int8:
+  SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, calibrated activation ranges as clamps,
+  which inputs stay float), written through ai-edge-quantizer. Activations are dynamic by default (quantized at run time by
+  the kernel, float outputs, as ONNX's QDQ MatMul gives): TFLite's static int8 FULLY_CONNECTED also requantizes its
+  output to int8, which doubled the error on held-out calibration images (``int8_activations = "static"`` keeps it);
   ``int8_method = "stock"`` gives ai-edge-quantizer's own ``static_wi8_ai8`` recipe (every supported op, min/max
   ranges) instead, the baseline the recipe is measured against.
 - **Measuring.** The runner is ``ai_edge_litert.interpreter.Interpreter``: the real LiteRT runtime with its default
@@ -46,7 +48,7 @@ import numpy as np
 
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
-from . import Calibration, Capability, backend_options, recipe_from, recipe_overrides, require_calibration
+from . import Calibration, Capability, backend_options, quantize_int8_shared, recipe_from, recipe_overrides, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ LABELS = "labels.txt"
 INPUT_NAME = "image"
 METADATA_KEY = "vitexport"
 INT8_METHODS = ("vitexport", "stock")
+INT8_ACTIVATIONS = ("dynamic", "static")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +68,17 @@ class LiteRTOptions:
 
     int8_method: str = "vitexport"  # "vitexport": the ViT-aware recipe carried in | "stock": ai-edge-quantizer static_wi8_ai8
     calibration_threads: int = 0  # ai-edge-quantizer calibration threads (0: its default)
+    # "dynamic": the recipe's linears take int8 activations quantized at run time by the kernel and give float outputs
+    # (XNNPACK's dynamically quantized FULLY_CONNECTED), chosen on held-out calibration images
+    # (benchmarks/litert_choice.py); "static": int8 in and out with calibrated ranges (TFLite requantizes each output
+    # to int8 with its own range, which ONNX's QDQ MatMul never does: about as much error again as the input's)
+    int8_activations: str = "dynamic"
 
     def __post_init__(self):
         if self.int8_method not in INT8_METHODS:
             raise VitexportError(f"litert int8_method must be one of {', '.join(INT8_METHODS)}, not {self.int8_method!r}")
+        if self.int8_activations not in INT8_ACTIVATIONS:
+            raise VitexportError(f"litert int8_activations must be one of {', '.join(INT8_ACTIVATIONS)}, not {self.int8_activations!r}")
 
 
 
@@ -95,61 +105,12 @@ class LiteRTBackend:
     # ------------------------------------------------------------------ build
 
     def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
-        if precision not in self.precisions:
-            raise VitexportError(f"litert has no precision {precision}: choose from {', '.join(self.precisions)}")
-        ok, why = self.available()
-        if not ok:
-            raise VitexportError(f"backend litert is not available here: {why}")
-        opts = recipe_from(LiteRTOptions, backend_options(options, self.name), "litert")
-        if precision == "int8":
-            require_calibration(calibration, "litert int8")
+        opts = self._check(precision, calibration, options)
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         spec = reference.spec
-        pre = spec.preprocessing
-        h, w = spec.input_shape[1:]
-        recipe: dict[str, Any] = {
-            "input": {
-                "name": INPUT_NAME, "layout": "NHWC", "shape": [1, h, w, 3], "dtype": "float32", "values": "RGB 0..255",
-                "inside": f"x * {pre.rescale} - mean, / std (the checkpoint's rescale, mean {list(pre.mean or ())}, std {list(pre.std or ())})",
-                "not_inside": f"resize / centre crop to {h}x{w}: the app's job, as the checkpoint's processor does it (see preprocessing)",
-            },
-            "output": "logits (apply softmax for probabilities)" if spec.task == "classification" else "embedding",
-            "batch": 1,
-        }
-        import torch
-
-        head = spec.load_torch()
-        if precision == "int8" and opts.int8_method == "vitexport":
-            int8 = _carry_int8_recipe(head, reference, calibration, options)
-            _clamp_inputs(head, int8.ranges)
-            recipe["int8"] = dict(int8.summary)
-        module = _AppModule(head, pre).eval()
-        example = torch.rand(1, h, w, 3) * 255
-        with _quiet(), tempfile.TemporaryDirectory() as tmp:
-            tc = time.perf_counter()
-            float_path = Path(tmp) / "float.tflite"
-            _convert(module, example, float_path)
-            recipe["convert_s"] = round(time.perf_counter() - tc, 2)
-            del module, head
-            tq = time.perf_counter()
-            if precision == "fp32":
-                data = float_path.read_bytes()
-                recipe["compression"] = "none"
-            elif precision == "fp16":
-                data = _quantize(float_path, _FP16_RECIPE, None)
-                recipe["compression"] = "float16 weights (ai-edge-quantizer float_casting, explicit DEQUANTIZE), float32 compute on CPU"
-            elif opts.int8_method == "stock":
-                qsv = _calibrate(float_path, _STOCK_INT8_RECIPE, calibration, pre, opts)
-                data = _quantize(float_path, _STOCK_INT8_RECIPE, qsv)
-                recipe["compression"] = "ai-edge-quantizer static_wi8_ai8: every supported op, int8 activations (min/max), int8 per-channel weights"
-                recipe["method"] = "stock"
-            else:
-                data, placed = _quantize_carried(float_path, int8, calibration, pre, opts)
-                recipe["int8"]["placed"] = placed
-                recipe["compression"] = "static int8 FULLY_CONNECTED (int8 activations, int8 per-channel weights): the ViT-aware recipe's codes and ranges"
-                recipe["method"] = "vitexport"
-            recipe["quantize_s"] = round(time.perf_counter() - tq, 2)
+        recipe = _io_recipe(spec)
+        data = _convert_and_compress(reference, calibration, precision, options, opts, recipe)
         data = _with_metadata(data, _metadata(reference, recipe))
         (out_dir / MODEL).write_bytes(data)
         (out_dir / LABELS).write_text("".join(f"{l}\n" for l in spec.labels_list()))
@@ -158,10 +119,23 @@ class LiteRTBackend:
             recipe.update(calibration_images=calibration.count, calibration_source=calibration.source)
         recipe["build_s"] = round(time.perf_counter() - t0, 2)
         recipe["summary"] = describe(precision, recipe)
+        h, w = spec.input_shape[1:]
         fields = reference.manifest_fields()
         fields["io"] = {**fields["io"], "input": INPUT_NAME, "input_shape": [1, h, w, 3], "input_kind": f"float32 NHWC RGB 0..255, {h}x{w} (resized/cropped by the app)",
                         "output": "logits" if spec.task == "classification" else "embedding", "labels_file": LABELS}
         return write_manifest(out_dir, backend=self.name, precision=precision, main=MODEL, recipe=recipe, extra_tools=("litert-torch", "ai-edge-litert", "ai-edge-quantizer"), **fields)
+
+    def _check(self, precision: str, calibration: Calibration | None, options: Mapping[str, Any]) -> "LiteRTOptions":
+        """Everything that can stop the build, before any slow work."""
+        if precision not in self.precisions:
+            raise VitexportError(f"litert has no precision {precision}: choose from {', '.join(self.precisions)}")
+        ok, why = self.available()
+        if not ok:
+            raise VitexportError(f"backend litert is not available here: {why}")
+        opts = recipe_from(LiteRTOptions, backend_options(options, self.name), "litert")
+        if precision == "int8":
+            require_calibration(calibration, "litert int8")
+        return opts
 
     # ------------------------------------------------------------------ run
 
@@ -176,7 +150,9 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
         return "LiteRT stock int8 (ai-edge-quantizer static_wi8_ai8, min/max ranges, every supported op), XNNPACK"
     if precision == "int8":
         i8 = recipe.get("int8", {})
-        return (f"LiteRT static int8 linears with the ViT-aware recipe (GPTQ codes, percentile ranges, SmoothQuant): {i8.get('quantized')} linears int8, "
+        how = ("dynamic int8 activations (quantized by the kernel, float outputs)" if recipe.get("int8_activations") == "dynamic"
+               else "static int8 activations (percentile ranges in, min/max ranges out)")
+        return (f"LiteRT int8 linears with the ViT-aware recipe (GPTQ codes, SmoothQuant, {how}): {i8.get('quantized')} linears int8, "
                 f"{i8.get('kept_float')} inputs kept float; XNNPACK")
     if precision == "fp16":
         return "LiteRT float16 weights (GPU delegate consumes them; CPU computes float32)"
@@ -184,6 +160,78 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- building
+
+
+def _io_recipe(spec) -> dict[str, Any]:
+    """What the app feeds and reads (recorded in the manifest and the .tflite's metadata)."""
+    pre = spec.preprocessing
+    h, w = spec.input_shape[1:]
+    return {
+        "input": {
+            "name": INPUT_NAME, "layout": "NHWC", "shape": [1, h, w, 3], "dtype": "float32", "values": "RGB 0..255",
+            "inside": f"x * {pre.rescale} - mean, / std (the checkpoint's rescale, mean {list(pre.mean or ())}, std {list(pre.std or ())})",
+            "not_inside": f"resize / centre crop to {h}x{w}: the app's job, as the checkpoint's processor does it (see preprocessing)",
+        },
+        "output": "logits (apply softmax for probabilities)" if spec.task == "classification" else "embedding",
+        "batch": 1,
+    }
+
+
+def _convert_and_compress(reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], opts: LiteRTOptions,
+                          recipe: dict[str, Any]) -> bytes:
+    """The checkpoint (with the int8 recipe's float-side decisions) -> float .tflite -> the precision's .tflite bytes."""
+    import torch
+
+    spec = reference.spec
+    pre = spec.preprocessing
+    h, w = spec.input_shape[1:]
+    head = spec.load_torch()
+    int8 = None
+    if precision == "int8" and opts.int8_method == "vitexport":
+        int8 = _carry_int8_recipe(head, reference, calibration, options)
+        _clamp_inputs(head, int8.ranges)
+        recipe["int8"] = dict(int8.summary)
+    module = _AppModule(head, pre).eval()
+    with _quiet(), tempfile.TemporaryDirectory() as tmp:
+        tc = time.perf_counter()
+        float_path = Path(tmp) / "float.tflite"
+        _convert(module, torch.rand(1, h, w, 3) * 255, float_path)
+        recipe["convert_s"] = round(time.perf_counter() - tc, 2)
+        del module, head
+        tq = time.perf_counter()
+        data = _compress(float_path, precision, int8, calibration, pre, opts, recipe)
+        recipe["quantize_s"] = round(time.perf_counter() - tq, 2)
+    return data
+
+
+def _compress(float_path: Path, precision: str, int8: "_CarriedInt8 | None", calibration: Calibration | None, pre, opts: LiteRTOptions,
+              recipe: dict[str, Any]) -> bytes:
+    if precision == "fp32":
+        recipe["compression"] = "none"
+        return float_path.read_bytes()
+    if precision == "fp16":
+        recipe["compression"] = "float16 weights (ai-edge-quantizer float_casting, explicit DEQUANTIZE), float32 compute on CPU"
+        return _quantize(float_path, _FP16_RECIPE, None)
+    if int8 is None:
+        qsv = _calibrate(float_path, _STOCK_INT8_RECIPE, calibration, pre, opts)
+        recipe["compression"] = "ai-edge-quantizer static_wi8_ai8: every supported op, int8 activations (min/max), int8 per-channel weights"
+        recipe["method"] = "stock"
+        return _quantize(float_path, _STOCK_INT8_RECIPE, qsv)
+    data, placed = _quantize_carried(float_path, int8, calibration, pre, opts)
+    recipe["int8"]["placed"] = placed
+    recipe["int8"]["activations"] = _ACTIVATIONS[opts.int8_activations]
+    recipe["compression"] = f"int8 FULLY_CONNECTED ({opts.int8_activations} int8 activations, int8 per-channel GPTQ weights): the ViT-aware recipe's linears"
+    recipe["method"] = "vitexport"
+    recipe["int8_activations"] = opts.int8_activations
+    return data
+
+
+_ACTIVATIONS = {
+    "dynamic": "int8, quantized at run time by the kernel (XNNPACK dynamically quantized FULLY_CONNECTED), float output; "
+               "each input first clamped to the recipe's calibrated range",
+    "static": "int8 asymmetric per tensor: the recipe's uint8 ranges shifted by 128 (same grid); outputs requantized to int8 "
+              "with ai-edge-quantizer's min/max ranges",
+}
 
 
 class _AppModule:
@@ -229,6 +277,8 @@ _INT8_OP_CONFIG = {
     "weight_tensor_config": {"num_bits": 8, "symmetric": True, "granularity": "CHANNELWISE", "dtype": "INT"},
     "compute_precision": "INTEGER", "explicit_dequantize": False,
 }
+# ai-edge-quantizer's recipe_manager.add_dynamic_config: int8 weights, activations quantized by the kernel
+_DYNAMIC_INT8_OP_CONFIG = {"weight_tensor_config": _INT8_OP_CONFIG["weight_tensor_config"], "compute_precision": "INTEGER", "explicit_dequantize": False}
 # ai-edge-quantizer's recipe.static_wi8_ai8(), written out so the stock row does not move if its defaults do
 _STOCK_INT8_RECIPE = [{"regex": ".*", "operation": "*", "algorithm_key": "min_max_uniform_quantize", "op_config": _INT8_OP_CONFIG}]
 
@@ -284,44 +334,39 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
     """Run the core int8 recipe on the reference ONNX and put its float-side decisions into ``head`` in place:
     SmoothQuant's LayerNorm/weight scaling and the GPTQ-rounded weights (codes * scale, exactly representable).
     Returns the codes, scales and activation ranges the LiteRT int8 model must carry."""
-    import torch
-    from onnx import numpy_helper
-
-    from ..quantization.int8 import Int8Recipe, quantize_int8
+    from ..quantization.int8 import Int8Recipe
 
     # TFLite's int8 spec: weights symmetric in [-127, 127], int32 accumulation (XNNPACK QS8): no 7-bit workaround
     recipe = recipe_from(Int8Recipe, {"reduce_range": False, **recipe_overrides(options, "litert", "int8")})
     if recipe.symmetric_activations and recipe.center_activations:
         raise VitexportError("litert int8 does not carry centred activations (center_activations): LiteRT's int8 activations are asymmetric")
     ref = reference.load()
-    qmodel, summary = quantize_int8(ref, calibration.batches, recipe, progress=options.get("progress"))
+    qmodel, summary = quantize_int8_shared(reference, calibration, recipe, options)  # float statistics shared with the build's other int8 rows
+    quantized = {r["node"] for r in summary["quantized"]}
+    codes, scales, ranges, changed = _rewrite_parameters(head, ref, qmodel, quantized)
+    if set(ranges) != set(codes) or len(ranges) != len(quantized):
+        raise VitexportError("litert int8: quantized linears and their GPTQ codes do not match")
+    return _CarriedInt8(codes, scales, ranges, _carried_summary(summary, len(codes), changed))
+
+
+def _rewrite_parameters(head, ref, qmodel, quantized: set[str]) -> tuple[dict, dict, dict, int]:
+    """Copy every LayerNorm/linear parameter of the quantized reference (SmoothQuant-scaled, GPTQ-rounded) into
+    ``head``; return the int8 codes and scales per linear, each quantized linear's input range, and how many changed."""
+    import torch
+    from onnx import numpy_helper
+
     params_of = _node_parameters(head, ref)  # reference node -> {input position: (torch parameter, transposed?)}
     inits = {t.name: t for t in qmodel.graph.initializer}
     producer = {o: n for n in qmodel.graph.node for o in n.output}
     qnodes = {n.name: n for n in qmodel.graph.node if n.name}
     params = dict(head.named_parameters())
-
-    def value(tensor: str) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
-        if tensor in inits:
-            return numpy_helper.to_array(inits[tensor]).astype(np.float32), None
-        dq = producer.get(tensor)
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            raise VitexportError(f"litert int8: cannot read {tensor} back from the quantized reference")
-        codes = numpy_helper.to_array(inits[dq.input[0]])
-        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [1] * codes.ndim
-        shape[axis] = -1
-        return codes.astype(np.float32) * scale.reshape(shape), (codes, scale)
-
     codes_by, scales_by, ranges, changed = {}, {}, {}, 0
-    quantized = {r["node"] for r in summary["quantized"]}
     for node_name, positions in params_of.items():
         q = qnodes.get(node_name)
         if q is None:
             raise VitexportError(f"litert int8: node {node_name} is missing from the quantized reference")
         for pos, (tname, transposed) in positions.items():
-            arr, quant = value(q.input[pos])
+            arr, quant = _read_back(q.input[pos], inits, producer)
             with torch.no_grad():
                 params[tname].copy_(torch.from_numpy(np.ascontiguousarray(arr.T if transposed else arr)).reshape(params[tname].shape))
             changed += 1
@@ -335,23 +380,40 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
             zp = int(numpy_helper.to_array(inits[dq_act.input[2]]))
             # the uint8 grid [0, 255] is the int8 grid [-128, 127] shifted by 128: the same range, the same codes
             ranges[positions[1][0].rsplit(".", 1)[0]] = ((0 - zp) * s, (255 - zp) * s)
-    if set(ranges) != set(codes_by) or len(ranges) != len(quantized):
-        raise VitexportError("litert int8: quantized linears and their GPTQ codes do not match")
+    return codes_by, scales_by, ranges, changed
+
+
+def _read_back(tensor: str, inits: Mapping[str, Any], producer: Mapping[str, Any]) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """A constant input of the quantized reference as float, with its (codes, scale) when a DequantizeLinear makes it."""
+    from onnx import numpy_helper
+
+    if tensor in inits:
+        return numpy_helper.to_array(inits[tensor]).astype(np.float32), None
+    dq = producer.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+        raise VitexportError(f"litert int8: cannot read {tensor} back from the quantized reference")
+    codes = numpy_helper.to_array(inits[dq.input[0]])
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    shape = [1] * codes.ndim
+    shape[axis] = -1
+    return codes.astype(np.float32) * scale.reshape(shape), (codes, scale)
+
+
+def _carried_summary(summary: Mapping[str, Any], quantized: int, changed: int) -> dict[str, Any]:
     fb = summary.get("sensitivity_fallback", {}).get("kept_float", [])
-    keep = {
+    return {
         "method": "vitexport.quantization.int8 (ViT-aware), carried into LiteRT",
         "recipe": summary["recipe"],
         "calibration": summary["calibration"],
         "smoothquant": {"alpha": summary["smoothquant"]["alpha"], "tensors": len(summary["smoothquant"]["tensors"])},
-        "quantized": len(codes_by),
+        "quantized": quantized,
         "kept_float": len(fb),
         "kept_float_inputs": [k.get("activation") for k in fb],
         "float_linears": [f["node"] + ": " + f["reason"] for f in summary["float"]],
         "torch_parameters_rewritten": changed,
         "weights": "int8 symmetric per-channel, GPTQ-rounded (full 8 bits: XNNPACK accumulates in int32)",
-        "activations": "int8 asymmetric per tensor: the recipe's uint8 ranges shifted by 128 (same grid)",
     }
-    return _CarriedInt8(codes_by, scales_by, ranges, keep)
 
 
 def _node_parameters(head, ref) -> dict[str, dict[int, tuple[str, bool]]]:
@@ -455,7 +517,7 @@ def _fc_modules(model, codes: Mapping[str, np.ndarray], scales: Mapping[str, np.
 
 
 def _quantize_carried(float_path: Path, int8: _CarriedInt8, calibration: Calibration, pre, opts: LiteRTOptions) -> tuple[bytes, dict[str, Any]]:
-    """Static int8 on exactly the recipe's linears, with its activation ranges and its GPTQ weight codes."""
+    """int8 on exactly the recipe's linears with its GPTQ weight codes; static: with its activation ranges too."""
     from ai_edge_litert.tools import flatbuffer_utils as fbu
 
     model = fbu.read_model(str(float_path))
@@ -467,7 +529,11 @@ def _quantize_carried(float_path: Path, int8: _CarriedInt8, calibration: Calibra
     name = lambda i: g.tensors[i].name.decode()  # noqa: E731
     scopes = [re.escape(name(g.operators[i].outputs[0])) for i in fcs]
     # ai-edge-quantizer matches a regex against each op's scope (its output tensor names, ';'-joined, trailing ';')
-    recipe = [{"regex": f"^(?:{'|'.join(scopes)});$", "operation": "FULLY_CONNECTED", "algorithm_key": "min_max_uniform_quantize", "op_config": _INT8_OP_CONFIG}]
+    regex = f"^(?:{'|'.join(scopes)});$"
+    if opts.int8_activations == "dynamic":  # no activation ranges to give: the kernel quantizes each row as it comes
+        return _place_codes(_quantize(float_path, [{"regex": regex, "operation": "FULLY_CONNECTED", "algorithm_key": "min_max_uniform_quantize",
+                                                    "op_config": _DYNAMIC_INT8_OP_CONFIG}], None), fcs, int8)
+    recipe = [{"regex": regex, "operation": "FULLY_CONNECTED", "algorithm_key": "min_max_uniform_quantize", "op_config": _INT8_OP_CONFIG}]
     qsv = _calibrate(float_path, recipe, calibration, pre, opts)  # the FC outputs' ranges (int8 in TFLite, float in ONNX)
     for i, module in fcs.items():
         lo, hi = int8.ranges[module]

@@ -191,6 +191,10 @@ def write_mobile(onnx_path: Path, opts: MobileOptions) -> dict[str, Any]:
         "operators": ops,
         "reduced_build": f"build.py --minimal_build --include_ops_by_config {MOBILE_OPS_CONFIG} (add extended for NNAPI/CoreML)",
         "runtime": "onnxruntime-android (Maven com.microsoft.onnxruntime:onnxruntime-android) or onnxruntime-c/objc (CocoaPods), or a reduced build",
+        # measured: bit-identical to the .onnx run with the same options; an x86 host also applies NchwcTransformer
+        "numerics": ("the graph ONNX Runtime optimizes for arm: the .onnx's outputs on an ARM CPU (its int8 QDQ fusions allowed, no NCHWc); "
+                     "on x86 the .onnx's patch convolution runs in the NCHWc blocked layout instead, so its logits differ by rounding there")
+                    if opts.target_platform == "arm" else "the graph ONNX Runtime optimizes for amd64: the .onnx's outputs on this kind of host",
     }
     if opts.check_usability:
         summary["usability"] = check_mobile_usability(onnx_path, out_dir / MOBILE_USABILITY)

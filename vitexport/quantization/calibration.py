@@ -17,23 +17,17 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
+from ..ort_session import ort_session
+
 Batches = Callable[[], Iterable[np.ndarray]]
 
 _TWO_GB = 2**31 - 1
 
 
 def _session(model_bytes_or_path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads or 0)
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    # no busy-waiting between ops: on a small shared host the spinning threads burned a third of a pass's CPU time
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # the extra outputs must survive: basic optimisations only (no fusion may swallow an observed tensor)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model_bytes_or_path, sess_options=so, providers=["CPUExecutionProvider"])
+    # no busy-waiting (on a small shared host spinning threads burned a third of a pass's CPU time); basic
+    # optimisations only, so no fusion swallows an observed tensor
+    return ort_session(model_bytes_or_path, threads, optimization="basic", spinning=False, user_model=False)
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int:

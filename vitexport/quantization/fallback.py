@@ -22,29 +22,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..ort_session import ort_session
+from .divergence import kl_divergence as _kl
 from .graph import GraphIndex, Linear
 
 log = logging.getLogger(__name__)
 
 
-def _kl(ref: np.ndarray, out: np.ndarray) -> float:
-    def log_softmax(z):
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    lr, lo = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
-    return float((np.exp(lr) * (lr - lo)).sum(-1).mean())
-
-
 def _session(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting (calibration._session)
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ort_session(model, threads, spinning=False, user_model=False)  # no busy-waiting (calibration._session)
 
 
 def _fresh_names(g: onnx.ModelProto) -> Callable[[str], str]:

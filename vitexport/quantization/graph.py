@@ -28,6 +28,7 @@ Initializer and node names of exported graphs are not reliable (the dynamo expor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -214,42 +215,7 @@ def find_linears(model: onnx.ModelProto) -> list[Linear]:
     """
     idx = GraphIndex(model)
     order = {id(n): k for k, n in enumerate(model.graph.node)}
-    raw: list[tuple[onnx.NodeProto, str, str | None]] = []
-    for n in model.graph.node:
-        wb = _weight_and_bias(idx, n)
-        if wb is not None:
-            raw.append((n, wb[0], wb[1]))
-
-    def feeds_gelu(out: str) -> bool:
-        return idx.reaches(out, lambda c, t: c.op_type in {"Erf", "Tanh"} or c.op_type in _GELU_OPS or "Gelu" in c.op_type, max_depth=3)
-
-    def feeds_attention(out: str) -> bool:
-        return idx.reaches(out, lambda c, t: _is_attention_matmul(idx, c), max_depth=6, through=_SHAPE_OPS | {"Mul", "Div"})
-
-    lns = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
-    first_ln = order[id(lns[0])] if lns else None
-
-    prelim: list[tuple[onnx.NodeProto, str, str | None, str, onnx.NodeProto | None]] = []
-    for n, w, b in raw:
-        src = idx.source(n.input[0])
-        out = _output_after_bias(idx, n, b)
-        if first_ln is not None and order[id(n)] < first_ln:
-            role = "patch_embed"
-        elif src is not None and src.op_type == "LayerNormalization":
-            if feeds_attention(out):
-                role = "qkv"
-            elif feeds_gelu(out):
-                role = "fc1"
-            else:
-                role = "head"  # decided below: only if its LayerNorm starts no block
-        elif is_gelu_output(idx, src):
-            role = "fc2"
-        elif src is not None and _is_attention_matmul(idx, src):
-            role = "attn_out"
-        else:
-            role = "other"
-        prelim.append((n, w, b, role, src if src is not None and src.op_type == "LayerNormalization" else None))
-
+    prelim = _provisional_roles(model, idx, order)
     # blocks: LayerNorms feeding q/k/v projections, in graph order
     block_lns = sorted({id(ln): ln for *_, role, ln in prelim if role == "qkv" and ln is not None}.values(), key=lambda x: order[id(x)])
     starts = [order[id(ln)] for ln in block_lns]
@@ -272,6 +238,57 @@ def find_linears(model: onnx.ModelProto) -> list[Linear]:
             block = None
         result.append(Linear(node=n, op_type=n.op_type, role=role, block=block, activation=n.input[0], weight=w, bias=b))
     return result
+
+
+_Provisional = tuple[onnx.NodeProto, str, "str | None", str, "onnx.NodeProto | None"]  # node, weight, bias, role, its LayerNorm
+
+
+def _provisional_roles(model: onnx.ModelProto, idx: GraphIndex, order: dict[int, int]) -> list[_Provisional]:
+    """Every linear with its role read from its neighbours ("head" still to be told from "other" by its block)."""
+    raw: list[tuple[onnx.NodeProto, str, str | None]] = []
+    for n in model.graph.node:
+        wb = _weight_and_bias(idx, n)
+        if wb is not None:
+            raw.append((n, wb[0], wb[1]))
+
+    def feeds_gelu(out: str) -> bool:
+        return idx.reaches(out, lambda c, t: c.op_type in {"Erf", "Tanh"} or c.op_type in _GELU_OPS or "Gelu" in c.op_type, max_depth=3)
+
+    def feeds_attention(out: str) -> bool:
+        return idx.reaches(out, lambda c, t: _is_attention_matmul(idx, c), max_depth=6, through=_SHAPE_OPS | {"Mul", "Div"})
+
+    lns = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    first_ln = order[id(lns[0])] if lns else None
+
+    prelim: list[_Provisional] = []
+    for n, w, b in raw:
+        src = idx.source(n.input[0])
+        out = _output_after_bias(idx, n, b)
+        if first_ln is not None and order[id(n)] < first_ln:
+            role = "patch_embed"
+        elif src is not None and src.op_type == "LayerNormalization":
+            if feeds_attention(out):
+                role = "qkv"
+            elif feeds_gelu(out):
+                role = "fc1"
+            else:
+                role = "head"  # find_linears decides: only if its LayerNorm starts no block
+        elif is_gelu_output(idx, src):
+            role = "fc2"
+        elif src is not None and _is_attention_matmul(idx, src):
+            role = "attn_out"
+        else:
+            role = "other"
+        prelim.append((n, w, b, role, src if src is not None and src.op_type == "LayerNormalization" else None))
+    return prelim
+
+
+def kept_float(l: Linear, keep: Iterable[str]) -> str | None:
+    """The ``keep_float`` selector that keeps ``l`` float (its node name, role, "block" or "block:role"), or None."""
+    for k in keep:
+        if k == l.node.name or k == l.role or (l.block is not None and k in (str(l.block), f"{l.block}:{l.role}")):
+            return k
+    return None
 
 
 def _ln_feeds_block(idx: GraphIndex, ln: onnx.NodeProto, prelim) -> bool:

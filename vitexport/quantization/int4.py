@@ -64,7 +64,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import stream_activations
 from .gptq import upper_cholesky_of_inverse
-from .graph import ROLES, Linear, const_array, drop_unused_constants, find_linears, weight_nk
+from .graph import ROLES, Linear, const_array, drop_unused_constants, find_linears, kept_float, weight_nk
 
 if TYPE_CHECKING:
     from .calibration import FloatStats
@@ -337,13 +337,6 @@ class HessianObserver:
 # selection and graph rewrite
 
 
-def _kept_float(l: Linear, keep: Iterable[str]) -> str | None:
-    for k in keep:
-        if k == l.node.name or k == l.role or (l.block is not None and k in (str(l.block), f"{l.block}:{l.role}")):
-            return k
-    return None
-
-
 def _gemm_ok(node: onnx.NodeProto) -> bool:
     attrs = {a.name: a for a in node.attribute}
     alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
@@ -357,7 +350,7 @@ def _select(linears: list[Linear], recipe: Int4Recipe) -> tuple[list[Linear], li
         why = None
         if l.role not in recipe.roles:
             why = f"role {l.role} not in recipe.roles"
-        elif (k := _kept_float(l, recipe.keep_float)) is not None:
+        elif (k := kept_float(l, recipe.keep_float)) is not None:
             why = f"keep_float {k}"
         elif l.op_type == "Gemm" and not _gemm_ok(l.node):
             why = "Gemm with alpha/beta != 1"
@@ -430,6 +423,80 @@ def _ensure_ms_opset(model: onnx.ModelProto) -> None:
 # entry point
 
 
+def _gptq_stages(chosen: list[Linear], recipe: Int4Recipe) -> list[list[Linear]]:
+    """One calibration pass for all linears, or (sequential GPTQ) one per transformer block on the model whose
+    earlier blocks are already int4, so each block compensates the error of those before it."""
+    if not (recipe.method == "gptq" and recipe.sequential):
+        return [chosen]
+    order: list[int | None] = sorted({l.block for l in chosen if l.block is not None})
+    stages = [[l for l in chosen if l.block == b] for b in order] + [[l for l in chosen if l.block is None]]
+    return [st for st in stages if st]
+
+
+def _stage_hessians(
+    work: onnx.ModelProto, stage: list[Linear], recipe: Int4Recipe, batches, stats: "FloatStats | None", progress: Callable[[int], None] | None
+) -> tuple[dict[str, np.ndarray], int | None, float]:
+    """(X^T X of each input of ``stage``, calibration images seen or None for RTN, seconds streaming): the build's
+    float statistics when they hold them (one-pass GPTQ), else one pass over ``work`` as it is now."""
+    if recipe.method != "gptq":
+        return {}, None, 0.0
+    if not recipe.sequential and stats is not None and all(l.activation in stats.gram for l in stage):
+        return {l.activation: stats.gram[l.activation] for l in stage}, stats.images, 0.0
+    counted = [0]
+
+    def tick(n: int) -> None:
+        counted[0] += n
+        if progress is not None:
+            progress(n)
+
+    obs = HessianObserver()
+    tc = time.perf_counter()
+    stream_activations(work, sorted({l.activation for l in stage}), batches, obs, threads=recipe.calibration_threads, progress=tick)
+    if counted[0] == 0:
+        raise ValueError("GPTQ needs at least one calibration image")
+    return obs.h, counted[0], time.perf_counter() - tc
+
+
+def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Linear], hessians: dict[str, np.ndarray], recipe: Int4Recipe) -> list[tuple[Linear, QuantizedWeight, dict]]:
+    """Each linear's int4 weight and its record (role and block as ``metas``, found on the float graph, say)."""
+    done = []
+    for l, meta in zip(stage, metas):
+        w = weight_nk(work, l)
+        n_out, k = w.shape
+        block = choose_block_size(k, recipe.block_sizes)
+        qw = quantize_gptq(w, hessians[l.activation], block, recipe) if recipe.method == "gptq" else quantize_rtn(w, block, recipe)
+        done.append((l, qw, {"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": block,
+                             "rel_weight_error": round(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-30)), 5)}))
+    return done
+
+
+def _int4_summary(recipe: Int4Recipe, stages: list[list[Linear]], kept: list[dict], layers: list[dict], images: int, calib_s: float, quant_s: float, t0: float) -> dict:
+    quantized = [l for st in stages for l in st]
+    block_by_role: dict[str, set[int]] = {}
+    for rec in layers:
+        block_by_role.setdefault(rec["role"], set()).add(rec["block_size"])
+    return {
+        "method": recipe.method,
+        "bits": 4,
+        "symmetric": recipe.symmetric,
+        "damp": recipe.damp if recipe.method == "gptq" else None,
+        "clip_search": recipe.clip_search,
+        "block_size_preferences": list(recipe.block_sizes),
+        "block_sizes": {r: sorted(b) for r, b in block_by_role.items()},
+        "accuracy_level": recipe.accuracy_level,
+        "quantized": len(quantized),
+        "quantized_roles": sorted({l.role for l in quantized}),
+        "sequential": bool(recipe.method == "gptq" and recipe.sequential),
+        "kept_float": kept,
+        "calibration_images": images,
+        "calibration_passes": len(stages) if recipe.method == "gptq" else 0,
+        "calibration_s": round(calib_s, 3),
+        "quantize_s": round(quant_s, 3),
+        "total_s": round(time.perf_counter() - t0, 3),
+        "layers": layers,
+    }
+
+
 def quantize_int4(
     model: onnx.ModelProto,
     batches: Callable[[], Iterable[np.ndarray]] | None,
@@ -450,95 +517,31 @@ def quantize_int4(
         raise ValueError("the model's external data is not loaded: onnx.load(path) with load_external_data=True")
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    linears = find_linears(work)
-    chosen, kept = _select(linears, recipe)
+    chosen, kept = _select(find_linears(work), recipe)
     if not chosen:
         raise ValueError("no linear layer to quantize (check recipe.roles / keep_float)")
-
-    counted = [0]
-
-    def tick(n: int) -> None:
-        counted[0] += n
-        if progress is not None:
-            progress(n)
-
-    # GPTQ stages: one calibration pass for all linears, or (sequential) one per transformer block on the model whose
-    # earlier blocks are already int4, so each block compensates the error of those before it
-    if recipe.method == "gptq" and recipe.sequential:
-        order: list[int | None] = sorted({l.block for l in chosen if l.block is not None})
-        stages = [[l for l in chosen if l.block == b] for b in order] + [[l for l in chosen if l.block is None]]
-        stages = [st for st in stages if st]
-    else:
-        stages = [chosen]
+    stages = _gptq_stages(chosen, recipe)
     if recipe.method == "gptq" and batches is None:
         raise ValueError("GPTQ needs calibration batches")
-
-    layers = []
-    block_by_role: dict[str, set[int]] = {}
+    layers: list[dict] = []
     calib_s = quant_s = 0.0
-    images = 0
-    count = 0
-    stage_keys = [[(l.op_type, l.node.output[0]) for l in st] for st in stages]
+    images = count = 0
+    stage_keys = [[(l.op_type, l.node.output[0]) for l in st] for st in stages]  # taken before any rewrite
     for si, keys in enumerate(stage_keys):
         # earlier stages rewrote the graph: look the linears up again (same outputs, fresh node references)
         fresh = {(l.op_type, l.node.output[0]): l for l in find_linears(work)} if si else None
         stage = stages[si] if not si else [fresh[k] for k in keys]
-        hessians: dict[str, np.ndarray] = {}
-        if recipe.method == "gptq" and not recipe.sequential and stats is not None and all(l.activation in stats.gram for l in stage):
-            hessians = {l.activation: stats.gram[l.activation] for l in stage}
-            images = stats.images
-        elif recipe.method == "gptq":
-            obs = HessianObserver()
-            counted[0] = 0
-            tc = time.perf_counter()
-            acts = sorted({l.activation for l in stage})
-            stream_activations(work, acts, batches, obs, threads=recipe.calibration_threads, progress=tick)
-            calib_s += time.perf_counter() - tc
-            images = counted[0]
-            if images == 0:
-                raise ValueError("GPTQ needs at least one calibration image")
-            hessians = obs.h
+        hessians, seen, seconds = _stage_hessians(work, stage, recipe, batches, stats, progress)
+        calib_s += seconds
+        images = images if seen is None else seen
         tq = time.perf_counter()
-        done = []
-        for l, meta in zip(stage, stages[si]):  # meta: role/block as found on the float graph
-            w = weight_nk(work, l)
-            n_out, k = w.shape
-            block = choose_block_size(k, recipe.block_sizes)
-            if recipe.method == "gptq":
-                qw = quantize_gptq(w, hessians[l.activation], block, recipe)
-            else:
-                qw = quantize_rtn(w, block, recipe)
-            done.append((l, qw))
-            block_by_role.setdefault(meta.role, set()).add(block)
-            layers.append({"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": block,
-                           "rel_weight_error": round(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-30)), 5)})
+        done = _quantize_stage(work, stage, stages[si], hessians, recipe)
         del hessians
-        for l, qw in done:  # rewrite after the whole stage: the Linear objects point into ``work``
+        for l, qw, record in done:  # rewrite after the whole stage: the Linear objects point into ``work``
             _rewrite(work, l, qw, recipe, tag=f"int4_{count}")
+            layers.append(record)
             count += 1
         quant_s += time.perf_counter() - tq
-    quantized = [l for st in stages for l in st]
     drop_unused_constants(work)
     _ensure_ms_opset(work)
-
-    summary = {
-        "method": recipe.method,
-        "bits": 4,
-        "symmetric": recipe.symmetric,
-        "damp": recipe.damp if recipe.method == "gptq" else None,
-        "clip_search": recipe.clip_search,
-        "block_size_preferences": list(recipe.block_sizes),
-        "block_sizes": {r: sorted(b) for r, b in block_by_role.items()},
-        "accuracy_level": recipe.accuracy_level,
-        "quantized": len(quantized),
-        "quantized_roles": sorted({l.role for l in quantized}),
-        "sequential": bool(recipe.method == "gptq" and recipe.sequential),
-        "kept_float": kept,
-        "calibration_images": images,
-        "calibration_passes": len(stages) if recipe.method == "gptq" else 0,
-        "calibration_s": round(calib_s, 3),
-        "quantize_s": round(quant_s, 3),
-        "total_s": round(time.perf_counter() - t0, 3),
-        "layers": layers,
-    }
-    return work, summary
+    return work, _int4_summary(recipe, stages, kept, layers, images, calib_s, quant_s, t0)

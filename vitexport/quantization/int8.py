@@ -36,9 +36,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..ort_session import ort_session
 from .calibration import HistogramObserver, stream_activations
+from .divergence import kl_divergence as _kl
 from .gptq import damped_inverse_factor, gptq_round
-from .graph import GraphIndex, Linear, drop_unused_constants, find_linears
+from .graph import GraphIndex, Linear, drop_unused_constants, find_linears, kept_float
 
 if TYPE_CHECKING:
     from ..progress import Stages
@@ -91,13 +93,6 @@ class Int8Recipe:
 # selection
 
 
-def _kept_float(l: Linear, keep: Iterable[str]) -> str | None:
-    for k in keep:
-        if k == l.node.name or k == l.role or (l.block is not None and k in (str(l.block), f"{l.block}:{l.role}")):
-            return k
-    return None
-
-
 def select_linears(linears: list[Linear], recipe: Int8Recipe) -> tuple[list[Linear], list[dict]]:
     """(to quantize, skipped with reasons)."""
     chosen, skipped = [], []
@@ -105,7 +100,7 @@ def select_linears(linears: list[Linear], recipe: Int8Recipe) -> tuple[list[Line
         if l.role not in recipe.roles:
             skipped.append({"node": l.node.name, "role": l.role, "block": l.block, "reason": f"role {l.role} not in recipe.roles"})
             continue
-        k = _kept_float(l, recipe.keep_float)
+        k = kept_float(l, recipe.keep_float)
         if k is not None:
             skipped.append({"node": l.node.name, "role": l.role, "block": l.block, "reason": f"kept float by recipe.keep_float ({k})"})
             continue
@@ -381,6 +376,124 @@ def _bias_user(model: onnx.ModelProto, node: onnx.NodeProto, bias: str) -> onnx.
     return None
 
 
+@dataclass(frozen=True)
+class _QdqRewrite:
+    """What the steps of ``insert_qdq`` share while they rewrite one model (the mappings fill up as they go)."""
+
+    model: onnx.ModelProto
+    idx: GraphIndex
+    namer: _Namer
+    first_consumer: dict[str, onnx.NodeProto]  # activation -> the first chosen linear reading it (where its Q goes)
+    weight_users: dict[str, int]  # tensor -> how many node inputs read it (a weight is dropped when none is left)
+    new_nodes_before: dict[int, list[onnx.NodeProto]] = dataclasses.field(default_factory=dict)  # id(node) -> nodes to insert before it
+    q_out: dict[str, tuple[str, str, str]] = dataclasses.field(default_factory=dict)  # activation -> (quantized tensor, scale, zp)
+    act_scale: dict[str, float] = dataclasses.field(default_factory=dict)
+    shift: dict[str, float] = dataclasses.field(default_factory=dict)  # activation -> midpoint subtracted before Q (centred symmetric)
+    drop_inits: set[str] = dataclasses.field(default_factory=set)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, chosen: list[Linear]) -> "_QdqRewrite":
+        weight_users: dict[str, int] = {}
+        for n in model.graph.node:
+            for i in n.input:
+                weight_users[i] = weight_users.get(i, 0) + 1
+        order = {id(n): k for k, n in enumerate(model.graph.node)}
+        first_consumer: dict[str, onnx.NodeProto] = {}
+        for l in sorted(chosen, key=lambda l: order[id(l.node)]):
+            first_consumer.setdefault(l.activation, l.node)
+        return cls(model, GraphIndex(model), _Namer(model), first_consumer, weight_users)
+
+    def before(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        return self.new_nodes_before.setdefault(id(node), [])
+
+
+def _quantize_activation(rw: _QdqRewrite, act: str, centre: bool, lo: float, hi: float, recipe: Int8Recipe) -> None:
+    """One QuantizeLinear per activation (after a Sub of its midpoint when centred), in front of its first consumer."""
+    namer, model = rw.namer, rw.model
+    c = activation_shift(lo, hi, recipe) if centre else 0.0
+    rw.shift[act] = c
+    scale, zp = activation_qparams(lo - c, hi - c, recipe.symmetric_activations)
+    s_name, z_name, qx = namer(f"{act}_scale"), namer(f"{act}_zero_point"), namer(f"{act}_quantized")
+    model.graph.initializer.extend([numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zp, z_name)])
+    q_in = act
+    if c:
+        c_name, q_in = namer(f"{act}_center"), namer(f"{act}_centered")
+        model.graph.initializer.append(numpy_helper.from_array(np.array(c, np.float32), c_name))
+        rw.before(rw.first_consumer[act]).append(helper.make_node("Sub", [act, c_name], [q_in], name=namer(f"{act}_Sub")))
+    rw.before(rw.first_consumer[act]).append(helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [qx], name=namer(f"{act}_QuantizeLinear")))
+    rw.q_out[act] = (qx, s_name, z_name)
+    rw.act_scale[act] = float(scale)
+
+
+def _weight_codes(
+    w: np.ndarray, l: Linear, ranges: dict[str, tuple[float, float]], recipe: Int8Recipe,
+    hessians: dict[str, np.ndarray] | None, targets: dict[str, np.ndarray] | None, memo: "Memo | None",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes in the weight's own layout, scales): GPTQ-rounded when the input's Hessian is known, else nearest."""
+    act = l.activation
+    if not (hessians and act in hessians and recipe.per_channel):
+        return quantize_weight(w, 0 if l.trans_b else 1, recipe.reduce_range, recipe.per_channel)
+    w_nk = w if l.trans_b else w.T
+
+    def rounded(w_nk=w_nk, act=act):
+        if targets and act in targets:
+            w_nk = compensate(w_nk, hessians[act], targets[act], recipe.gptq_damp)
+        return gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
+
+    # the codes depend on the layer, its weight and its input statistics only: same key, same codes
+    codes, ws = memo((l.node.name, act, float(np.float32(ranges[act][0])), float(np.float32(ranges[act][1]))), rounded) if memo else rounded()
+    return (codes if l.trans_b else np.ascontiguousarray(codes.T)), ws
+
+
+def _weight_dequantize(rw: _QdqRewrite, l: Linear, base: str, qw: np.ndarray, ws: np.ndarray, recipe: Int8Recipe) -> onnx.NodeProto:
+    """The int8 weight, its scales and zero points as initializers, and the DequantizeLinear that reads them."""
+    namer = rw.namer
+    qw_name, ws_name, wz_name, dqw = namer(f"{base}_weight_quantized"), namer(f"{base}_weight_scale"), namer(f"{base}_weight_zero_point"), namer(f"{base}_weight_dequantized")
+    rw.model.graph.initializer.extend(
+        [numpy_helper.from_array(qw, qw_name), numpy_helper.from_array(ws, ws_name), numpy_helper.from_array(np.zeros(ws.shape, np.int8), wz_name)]
+    )
+    axis = {"axis": 0 if l.trans_b else 1} if recipe.per_channel else {}
+    return helper.make_node("DequantizeLinear", [qw_name, ws_name, wz_name], [dqw], name=namer(f"{base}_weight_DequantizeLinear"), **axis)
+
+
+def _recentre_bias(rw: _QdqRewrite, l: Linear, base: str, qw: np.ndarray, ws: np.ndarray, recipe: Int8Recipe) -> None:
+    """The MatMul sees x - c: put W_q^T c back through the bias (exactly what GPTQ assumed)."""
+    model, node, old_b = rw.model, l.node, l.bias
+    w_deq = (qw.astype(np.float32) * (ws[:, None] if l.trans_b else ws[None, :])) if recipe.per_channel else qw.astype(np.float32) * ws
+    colsum = w_deq.sum(axis=1 if l.trans_b else 0)
+    new_b = rw.namer(f"{base}_bias_centered")
+    model.graph.initializer.append(numpy_helper.from_array((rw.idx.const_array(old_b).astype(np.float32) + rw.shift[l.activation] * colsum).astype(np.float32), new_b))
+    for user in model.graph.node:
+        if user is not node and old_b in user.input and (user is _bias_user(model, node, old_b)):
+            user.input[list(user.input).index(old_b)] = new_b
+    if l.op_type == "Gemm" and len(node.input) > 2 and node.input[2] == old_b:
+        node.input[2] = new_b
+
+
+def _rewire(rw: _QdqRewrite, node: onnx.NodeProto, dqx: str, dqw: str) -> None:
+    """Point the linear at its dequantized input and weight; the float weight goes when nothing else reads it."""
+    old_w = node.input[1]
+    rw.weight_users[old_w] -= 1
+    if rw.weight_users[old_w] == 0:
+        rw.drop_inits.add(old_w)
+    node.input[0] = dqx
+    node.input[1] = dqw
+
+
+def _splice(rw: _QdqRewrite) -> None:
+    """Insert the new nodes in front of the ones they feed and drop the float weights nothing reads any more."""
+    model = rw.model
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    for n in nodes:
+        model.graph.node.extend(rw.new_nodes_before.get(id(n), []))
+        model.graph.node.append(n)
+    if rw.drop_inits:
+        keep = [t for t in model.graph.initializer if t.name not in rw.drop_inits]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+
+
 def insert_qdq(
     model: onnx.ModelProto,
     chosen: list[Linear],
@@ -392,86 +505,23 @@ def insert_qdq(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Rewrite ``model`` in place: int8 per-channel weights behind DQ, Q->DQ on the activation inputs. Returns per-layer records."""
-    idx = GraphIndex(model)
-    namer = _Namer(model)
-    new_nodes_before: dict[int, list[onnx.NodeProto]] = {}  # id(target node) -> nodes to insert before it
-    q_out: dict[str, tuple[str, str, str]] = {}  # activation -> (quantized tensor, scale name, zp name)
-    act_scale: dict[str, float] = {}
-    shift: dict[str, float] = {}  # activation -> midpoint subtracted before Q (centred symmetric activations)
+    rw = _QdqRewrite.of(model, chosen)
     records = []
-    drop_inits: set[str] = set()
-    weight_users: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            weight_users[i] = weight_users.get(i, 0) + 1
-    order = {id(n): k for k, n in enumerate(model.graph.node)}
-    first_consumer: dict[str, onnx.NodeProto] = {}
-    for l in sorted(chosen, key=lambda l: order[id(l.node)]):
-        first_consumer.setdefault(l.activation, l.node)
-
     for l in chosen:
-        node = l.node
+        node, act = l.node, l.activation
         base = node.name or node.output[0]
-        # activation
-        act = l.activation
-        if act not in q_out:
-            lo, hi = ranges[act]
-            c = activation_shift(lo, hi, recipe) if all(x.bias for x in chosen if x.activation == act) else 0.0
-            shift[act] = c
-            scale, zp = activation_qparams(lo - c, hi - c, recipe.symmetric_activations)
-            s_name, z_name, qx = namer(f"{act}_scale"), namer(f"{act}_zero_point"), namer(f"{act}_quantized")
-            model.graph.initializer.extend([numpy_helper.from_array(scale, s_name), numpy_helper.from_array(zp, z_name)])
-            q_in = act
-            if c:
-                c_name, q_in = namer(f"{act}_center"), namer(f"{act}_centered")
-                model.graph.initializer.append(numpy_helper.from_array(np.array(c, np.float32), c_name))
-                new_nodes_before.setdefault(id(first_consumer[act]), []).append(helper.make_node("Sub", [act, c_name], [q_in], name=namer(f"{act}_Sub")))
-            qn = helper.make_node("QuantizeLinear", [q_in, s_name, z_name], [qx], name=namer(f"{act}_QuantizeLinear"))
-            new_nodes_before.setdefault(id(first_consumer[act]), []).append(qn)
-            q_out[act] = (qx, s_name, z_name)
-            act_scale[act] = float(scale)
-        qx, s_name, z_name = q_out[act]
-        dqx = namer(f"{act}_dequantized_{base}")
-        dq_a = helper.make_node("DequantizeLinear", [qx, s_name, z_name], [dqx], name=namer(f"{base}_act_DequantizeLinear"))
-        # weight
-        w = idx.const_array(node.input[1])
-        axis = 0 if l.trans_b else 1
-        if hessians and act in hessians and recipe.per_channel:
-            w_nk = w if l.trans_b else w.T
-
-            def rounded(w_nk=w_nk, act=act):
-                if targets and act in targets:
-                    w_nk = compensate(w_nk, hessians[act], targets[act], recipe.gptq_damp)
-                return gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
-
-            # the codes depend on the layer, its weight and its input statistics only: same key, same codes
-            codes, ws = memo((node.name, act, float(np.float32(ranges[act][0])), float(np.float32(ranges[act][1]))), rounded) if memo else rounded()
-            qw = codes if l.trans_b else np.ascontiguousarray(codes.T)
-        else:
-            qw, ws = quantize_weight(w, axis, recipe.reduce_range, recipe.per_channel)
-        qw_name, ws_name, wz_name, dqw = namer(f"{base}_weight_quantized"), namer(f"{base}_weight_scale"), namer(f"{base}_weight_zero_point"), namer(f"{base}_weight_dequantized")
-        model.graph.initializer.extend(
-            [numpy_helper.from_array(qw, qw_name), numpy_helper.from_array(ws, ws_name), numpy_helper.from_array(np.zeros(ws.shape, np.int8), wz_name)]
-        )
-        dq_w = helper.make_node("DequantizeLinear", [qw_name, ws_name, wz_name], [dqw], name=namer(f"{base}_weight_DequantizeLinear"), axis=axis) if recipe.per_channel else helper.make_node("DequantizeLinear", [qw_name, ws_name, wz_name], [dqw], name=namer(f"{base}_weight_DequantizeLinear"))
-        new_nodes_before.setdefault(id(node), []).extend([dq_a, dq_w])
-        if shift.get(act):  # the MatMul sees x - c: put W_q^T c back through the bias (exactly what GPTQ assumed)
-            w_deq = (qw.astype(np.float32) * (ws[:, None] if l.trans_b else ws[None, :])) if recipe.per_channel else qw.astype(np.float32) * ws
-            colsum = w_deq.sum(axis=1 if l.trans_b else 0)
-            old_b = l.bias
-            new_b = namer(f"{base}_bias_centered")
-            model.graph.initializer.append(numpy_helper.from_array((idx.const_array(old_b).astype(np.float32) + shift[act] * colsum).astype(np.float32), new_b))
-            for user in model.graph.node:
-                if user is not node and old_b in user.input and (user is _bias_user(model, node, old_b)):
-                    user.input[list(user.input).index(old_b)] = new_b
-            if l.op_type == "Gemm" and len(node.input) > 2 and node.input[2] == old_b:
-                node.input[2] = new_b
-        old_w = node.input[1]
-        weight_users[old_w] -= 1
-        if weight_users[old_w] == 0:
-            drop_inits.add(old_w)
-        node.input[0] = dqx
-        node.input[1] = dqw
+        if act not in rw.q_out:
+            _quantize_activation(rw, act, all(x.bias for x in chosen if x.activation == act), *ranges[act], recipe)
+        qx, s_name, z_name = rw.q_out[act]
+        dqx = rw.namer(f"{act}_dequantized_{base}")
+        dq_a = helper.make_node("DequantizeLinear", [qx, s_name, z_name], [dqx], name=rw.namer(f"{base}_act_DequantizeLinear"))
+        w = rw.idx.const_array(node.input[1])
+        qw, ws = _weight_codes(w, l, ranges, recipe, hessians, targets, memo)
+        dq_w = _weight_dequantize(rw, l, base, qw, ws, recipe)
+        rw.before(node).extend([dq_a, dq_w])
+        if rw.shift.get(act):
+            _recentre_bias(rw, l, base, qw, ws, recipe)
+        _rewire(rw, node, dqx, dq_w.output[0])
         if progress is not None:
             progress(1)
         lo, hi = ranges[act]
@@ -482,21 +532,12 @@ def insert_qdq(
                 "block": l.block,
                 "activation": act,
                 "activation_range": [round(float(lo), 6), round(float(hi), 6)],
-                "activation_scale": act_scale[act],
-                "activation_shift": shift.get(act, 0.0),
+                "activation_scale": rw.act_scale[act],
+                "activation_shift": rw.shift.get(act, 0.0),
                 "weight_shape": list(w.shape),
             }
         )
-
-    nodes = list(model.graph.node)
-    del model.graph.node[:]
-    for n in nodes:
-        model.graph.node.extend(new_nodes_before.get(id(n), []))
-        model.graph.node.append(n)
-    if drop_inits:
-        keep = [t for t in model.graph.initializer if t.name not in drop_inits]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+    _splice(rw)
     return records
 
 
@@ -555,23 +596,8 @@ def calibrate_ranges(
     return out
 
 
-def _kl(ref: np.ndarray, out: np.ndarray) -> float:
-    def log_softmax(z):
-        z = z - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    lr, lo = log_softmax(ref.astype(np.float64)), log_softmax(out.astype(np.float64))
-    return float((np.exp(lr) * (lr - lo)).sum(-1).mean())
-
-
 def _run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> np.ndarray:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model, threads, spinning=False, user_model=False)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
 
@@ -713,6 +739,133 @@ def smoothing_key(recipe: Int8Recipe) -> tuple:
             recipe.calibration, recipe.percentile, recipe.histogram_bins, recipe.symmetric_activations, recipe.center_activations)
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """The linears of the working model, which of them are quantized, which stay float (and why), and their inputs."""
+
+    linears: list[Linear]
+    chosen: list[Linear]
+    skipped: list[dict]
+    acts: list[str]
+
+    @classmethod
+    def of(cls, work: onnx.ModelProto, recipe: Int8Recipe, acts: list[str] | None = None) -> "_Selection":
+        linears = find_linears(work)
+        chosen, skipped = select_linears(linears, recipe)
+        return cls(linears, chosen, skipped, acts if acts is not None else list(dict.fromkeys(l.activation for l in chosen)))
+
+    def without(self, fallback: list[dict]) -> "_Selection":
+        """The sensitivity fallback's inputs (and their linears) moved to the float side."""
+        dropped = {a["activation"] for a in fallback}
+        skipped = self.skipped + [{"node": l.node.name, "role": l.role, "block": l.block, "reason": "sensitivity fallback"} for l in self.chosen if l.activation in dropped]
+        return _Selection(self.linears, [l for l in self.chosen if l.activation not in dropped], skipped, [a for a in self.acts if a not in dropped])
+
+
+def _own_float_stats(work: onnx.ModelProto, acts: list[str], batches, recipe: Int8Recipe, stats: "FloatStats | None", stages: "Stages", progress) -> "FloatStats | None":
+    """The build's float statistics when they cover every quantized input, else one float pass of this recipe's own."""
+    from .calibration import collect_float_stats
+
+    if not acts or (stats is not None and all(a in stats.min for a in acts)):
+        return stats
+    images_hint = sum(len(x) for x in batches()) if stats is None else stats.images
+    with stages.stage("float statistics", total=images_hint) as tick:
+        return collect_float_stats(work, acts, batches, images_hint, gram=False, threads=recipe.calibration_threads, progress=_both(tick, progress))
+
+
+def _smooth(work: onnx.ModelProto, sel: _Selection, stats: "FloatStats", recipe: Int8Recipe) -> list[SmoothGroup]:
+    """SmoothQuant folded into ``work`` (in place) on the LayerNorm-fed inputs with enough of an outlier ratio."""
+    absmax = stats.absmax()
+    groups = [g for g in find_smooth_groups(work, sel.chosen, recipe) if _outlier_ratio(absmax[g.activation]) >= recipe.smooth_outlier_ratio]
+    compute_smooth_scales(work, groups, absmax, recipe.smoothquant_alpha)
+    apply_smoothing(work, groups)
+    return groups
+
+
+def _activation_ranges(
+    work: onnx.ModelProto, acts: list[str], batches, recipe: Int8Recipe, stats: "FloatStats", scales: dict[str, np.ndarray], stages: "Stages", progress
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """(ranges on the smoothed model, calibration passes run): percentiles from the float tails (exactly the
+    histogram's answer), else a histogram pass (none for minmax)."""
+    from .calibration import percentile_range_from_tails
+
+    ranges: dict[str, tuple[float, float]] = {}
+    if recipe.calibration == "percentile":
+        for a in acts:
+            r = percentile_range_from_tails(stats, a, recipe.percentile, recipe.histogram_bins, scales.get(a))
+            if r is None:
+                ranges = {}
+                break
+            ranges[a] = r
+    if ranges:
+        return ranges, 0
+    with stages.stage("activation histograms", total=stats.images) as tick:
+        ranges = calibrate_ranges(work, acts, batches, recipe, _channel_stats(stats, acts), scales, progress=_both(tick, progress))
+    return ranges, int(recipe.calibration != "minmax")
+
+
+def _fallback(work: onnx.ModelProto, sel: _Selection, ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches, memo: Memo, stages: "Stages") -> tuple[list[dict], float]:
+    """(inputs left float by the measured search, summed KL of all inputs); the scores are shared through ``memo``."""
+    fb_key = (smoothing_key(recipe), "fallback", recipe.fallback_images, recipe.reduce_range, recipe.per_channel)
+    with stages.stage("sensitivity search", total=len(sel.acts), unit="input") as tick:
+        scores = memo(fb_key, lambda: sensitivity_scores(work, sel.chosen, ranges, recipe, batches, progress=tick))
+    return select_fallback_model(work, sel.chosen, scores, recipe.fallback_budget), float(sum(scores.values()))
+
+
+@dataclass(frozen=True)
+class _GptqInputs:
+    """What GPTQ rounds against: per input, Q(X)^T Q(X) (and Q(X)^T X to compensate), and the memo key of its codes."""
+
+    hessians: dict[str, np.ndarray]
+    targets: dict[str, np.ndarray] | None
+    key: tuple
+    passes: int
+
+
+def _gptq_inputs(work: onnx.ModelProto, acts: list[str], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches, memo: Memo, images: int, stages: "Stages", progress) -> _GptqInputs:
+    """The quantized-input Gram matrices: one pass for the inputs no recipe with the same ranges has streamed yet."""
+    key = smoothing_key(recipe)
+    shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
+    qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
+    grams = memo((key, "quantized-gram", recipe.compensate_activations), dict)  # act -> (Q^T Q, Q^T X): a recipe with the same ranges reuses what is there
+    missing = [a for a in acts if a not in grams]
+    if missing:
+        obs = _QuantizedGramObserver({a: qparams[a] for a in missing} if recipe.compensate_activations else {}, shifts)
+        with stages.stage("quantized-input Gram matrices", total=images) as tick:
+            stream_activations(work, missing, batches, obs, threads=recipe.calibration_threads, progress=_both(tick, progress))
+        for a in missing:
+            grams[a] = (obs.qq[a], obs.qx.get(a))
+        del obs
+    return _GptqInputs(
+        hessians={a: grams[a][0] for a in acts},
+        targets={a: grams[a][1] for a in acts} if recipe.compensate_activations else None,
+        key=(key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, recipe.compensate_activations),
+        passes=int(bool(missing)),
+    )
+
+
+def _summary(recipe: Int8Recipe, sel: _Selection, records: list[dict], groups: list[SmoothGroup], calibration: dict[str, Any], fallback: list[dict], kl_total: float) -> dict[str, Any]:
+    summary = {
+        "kind": "static int8 QDQ (ViT-aware)",
+        "format": "QDQ",
+        "recipe": dataclasses.asdict(recipe),
+        "calibration": calibration,
+        "activations": "int8 symmetric (zero point 0)" if recipe.symmetric_activations else "uint8 asymmetric",
+        "weights": f"int8 symmetric per-{'channel' if recipe.per_channel else 'tensor'}" + (" (7-bit, reduce_range)" if recipe.reduce_range else ""),
+        "smoothquant": {
+            "alpha": recipe.smoothquant_alpha if groups else None,
+            "tensors": [{"activation": g.activation, "via": g.kind, "consumers": [l.node.name for l in g.consumers]} for g in groups],
+        },
+        "sensitivity_fallback": {"budget": recipe.fallback_budget, "images": recipe.fallback_images, "kl_all_inputs": round(kl_total, 6), "kept_float": fallback},
+        "quantized": records,
+        "float": sel.skipped,
+        "counts": {"linears": len(sel.linears), "quantized": len(records), "float": len(sel.skipped)},
+        "kept_float_ops": "attention matmuls, Softmax, LayerNormalization, GELU, residual Add, patch-embedding Conv",
+    }
+    summary["recipe"]["roles"] = list(summary["recipe"]["roles"])
+    summary["recipe"]["keep_float"] = list(recipe.keep_float)
+    return summary
+
+
 def quantize_int8(
     model: onnx.ModelProto,
     batches: Callable[[], Iterable[np.ndarray]],
@@ -731,115 +884,42 @@ def quantize_int8(
     scores, quantized-input Gram matrices and GPTQ codes; ``stages`` times each step with its own progress bar.
     """
     from ..progress import stages_of
-    from .calibration import collect_float_stats, percentile_range_from_tails
 
     stages = stages_of(stages)
     memo = memo or _no_memo
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    linears = find_linears(work)
-    chosen, skipped = select_linears(linears, recipe)
-    acts = list(dict.fromkeys(l.activation for l in chosen))
-    passes = 0
-    shared_stats = stats is not None
-
-    # float statistics: per-channel min/max and extreme tails of every quantized activation (the build's, or one pass)
-    if acts and (stats is None or any(a not in stats.min for a in acts)):
-        shared_stats = False
-        images_hint = sum(len(x) for x in batches()) if stats is None else stats.images
-        with stages.stage("float statistics", total=images_hint) as tick:
-            stats = collect_float_stats(work, acts, batches, images_hint, gram=False, threads=recipe.calibration_threads, progress=_both(tick, progress))
-        passes += 1
+    sel = _Selection.of(work, recipe)
+    acts = sel.acts
+    given = stats
+    stats = _own_float_stats(work, acts, batches, recipe, stats, stages, progress)
+    passes = int(stats is not given)
     images = stats.images if stats is not None else 0
-
-    # SmoothQuant
     groups: list[SmoothGroup] = []
-    alpha = recipe.smoothquant_alpha
-    if alpha and acts:
-        absmax = stats.absmax()
-        groups = [g for g in find_smooth_groups(work, chosen, recipe) if _outlier_ratio(absmax[g.activation]) >= recipe.smooth_outlier_ratio]
-        compute_smooth_scales(work, groups, absmax, alpha)
-        apply_smoothing(work, groups)
-        linears = find_linears(work)  # nodes unchanged, weights renamed
-        chosen, skipped = select_linears(linears, recipe)
-    scales = {g.activation: g.scales for g in groups}
-
-    # ranges on the smoothed model: percentiles from the float tails (exactly the histogram's answer); else a pass
+    if recipe.smoothquant_alpha and acts:
+        groups = _smooth(work, sel, stats, recipe)
+        sel = _Selection.of(work, recipe, acts)  # nodes unchanged, weights renamed
     ranges: dict[str, tuple[float, float]] = {}
-    if acts and recipe.calibration == "percentile":
-        for a in acts:
-            r = percentile_range_from_tails(stats, a, recipe.percentile, recipe.histogram_bins, scales.get(a))
-            if r is None:
-                ranges = {}
-                break
-            ranges[a] = r
-    if acts and not ranges:
-        with stages.stage("activation histograms", total=images) as tick:
-            ranges = calibrate_ranges(work, acts, batches, recipe, _channel_stats(stats, acts), scales, progress=_both(tick, progress))
-        passes += recipe.calibration != "minmax"
-
-    key = smoothing_key(recipe)
-    fallback, kl_total = [], 0.0
-    if acts and recipe.fallback_budget > 0:
-        fb_key = (key, "fallback", recipe.fallback_images, recipe.reduce_range, recipe.per_channel)
-        with stages.stage("sensitivity search", total=len(acts), unit="input") as tick:
-            scores = memo(fb_key, lambda: sensitivity_scores(work, chosen, ranges, recipe, batches, progress=tick))
-        fallback, kl_total = select_fallback_model(work, chosen, scores, recipe.fallback_budget), float(sum(scores.values()))
+    if acts:
+        ranges, n = _activation_ranges(work, acts, batches, recipe, stats, {g.activation: g.scales for g in groups}, stages, progress)
+        passes += n
+    fallback, kl_total = _fallback(work, sel, ranges, recipe, batches, memo, stages) if acts and recipe.fallback_budget > 0 else ([], 0.0)
     if fallback:
-        dropped = {a["activation"] for a in fallback}
-        skipped += [{"node": l.node.name, "role": l.role, "block": l.block, "reason": "sensitivity fallback"} for l in chosen if l.activation in dropped]
-        chosen = [l for l in chosen if l.activation not in dropped]
-        acts = [a for a in acts if a not in dropped]
-    hessians = targets = None
-    gptq_key = None
-    if recipe.weight_rounding == "gptq" and acts:
-        shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
-        qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
-        gram_key = (key, "quantized-gram", recipe.compensate_activations)
-        grams = memo(gram_key, dict)  # act -> (Q^T Q, Q^T X): a recipe with the same ranges reuses what is there
-        missing = [a for a in acts if a not in grams]
-        if missing:
-            obs = _QuantizedGramObserver({a: qparams[a] for a in missing} if recipe.compensate_activations else {}, shifts)
-            with stages.stage("quantized-input Gram matrices", total=images) as tick:
-                stream_activations(work, missing, batches, obs, threads=recipe.calibration_threads, progress=_both(tick, progress))
-            passes += 1
-            for a in missing:
-                grams[a] = (obs.qq[a], obs.qx.get(a))
-            del obs
-        hessians = {a: grams[a][0] for a in acts}
-        targets = {a: grams[a][1] for a in acts} if recipe.compensate_activations else None
-        gptq_key = (key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, recipe.compensate_activations)
-    with stages.stage("GPTQ and QDQ rewrite" if hessians else "QDQ rewrite", total=len(chosen), unit="linear") as tick:
-        records = insert_qdq(work, chosen, ranges, recipe, hessians, targets, memo=(lambda k, f: memo((gptq_key, k), f)) if gptq_key else None, progress=tick)
-    del hessians, targets
+        sel = sel.without(fallback)
+    gptq = _gptq_inputs(work, sel.acts, ranges, recipe, batches, memo, images, stages, progress) if recipe.weight_rounding == "gptq" and sel.acts else None
+    passes += gptq.passes if gptq else 0
+    with stages.stage("GPTQ and QDQ rewrite" if gptq else "QDQ rewrite", total=len(sel.chosen), unit="linear") as tick:
+        code_memo = (lambda k, f, key=gptq.key: memo((key, k), f)) if gptq else None
+        records = insert_qdq(work, sel.chosen, ranges, recipe, gptq.hessians if gptq else None, gptq.targets if gptq else None, memo=code_memo, progress=tick)
+    del gptq
     # SmoothQuant and the weight rewrite leave the original float weights and LayerNorm parameters unused
     drop_unused_constants(work)
     onnx.checker.check_model(work) if work.ByteSize() < 2**31 - 1 else None
-
-    summary = {
-        "kind": "static int8 QDQ (ViT-aware)",
-        "format": "QDQ",
-        "recipe": dataclasses.asdict(recipe),
-        "calibration": {
-            "method": recipe.calibration,
-            "images": images,
-            "passes": passes,  # this recipe's own passes; the build's float statistics and shared passes not counted
-            "streaming": True,
-            "float_statistics": "the build's shared pass" if shared_stats else "own pass",
-        },
-        "activations": "int8 symmetric (zero point 0)" if recipe.symmetric_activations else "uint8 asymmetric",
-        "weights": f"int8 symmetric per-{'channel' if recipe.per_channel else 'tensor'}" + (" (7-bit, reduce_range)" if recipe.reduce_range else ""),
-        "smoothquant": {
-            "alpha": alpha if groups else None,
-            "tensors": [{"activation": g.activation, "via": g.kind, "consumers": [l.node.name for l in g.consumers]} for g in groups],
-        },
-        "sensitivity_fallback": {"budget": recipe.fallback_budget, "images": recipe.fallback_images, "kl_all_inputs": round(kl_total, 6), "kept_float": fallback},
-        "quantized": records,
-        "float": skipped,
-        "counts": {"linears": len(linears), "quantized": len(records), "float": len(skipped)},
-        "kept_float_ops": "attention matmuls, Softmax, LayerNormalization, GELU, residual Add, patch-embedding Conv",
+    calibration = {
+        "method": recipe.calibration,
+        "images": images,
+        "passes": passes,  # this recipe's own passes; the build's float statistics and shared passes not counted
+        "streaming": True,
+        "float_statistics": "the build's shared pass" if given is not None and stats is given else "own pass",
     }
-    for k in ("roles",):
-        summary["recipe"][k] = list(summary["recipe"][k])
-    summary["recipe"]["keep_float"] = list(recipe.keep_float)
-    return work, summary
+    return work, _summary(recipe, sel, records, groups, calibration, fallback, kl_total)
