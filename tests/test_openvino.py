@@ -114,6 +114,72 @@ def test_int4_group_size_fits_hidden(built, reference, calibration, tmp_path, in
     assert choose_group_size([768, 3072], (128, 64)) == 128
 
 
+def _attention_fq_ranges(xml: Path) -> list[float]:
+    """For each attention's query and key input: the upper bound of the FakeQuantize found above its Reshape/Transpose
+    chain (an AssertionError if there is none)."""
+    out = []
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() != "ScaledDotProductAttention":
+            continue
+        for port in (0, 1):
+            node = op.input_value(port).get_node()
+            while node.get_type_name() in ("Transpose", "Reshape"):
+                node = node.input_value(0).get_node()
+            assert node.get_type_name() == "FakeQuantize", f"attention input {port} comes from {node.get_type_name()}"
+            assert node.input_value(0).get_node().get_type_name() in ("Add", "MatMul")  # on the projection's output
+            out.append(float(node.input_value(2).get_node().get_data()))
+    return out
+
+
+def _query_key_projections(model) -> list[str]:
+    """In the reference ONNX: the projection outputs (bias Add) that reach, through Reshape/Transpose, a MatMul whose
+    output goes on to a Softmax (the attention scores Q.K^T)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or not any(c.op_type == "Softmax" or any(d.op_type == "Softmax" for d in consumers.get(c.output[0], [])) for c in consumers.get(n.output[0], [])):
+            continue
+        for name in n.input[:2]:
+            while producer[name].op_type in ("Transpose", "Reshape"):
+                name = producer[name].input[0]
+            out.append(name)
+    return out
+
+
+def test_int8_quantizes_attention_query_and_key(built, reference, calibration, tmp_path, inputs, ref_out):
+    """The query/key inputs of both attentions carry a symmetric int8 FakeQuantize (so the CPU plugin runs an int8
+    MHA kernel), with ranges measured on the calibration images: at percentile 100 the range is the largest |x|
+    of that tensor, which the float reference's projection output gives independently."""
+    import onnx
+    import onnxruntime as ort
+
+    be = OpenVinoBackend()
+    q = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "qa")
+    hi = _attention_fq_ranges(q.path)
+    rec = q.manifest["recipe"]["attention"]
+    assert len(hi) == 4 and rec["quantized_inputs"] == 4 and np.allclose(hi, rec["max_abs"], rtol=1e-3)
+    assert "attention" not in built["int8"].manifest["recipe"]  # the default leaves attention float
+    assert _op_types(q.path)["FakeQuantize"] == _op_types(built["int8"].path)["FakeQuantize"] + 4
+    # "minmax" (percentile 100) with only the classifier head int8, so nothing upstream of the attentions is
+    # quantized: each range is then exactly the largest |q| or |k| over the calibration images
+    exact = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0, "calibration": "minmax", "roles": ["head"]}}}}, tmp_path / "mm")
+    model = onnx.load(str(reference.path))
+    qk = _query_key_projections(model)
+    assert len(qk) == 4
+    model.graph.output.extend([onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in qk])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.concatenate(list(calibration.batches()))
+    got = sess.run(qk, {sess.get_inputs()[0].name: x})
+    want = sorted(float(np.abs(g).max()) for g in got)
+    assert np.allclose(sorted(_attention_fq_ranges(exact.path)), want, rtol=1e-3)
+    out = be.runner(q).run(inputs)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
+
+
 def test_rt_info_carries_preprocessing_and_labels(built):
     info = read_rt_info(built["int8"].path)
     assert info["preprocessing"]["resize"] == [32, 32] and info["labels"][1] == "dog, doggy"
@@ -209,3 +275,14 @@ def test_build_through_api_side_by_side(tiny_vit, image_folder, calib_folder, tm
     assert set(rows) == {"onnxruntime-fp32", "openvino-fp32", "openvino-fp16"}
     assert rows["openvino-fp32"]["accuracy"]["agreement"] == 1.0 and rows["openvino-fp32"]["accuracy"]["emulated"] is False
     assert (out / "openvino-fp16" / "model.xml").is_file()
+
+
+def test_latency_first_settings_are_a_valid_recipe():
+    """LATENCY_FIRST is what a profile's [options.openvino.int8] would say: every key a known setting or recipe field."""
+    from vitexport.backends import recipe_from
+    from vitexport.backends.openvino import INT8_DEFAULTS, LATENCY_FIRST, _settings
+    from vitexport.quantization.int8 import Int8Recipe
+
+    settings = _settings(INT8_DEFAULTS, LATENCY_FIRST, "int8")
+    recipe = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **settings["recipe"]})
+    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"] and not INT8_DEFAULTS["quantize_attention"]

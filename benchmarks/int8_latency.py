@@ -1,0 +1,151 @@
+"""int8 batch-1 latency of vitexport's int8 rows against the stock int8 of the same runtime (issue 13).
+
+Builds, for DeiT-tiny (real weights, the run_matrix split: 125 calibration, 375 evaluation images) and for the
+ViT-Base config (random weights, ``run_matrix.vit_base_checkpoint``, 32 calibration images: enough for latency):
+
+- onnxruntime fp32 and int8 (vitexport's recipe) and onnxruntime's stock ``quantize_dynamic`` int8;
+- openvino fp32 and int8 (vitexport's recipe) and NNCF's stock ``nncf.quantize`` (model_type=TRANSFORMER) int8;
+
+then times every row at batch 1, interleaved round by round (``harness.latency.compare``), ``--repeats`` times,
+and writes ``--out``/int8-latency.json and .md: per repeat the ratios ours / stock of each runtime, and their range.
+A ratio <= 1 means ours is no slower. Fidelity against fp32 (agreement, cosine, lost/gained) is the build's report
+on the evaluation split, reported once.
+
+    python benchmarks/int8_latency.py                  # both models, threads 2, 3 repeats
+    python benchmarks/int8_latency.py --skip-vit-base --repeats 5
+
+On a host shared with other jobs the absolute times move a lot; the ratios of one interleaved run move less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from openvino_baselines import stock_nncf_int8  # noqa: E402
+from run_matrix import interleaved, link_images, shared_split, stock_dynamic, vit_base_checkpoint  # noqa: E402
+
+from vitexport import api  # noqa: E402
+from vitexport.data import ImageSet, Preprocessing  # noqa: E402
+from vitexport.harness.report import cpu_name  # noqa: E402
+from vitexport.progress import Progress  # noqa: E402
+
+PAIRS = {
+    "onnxruntime": ("onnxruntime-int8", "onnxruntime-int8-stock-dynamic"),
+    "openvino": ("openvino-int8", "openvino-int8-stock-nncf"),
+    "openvino (latency first)": ("openvino-int8-latency-first", "openvino-int8-stock-nncf"),
+}
+
+
+def openvino_latency_first(reference, calibration, tmp: Path):
+    """vitexport's OpenVINO int8 with LATENCY_FIRST (1 % float fallback, 8-bit weights): the speed it buys, the
+    fidelity it costs, side by side with the default."""
+    from stock import relabel
+
+    from vitexport.backends.openvino import LATENCY_FIRST, OpenVinoBackend
+
+    art = OpenVinoBackend().build(reference, calibration, "int8", {"openvino": {"int8": LATENCY_FIRST}}, tmp / "openvino-int8-latency-first")
+    return relabel(art, "int8-latency-first", "vitexport int8, latency first (LATENCY_FIRST): " + art.manifest["recipe"]["summary"])
+
+
+def build(model: str, calib: Path, evals: Path, out: Path, threads: int, progress):
+    """ours (fp32 + int8 of both runtimes, and OpenVINO's latency-first int8) and the two stock int8 rows, evaluated
+    on ``evals``; no timing yet."""
+    opts = api.BuildOptions(model=model, backend="onnxruntime,openvino", precisions=("fp32", "int8"), calib=str(calib), eval=str(evals), out=str(out), force=True, threads=threads, latency=False)
+    return api.build(opts, progress, extra_builders=[stock_dynamic, stock_nncf_int8, openvino_latency_first])
+
+
+def timings(report, evals: Path, threads: int, repeats: int, rounds: int, seconds: float) -> list[dict]:
+    """``repeats`` interleaved runs over every row (one sample image): [{row: {p50_ms, spread}}]."""
+    sample = ImageSet.from_folder(evals, Preprocessing.from_dict(report.evaluation["preprocessing"]), limit=1).load(0)[None]
+    return [interleaved(report, sample, threads, rounds=rounds, seconds=seconds) for _ in range(repeats)]
+
+
+def summarize(report, runs: list[dict]) -> dict:
+    """Per runtime: ours / stock in each repeat, and the fidelity of each row."""
+    ratios = {}
+    for runtime, (ours, stock) in PAIRS.items():
+        r = [run[ours]["p50_ms"] / run[stock]["p50_ms"] for run in runs if ours in run and stock in run]
+        ratios[runtime] = {"ours": ours, "stock": stock, "per_repeat": [round(x, 3) for x in r], "median": round(statistics.median(r), 3) if r else None, "min": round(min(r), 3) if r else None, "max": round(max(r), 3) if r else None}
+    fidelity = {}
+    for row in report.rows:
+        a = row.accuracy or {}
+        fidelity[row.name] = {k: a.get(k) for k in ("n", "agreement", "agreement_ci", "cosine", "top1", "lost", "gained") if k in a}
+        fidelity[row.name]["size_mb"] = round(row.size_bytes / 1e6, 2)
+    return {"ratios": ratios, "runs": runs, "fidelity": fidelity}
+
+
+def markdown(results: dict) -> str:
+    lines = ["# int8 latency: vitexport's int8 against each runtime's stock int8", "", f"Command: `{results['command']}`", "", f"Host: {results['host']}, {results['threads']} threads, batch 1. {results['note']}", ""]
+    for model, r in results["models"].items():
+        lines += [f"## {model}", "", f"{r['calibration_images']} calibration images; fidelity on {r['evaluation_images']} evaluation images against fp32.", ""]
+        lines += ["| runtime | ours | stock | ours / stock p50, per interleaved run | median | range |", "|---|---|---|---|---|---|"]
+        for runtime, q in r["ratios"].items():
+            per = ", ".join(f"{x:.2f}" for x in q["per_repeat"])
+            lines.append(f"| {runtime} | {q['ours']} | {q['stock']} | {per} | {q['median']:.2f} | {q['min']:.2f}-{q['max']:.2f} |" if q["median"] else f"| {runtime} | {q['ours']} | {q['stock']} | not timed | – | – |")
+        lines += ["", "| row | p50 ms per run | agreement % | cosine | lost/gained | size MB |", "|---|---|---|---|---|---|"]
+        for name, f in r["fidelity"].items():
+            p50 = ", ".join(f"{run[name]['p50_ms']:.1f}" for run in r["runs"] if name in run) or "–"
+            agree = f"{100 * f['agreement']:.1f}" if f.get("agreement") is not None else "–"
+            cos = f"{f['cosine']:.4f}" if f.get("cosine") is not None else "–"
+            lg = f"−{f['lost']}/+{f['gained']}" if f.get("lost") is not None else "–"
+            lines.append(f"| {name} | {p50} | {agree} | {cos} | {lg} | {f['size_mb']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_model(name: str, model: str, calib: Path, evals: Path, work: Path, args, progress) -> dict:
+    progress.step(f"{name}: building ours and the stock int8 rows")
+    report = build(model, calib, evals, work / name, args.threads, progress)
+    progress.step(f"{name}: interleaved batch-1 latency, {args.repeats} runs")
+    out = summarize(report, timings(report, evals, args.threads, args.repeats, args.rounds, args.seconds))
+    return {**out, "calibration_images": report.evaluation.get("calibration_images"), "evaluation_images": report.evaluation.get("images")}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--work", default=str(HERE / "out-int8-latency"), help="scratch folder (artifacts)")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing runs per model")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per row per round")
+    ap.add_argument("--vit-base-calib", type=int, default=32)
+    ap.add_argument("--skip-vit-base", action="store_true")
+    ap.add_argument("--skip-deit", action="store_true")
+    args = ap.parse_args()
+    shared, work, out = Path(args.shared), Path(args.work), Path(args.out)
+    shutil.rmtree(work, ignore_errors=True)
+    progress = Progress(enabled=True)
+    results = {"command": "python " + " ".join(["benchmarks/int8_latency.py", *sys.argv[1:]]), "host": f"{cpu_name()} ({platform.machine()})", "threads": args.threads, "note": "Shared host: absolute times move with the load, the ratios of one interleaved run less", "models": {}}
+    t0 = time.time()
+    if not args.skip_deit:
+        calib, evals = shared_split(shared, work / "split")
+        results["models"]["DeiT-tiny (real weights)"] = run_model("deit-tiny", str(shared / "models" / "deit-tiny-patch16-224"), calib, evals, work, args, progress)
+    if not args.skip_vit_base:
+        files = sorted((shared / "imagenet-samples").glob("*.JPEG"))
+        vb_calib = link_images(files[: args.vit_base_calib], work / "split-vb" / "calib", None)
+        vb_eval = link_images([f for i, f in enumerate(files) if i % 4 != 0][-32:], work / "split-vb" / "eval", None)
+        ckpt = vit_base_checkpoint(work / "vit-base-random")
+        results["models"]["ViT-Base config (random weights)"] = run_model("vit-base", str(ckpt), vb_calib, vb_eval, work, args, progress)
+    results["seconds"] = round(time.time() - t0)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "int8-latency.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "int8-latency.md").write_text(markdown(results))
+    print((out / "int8-latency.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
