@@ -226,11 +226,11 @@ def _build_artifacts(
     for backend, precisions in plan:
         for precision in precisions:
             progress.step(f"building {backend.name} {precision}")
-            # each calibration pass, search and rounding step has its own bar and timing (options["stages"]);
+            # each calibration pass, search and rounding step has its own bar and timing (the stages argument);
             # the whole build step is one stage too, so conversion is what its sub-stages leave over
             with stages.stage(f"build {backend.name} {precision}"):
-                options = {**opts.options, "stages": stages.child(f"{backend.name} {precision}")}
-                timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision, backend) else None, precision, options, tmp / f"{backend.name}-{precision}"))
+                child = stages.child(f"{backend.name} {precision}")
+                timed(lambda: backend.build(reference, calibration if _backends.needs_calibration(precision, backend) else None, precision, opts.options, tmp / f"{backend.name}-{precision}", stages=child))
     for make_extra in extra_builders:
         with stages.stage("build extra rows"):
             timed(lambda: make_extra(reference, calibration, tmp))

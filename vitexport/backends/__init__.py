@@ -106,7 +106,7 @@ class Backend(Protocol):
 
     def available(self) -> tuple[bool, str]: ...
 
-    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path): ...
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path, stages=None): ...
 
     def runner(self, artifact, threads: int | None = None) -> Runner: ...
 
@@ -122,18 +122,18 @@ def get(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-def shared_int4(reference, calibration: "Calibration | None", recipe, progress=None, stages=None):
+def shared_int4(reference, calibration: "Calibration | None", recipe, stages=None):
     """The core int4 recipe on ``reference``: (MatMulNBits model, summary), computed once per build and recipe,
     its Hessians taken from the build's float statistics."""
     from ..quantization.int4 import quantize_int4
 
     if calibration is None:  # RTN needs no images, and there is nothing to share it through
-        return quantize_int4(reference.load(), None, recipe, progress=progress)
+        return quantize_int4(reference.load(), None, recipe)
     key = ("int4", str(Path(reference.path).resolve()), recipe)
 
     def compute():
-        stats = float_stats(reference, calibration, stages, progress) if recipe.method == "gptq" and not recipe.sequential else None
-        return quantize_int4(reference.load(), calibration.batches, recipe, progress=progress, stats=stats)
+        stats = float_stats(reference, calibration, stages) if recipe.method == "gptq" and not recipe.sequential else None
+        return quantize_int4(reference.load(), calibration.batches, recipe, stats=stats)
 
     return calibration.shared(key, compute)
 
@@ -142,7 +142,7 @@ def shared_int4(reference, calibration: "Calibration | None", recipe, progress=N
 FLOAT_STATS_ROLES = ("qkv", "attn_out", "fc1", "fc2")
 
 
-def float_stats(reference, calibration: "Calibration", stages=None, progress=None):
+def float_stats(reference, calibration: "Calibration", stages=None):
     """The build's float statistics of ``reference`` on the calibration images (calibration.FloatStats): one pass,
     shared by every recipe (int8 ranges and smoothing, int4 / palette / CoreML int8 Hessians); from
     ``calibration.cache_dir`` when an earlier build computed them for the same reference file and images."""
@@ -161,7 +161,7 @@ def float_stats(reference, calibration: "Calibration", stages=None, progress=Non
         if cached is not None:
             return cached
         with stages_of(stages).stage("float statistics (one pass, shared by every recipe)", total=calibration.count) as tick:
-            stats = collect_float_stats(model, acts, calibration.batches, calibration.count, progress=_ticks(tick, progress))
+            stats = collect_float_stats(model, acts, calibration.batches, calibration.count, progress=tick)
         if calibration.cache_dir:
             save_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts, stats)
         return stats
@@ -175,22 +175,12 @@ def recipe_memo(reference, calibration: "Calibration"):
     return lambda key, compute: calibration.memo((ref, key), compute)
 
 
-def quantize_int8_shared(reference, calibration: "Calibration", recipe, options: Mapping[str, Any]):
+def quantize_int8_shared(reference, calibration: "Calibration", recipe, stages=None):
     """The core int8 recipe on ``reference`` with the build's float statistics and shared per-recipe results."""
     from ..quantization.int8 import quantize_int8
 
-    stages, progress = options.get("stages"), options.get("progress")
-    stats = float_stats(reference, calibration, stages, progress)
-    return quantize_int8(reference.load(), calibration.batches, recipe, progress=progress, stats=stats, memo=recipe_memo(reference, calibration), stages=stages)
-
-
-def _ticks(tick, progress):
-    def both(n: int) -> None:
-        tick(n)
-        if progress is not None:
-            progress(n)
-
-    return both
+    stats = float_stats(reference, calibration, stages)
+    return quantize_int8(reference.load(), calibration.batches, recipe, stats=stats, memo=recipe_memo(reference, calibration), stages=stages)
 
 
 def require_calibration(calibration: "Calibration | None", what: str) -> "Calibration":

@@ -104,13 +104,13 @@ class LiteRTBackend:
 
     # ------------------------------------------------------------------ build
 
-    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path, stages=None) -> Artifact:
         opts = self._check(precision, calibration, options)
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         spec = reference.spec
         recipe = _io_recipe(spec)
-        data = _convert_and_compress(reference, calibration, precision, options, opts, recipe)
+        data = _convert_and_compress(reference, calibration, precision, options, opts, recipe, stages)
         data = _with_metadata(data, _metadata(reference, recipe))
         (out_dir / MODEL).write_bytes(data)
         (out_dir / LABELS).write_text("".join(f"{l}\n" for l in spec.labels_list()))
@@ -178,7 +178,7 @@ def _io_recipe(spec) -> dict[str, Any]:
 
 
 def _convert_and_compress(reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], opts: LiteRTOptions,
-                          recipe: dict[str, Any]) -> bytes:
+                          recipe: dict[str, Any], stages=None) -> bytes:
     """The checkpoint (with the int8 recipe's float-side decisions) -> float .tflite -> the precision's .tflite bytes."""
     import torch
 
@@ -188,7 +188,7 @@ def _convert_and_compress(reference, calibration: Calibration | None, precision:
     head = spec.load_torch()
     int8 = None
     if precision == "int8" and opts.int8_method == "vitexport":
-        int8 = _carry_int8_recipe(head, reference, calibration, options)
+        int8 = _carry_int8_recipe(head, reference, calibration, options, stages)
         _clamp_inputs(head, int8.ranges)
         recipe["int8"] = dict(int8.summary)
     module = _AppModule(head, pre).eval()
@@ -330,7 +330,7 @@ class _CarriedInt8:
     summary: Mapping[str, Any]
 
 
-def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mapping[str, Any]) -> _CarriedInt8:
+def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mapping[str, Any], stages=None) -> _CarriedInt8:
     """Run the core int8 recipe on the reference ONNX and put its float-side decisions into ``head`` in place:
     SmoothQuant's LayerNorm/weight scaling and the GPTQ-rounded weights (codes * scale, exactly representable).
     Returns the codes, scales and activation ranges the LiteRT int8 model must carry."""
@@ -341,7 +341,7 @@ def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mappi
     if recipe.symmetric_activations and recipe.center_activations:
         raise VitexportError("litert int8 does not carry centred activations (center_activations): LiteRT's int8 activations are asymmetric")
     ref = reference.load()
-    qmodel, summary = quantize_int8_shared(reference, calibration, recipe, options)  # float statistics shared with the build's other int8 rows
+    qmodel, summary = quantize_int8_shared(reference, calibration, recipe, stages)  # float statistics shared with the build's other int8 rows
     quantized = {r["node"] for r in summary["quantized"]}
     codes, scales, ranges, changed = _rewrite_parameters(head, ref, qmodel, quantized)
     if set(ranges) != set(codes) or len(ranges) != len(quantized):

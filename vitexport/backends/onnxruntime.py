@@ -70,7 +70,7 @@ class OnnxRuntimeBackend:
             return False, "onnxruntime is not installed: pip install onnxruntime"
         return True, f"onnxruntime {onnxruntime.__version__}"
 
-    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path, stages=None) -> Artifact:
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / "model.onnx"
         if precision == "fp32":
@@ -80,13 +80,13 @@ class OnnxRuntimeBackend:
             from ..quantization.int8 import Int8Recipe
 
             recipe_obj = recipe_from(Int8Recipe, recipe_overrides(options, self.name, "int8"))
-            model, recipe = quantize_int8_shared(reference, require_calibration(calibration, precision), recipe_obj, options)
+            model, recipe = quantize_int8_shared(reference, require_calibration(calibration, precision), recipe_obj, stages)
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
             from ..quantization.int4 import Int4Recipe
 
             recipe_obj = recipe_from(Int4Recipe, recipe_overrides(options, self.name, "int4"))
-            model, recipe = shared_int4(reference, require_calibration(calibration, precision), recipe_obj, progress=options.get("progress"), stages=options.get("stages"))
+            model, recipe = shared_int4(reference, require_calibration(calibration, precision), recipe_obj, stages=stages)
             save_onnx(model, target, reference.metadata())
         else:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")

@@ -133,14 +133,13 @@ class OpenVinoBackend:
             return False, f"openvino is not installed: {INSTALL_HINT}"
         return True, f"openvino {openvino.get_version()}"
 
-    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path, stages=None) -> Artifact:
         ov = _openvino()
         if precision not in self.precisions:
             raise VitexportError(f"openvino has no precision {precision}: choose from {', '.join(self.precisions)}")
         out_dir.mkdir(parents=True, exist_ok=True)
         mine = dict(options.get("openvino") or {})
         target = out_dir / XML
-        progress = options.get("progress")
         if precision in ("fp32", "fp16"):
             model = ov.convert_model(str(reference.path))
             recipe: dict[str, Any] = {"kind": f"OpenVINO IR, {precision} weights", "compress_to_fp16": precision == "fp16"}
@@ -148,7 +147,7 @@ class OpenVinoBackend:
             settings = _settings(INT8_DEFAULTS, mine.get("int8"), "int8")
             calib = require_calibration(calibration, f"openvino {precision}")
             if settings["method"] == "qdq":
-                model, recipe = _int8_qdq(ov, reference, calib, settings, progress, options.get("stages"))
+                model, recipe = _int8_qdq(ov, reference, calib, settings, stages)
             elif settings["method"] == "nncf":
                 with _quiet_stdout():
                     model, recipe = _int8_nncf(ov, reference, calib, settings)
@@ -162,7 +161,7 @@ class OpenVinoBackend:
         else:  # int4
             settings = _settings(INT4_DEFAULTS, mine.get("int4"), "int4")
             if settings["method"] == "gptq":
-                model, recipe = _int4_gptq(ov, reference, calibration, settings, progress, options.get("stages"))
+                model, recipe = _int4_gptq(ov, reference, calibration, settings, stages)
             elif settings["method"] == "nncf":
                 with _quiet_stdout():
                     model, recipe = _int4(ov, reference, calibration, settings)
@@ -234,14 +233,14 @@ class OpenVinoRunner:
 # ---------------------------------------------------------------- int8
 
 
-def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, Any], progress, stages=None) -> tuple[Any, dict[str, Any]]:
+def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, Any], stages=None) -> tuple[Any, dict[str, Any]]:
     """The core ViT-aware QDQ recipe, converted by OpenVINO (Q/DQ -> FakeQuantize, int8 weights stay int8)."""
     import onnx
 
     from ..quantization.int8 import Int8Recipe
 
     recipe_obj = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **(settings.get("recipe") or {})})
-    qmodel, summary = quantize_int8_shared(reference, calibration, recipe_obj, {"progress": progress, "stages": stages})
+    qmodel, summary = quantize_int8_shared(reference, calibration, recipe_obj, stages)
     with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
         path = Path(tmp) / "qdq.onnx"
         onnx.save_model(qmodel, str(path))
@@ -401,7 +400,7 @@ def _matmul_input_sizes(model) -> list[int]:
     return ks
 
 
-def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping[str, Any], progress, stages=None) -> tuple[Any, dict[str, Any]]:
+def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping[str, Any], stages=None) -> tuple[Any, dict[str, Any]]:
     """The core GPTQ int4 recipe (MatMulNBits ONNX); OpenVINO's ONNX frontend reads MatMulNBits as u4 weight constants
     behind a Convert/Subtract/Multiply decompression, which the CPU plugin fuses into its weight-compressed MatMul."""
     import onnx
@@ -411,7 +410,7 @@ def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping
     recipe_obj = recipe_from(Int4Recipe, settings.get("recipe") or {})
     if recipe_obj.method == "gptq":
         require_calibration(calibration, "openvino int4 (gptq)")
-    qmodel, summary = shared_int4(reference, calibration, recipe_obj, progress=progress, stages=stages)
+    qmodel, summary = shared_int4(reference, calibration, recipe_obj, stages=stages)
     with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
         path = Path(tmp) / "int4.onnx"
         onnx.save_model(qmodel, str(path))

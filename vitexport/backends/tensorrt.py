@@ -233,7 +233,7 @@ class TensorRTBackend:
         ok, why = tensorrt_status()
         return True, why if ok else f"onnxruntime {onnxruntime.__version__}; engines not built here: {why}"
 
-    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path, stages=None) -> Artifact:
         if precision not in self.precisions:
             raise VitexportError(f"tensorrt has no precision {precision}: choose from {', '.join(self.precisions)}")
         settings = settings_from(options)
@@ -247,7 +247,7 @@ class TensorRTBackend:
 
             require_calibration(calibration, "tensorrt int8")
             recipe_obj = int8_recipe(options, Int8Recipe)
-            model, recipe = quantize_int8_shared(reference, calibration, recipe_obj, options)
+            model, recipe = quantize_int8_shared(reference, calibration, recipe_obj, stages)
             recipe = {**recipe, "kind": "TensorRT-ready int8 QDQ ONNX (explicit quantization, ViT-aware)", "qdq_check": check_tensorrt_qdq(model)}
             save_onnx(model, target, reference.metadata())
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}

@@ -92,7 +92,7 @@ class CoreMLBackend:
 
     # ------------------------------------------------------------------ build
 
-    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path) -> Artifact:
+    def build(self, reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], out_dir: Path, stages=None) -> Artifact:
         from .package import _weight_summary, _write_emulation
 
         opts = self._check(calibration, precision, options)
@@ -100,7 +100,7 @@ class CoreMLBackend:
         t0 = time.perf_counter()
         target = deployment_target(precision, opts)
         recipe: dict[str, Any] = {"minimum_deployment_target": target, "platform": opts.platform, "compute_units": opts.compute_units}
-        original = _write_package(reference, calibration, precision, options, opts, target, recipe, out_dir / PACKAGE)
+        original = _write_package(reference, calibration, precision, options, opts, target, recipe, out_dir / PACKAGE, stages)
         _write_emulation(out_dir, reference, original)
         recipe["weights"] = _weight_summary(out_dir / PACKAGE)
         recipe["emulation"] = "weights read back from the package, dequantized, run in the reference graph with ONNX Runtime" + (
@@ -152,7 +152,7 @@ def _host_system() -> str:
 
 
 def _write_package(reference, calibration: Calibration | None, precision: str, options: Mapping[str, Any], opts: CoreMLOptions,
-                   target: str, recipe: dict[str, Any], path: Path) -> dict[str, Any]:
+                   target: str, recipe: dict[str, Any], path: Path, stages=None) -> dict[str, Any]:
     """Reload the checkpoint (coremltools converts PyTorch, not ONNX), fold the preprocessing in, attach GPTQ codes,
     convert, compress, describe and save the package. Fills ``recipe``; returns the checkpoint's original weights."""
     from .convert import _compress, _CoreMLModule, _quiet, convert
@@ -176,11 +176,11 @@ def _write_package(reference, calibration: Calibration | None, precision: str, o
             "app_framing": app_framing(spec.preprocessing),
         }
         if precision == "int4" and opts.int4_method == "gptq":
-            recipe["int4"] = _attach_gptq_int4(module, head, reference, calibration, options, opts)
+            recipe["int4"] = _attach_gptq_int4(module, head, reference, calibration, options, opts, stages)
         if precision == "int8" and opts.int8_method == "gptq":
-            recipe["int8"] = _attach_gptq_int8(head, reference, calibration, options)
+            recipe["int8"] = _attach_gptq_int8(head, reference, calibration, stages)
         if precision == "palette4" and opts.palette_method == "gptq":
-            recipe["palette"] = _attach_gptq_palette(head, reference, calibration, options, opts)
+            recipe["palette"] = _attach_gptq_palette(head, reference, calibration, opts, stages)
         mlmodel, timing = convert(ct, module, spec, folded, precision, target)
         recipe.update(timing)
         tq = time.perf_counter()

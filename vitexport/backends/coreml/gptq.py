@@ -22,7 +22,7 @@ def _torch_weight_names(head, reference) -> dict[str, tuple[str, bool]]:
     return match_initializers(head.state_dict(), onnx.load(str(reference.path)), reference.path.parent)
 
 
-def _linear_hessians(head, reference, calibration, options) -> tuple[Any, list, dict[str, np.ndarray], dict[str, tuple[str, bool]]]:
+def _linear_hessians(head, reference, calibration, stages=None) -> tuple[Any, list, dict[str, np.ndarray], dict[str, tuple[str, bool]]]:
     """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, X^T X of each linear's input over the calibration
     images (the build's shared float statistics), reference initializer -> torch parameter name)."""
     from ...quantization.graph import find_linears
@@ -31,7 +31,7 @@ def _linear_hessians(head, reference, calibration, options) -> tuple[Any, list, 
     model = reference.load()
     linears = [l for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")]
     # the build's one float pass already holds X^T X of every linear input (int4 and the int8 recipes use it too)
-    stats = float_stats(reference, calibration, options.get("stages"), options.get("progress"))
+    stats = float_stats(reference, calibration, stages)
     names = _torch_weight_names(head, reference)
     missing = [l.node.name for l in linears if l.weight not in names]
     if missing:
@@ -39,7 +39,7 @@ def _linear_hessians(head, reference, calibration, options) -> tuple[Any, list, 
     return model, linears, stats.gram, names
 
 
-def _attach_gptq_int8(head, reference, calibration, options) -> dict[str, Any]:
+def _attach_gptq_int8(head, reference, calibration, stages=None) -> dict[str, Any]:
     """GPTQ-rounded symmetric per-channel int8 codes (the core int8 recipe's gptq_weight, full 8 bits: CoreML
     dequantizes weights, there is no integer accumulation to saturate), handed to coremltools exactly through
     ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, 8 bits, scale [N, 1], no zero point)."""
@@ -49,7 +49,7 @@ def _attach_gptq_int8(head, reference, calibration, options) -> dict[str, Any]:
     from ...quantization.int8 import gptq_weight
 
     t0 = time.perf_counter()
-    model, linears, hessians, names = _linear_hessians(head, reference, calibration, options)
+    model, linears, hessians, names = _linear_hessians(head, reference, calibration, stages)
     params = dict(head.named_parameters())
     for l in linears:
         tname, _ = names[l.weight]
@@ -66,7 +66,7 @@ def _attach_gptq_int8(head, reference, calibration, options) -> dict[str, Any]:
             "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr dequantize", "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _attach_gptq_palette(head, reference, calibration, options, opts: CoreMLOptions) -> dict[str, Any]:
+def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, stages=None) -> dict[str, Any]:
     """Palettize the linears with vitexport.quantization.palette and hand coremltools the exact palettes.
 
     coremltools' torch frontend turns ``_COREML_/weight/*`` buffers (compression_type 2 = palettization, ``lut``
@@ -80,7 +80,7 @@ def _attach_gptq_palette(head, reference, calibration, options, opts: CoreMLOpti
 
     t0 = time.perf_counter()
     recipe = PaletteRecipe(group_size=opts.palette_group_size)
-    model, linears, hessians, names = _linear_hessians(head, reference, calibration, options)
+    model, linears, hessians, names = _linear_hessians(head, reference, calibration, stages)
     params = dict(head.named_parameters())
     errors = []
     for l in linears:
@@ -99,7 +99,7 @@ def _attach_gptq_palette(head, reference, calibration, options, opts: CoreMLOpti
             "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr_lut_to_dense", "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreMLOptions) -> dict[str, Any]:
+def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreMLOptions, stages=None) -> dict[str, Any]:
     """Run the core's GPTQ int4 recipe on the reference ONNX and hand its exact codes to coremltools.
 
     coremltools' torch frontend turns ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, n_bits,
@@ -115,7 +115,7 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
     raw.setdefault("block_sizes", (opts.int4_block_size,))
     recipe = recipe_from(Int4Recipe, raw)
     linears = {l.node.name: l for l in find_linears(reference.load())}
-    qmodel, summary = shared_int4(reference, calibration, recipe, progress=options.get("progress"), stages=options.get("stages"))
+    qmodel, summary = shared_int4(reference, calibration, recipe, stages=stages)
     names = _torch_weight_names(head, reference)
     inits = {t.name: t for t in qmodel.graph.initializer}
     params = dict(head.named_parameters())
