@@ -109,8 +109,9 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Build performance (benchmarks/perf_build.py)", "", f"Command: `{results['command']}`. Host: {results['host']}; shared with other engineers' jobs while measured, "
-             "so wall seconds are inflated by waiting for a core: CPU seconds (process user + system) are the steadier figure.", ""]
+    lines = ["# Build performance (benchmarks/perf_build.py)", "", f"Command: `{results['command']}`. Host: {results['host']}. Each model's load average before and after "
+             "says whether other jobs shared the cores: where it is well above the core count, wall seconds include waiting "
+             "for a core and CPU seconds (process user + system) are the steadier figure.", ""]
     for key in ("deit-tiny", "vit-base"):
         r = results.get(key)
         if not r:
