@@ -152,10 +152,10 @@ def test_an_error_mid_build_leaves_no_output(name, tiny_vit, image_folder, calib
     first, second = _buildable(name)[:2]
     real = cls.build
 
-    def build(self, reference, calibration, precision, options, out_dir):
+    def build(self, reference, calibration, precision, options, out_dir, stages=None):
         if precision == second:
             raise VitexportError(f"{second} failed on purpose")
-        return real(self, reference, calibration, precision, options, out_dir)
+        return real(self, reference, calibration, precision, options, out_dir, stages=stages)
 
     monkeypatch.setattr(cls, "build", build)
     out = tmp_path / "dist"
