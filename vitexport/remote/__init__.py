@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..artifacts import sha256
 from ..errors import VitexportError
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,6 @@ def parse_devices(specs: Sequence[str], python: str | None = None, timeout: floa
 def manifest_sha256(directory: Path) -> str:
     """An artifact's identity: the sha256 of its manifest, which itself hashes every file of the artifact."""
     return hashlib.sha256((Path(directory) / "manifest.json").read_bytes()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- ssh
@@ -303,9 +296,9 @@ class Job:
 
 def run_on_device(session: Session, dev: Device, job: Job, progress=None) -> DeviceRun:
     start = time.perf_counter()
-    runner_sha = file_sha256(RUNNER)[:16]
+    runner_sha = sha256(RUNNER)[:16]
     shas = {d: manifest_sha256(d) for d in job.artifacts}
-    inputs_sha = file_sha256(job.inputs)
+    inputs_sha = sha256(job.inputs)
     keys = {f"runner-{runner_sha}": f"runner/{runner_sha}/device_runner.py", **{s: f"artifacts/{s}" for s in shas.values()}, f"inputs-{inputs_sha}": f"inputs/{inputs_sha}.npy"}
     say = (lambda msg: progress.step(f"{dev.name}: {msg}")) if progress else (lambda msg: None)
     say(f"connecting to {dev.dest}")
