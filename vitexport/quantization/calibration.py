@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from ..ort_session import ort_session
+from ..ort_session import ort_session, release_freed_memory
 
 Batches = Callable[[], Iterable[np.ndarray]]
 
@@ -74,6 +74,7 @@ def stream_activations(
     finally:
         for _ in extra:
             model.graph.output.pop()
+    sess = None
     try:
         sess = _session(payload, threads)
         del payload
@@ -93,6 +94,8 @@ def stream_activations(
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
+        del sess
+        release_freed_memory()
 
 
 # ----------------------------------------------------------------------------------------------------------------
