@@ -286,3 +286,33 @@ def test_latency_first_settings_are_a_valid_recipe():
     settings = _settings(INT8_DEFAULTS, LATENCY_FIRST, "int8")
     recipe = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **settings["recipe"]})
     assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"] and not INT8_DEFAULTS["quantize_attention"]
+
+
+def _executed(xml: Path, x: np.ndarray) -> dict[str, str]:
+    """{node name: "type:exec type"} of what the CPU plugin ran (perf counters), f32 compute as the runner."""
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+    req = compiled.create_infer_request()
+    req.infer({0: x})
+    return {p.node_name: f"{p.node_type}:{p.exec_type}" for p in req.get_profiling_info() if p.status == p.Status.EXECUTED}
+
+
+def test_int8_quantizes_patch_embedding(reference, calibration, tmp_path, inputs, ref_out):
+    """quantize_patch_embed: the pixels go through a FakeQuantize whose range is the calibration images' min/max,
+    the convolution's weight is an int8 constant (per output channel scale) and the CPU plugin runs it as an int8
+    convolution; the output still tracks the float reference."""
+    be = OpenVinoBackend()
+    opts = {"openvino": {"int8": {"quantize_patch_embed": True, "recipe": {"fallback_budget": 0.0, "reduce_range": False}}}}
+    q = be.build(reference, calibration, "int8", opts, tmp_path / "pe")
+    rec = q.manifest["recipe"]["patch_embed"]
+    x = np.concatenate(list(calibration.batches()))
+    assert rec["quantized"] == 1 and np.allclose(rec["input_range"], [x.min(), x.max()], atol=1e-4)
+    m = ov.Core().read_model(str(q.path))
+    conv = next(op for op in m.get_ordered_ops() if op.get_type_name() == "Convolution")
+    fq = conv.input_value(0).get_node()
+    assert fq.get_type_name() == "FakeQuantize" and np.isclose(fq.input_value(2).get_node().get_data(), x.max(), atol=1e-4)
+    w = conv.input_value(1).get_node()
+    assert w.get_type_name() == "Multiply" and w.input_value(0).get_node().input_value(0).get_element_type().get_type_name() == "i8"
+    kinds = [v for v in _executed(q.path, inputs[:1]).values() if v.startswith("Convolution")]
+    assert kinds and all("i8" in k.lower() for k in kinds), kinds
+    out = be.runner(q).run(inputs)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
