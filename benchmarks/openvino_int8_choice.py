@@ -45,6 +45,10 @@ CANDIDATES: dict[str, dict] = {
     "0.01, 8-bit, attention, percentile 99.99": {"recipe": {**FAST, "fallback_budget": 0.01, "percentile": 99.99}, "quantize_attention": True},
     "0.01, 8-bit, attention, SmoothQuant 0.7": {"recipe": {**FAST, "fallback_budget": 0.01, "smoothquant_alpha": 0.7}, "quantize_attention": True},
     "0.01, 8-bit, attention, SmoothQuant 0.3": {"recipe": {**FAST, "fallback_budget": 0.01, "smoothquant_alpha": 0.3}, "quantize_attention": True},
+    "LATENCY_FIRST, two digits 0.03": {**LATENCY_FIRST, "two_digit_budget": 0.03},
+    "LATENCY_FIRST, two digits 0.06": {**LATENCY_FIRST, "two_digit_budget": 0.06},
+    "LATENCY_FIRST, two digits 0.12": {**LATENCY_FIRST, "two_digit_budget": 0.12},
+    "0.0, 8-bit, attention, two digits 0.06": {"recipe": {**FAST, "fallback_budget": 0.0}, "quantize_attention": True, "two_digit_budget": 0.06},
 }
 
 

@@ -316,3 +316,22 @@ def test_int8_quantizes_patch_embedding(reference, calibration, tmp_path, inputs
     assert kinds and all("i8" in k.lower() for k in kinds), kinds
     out = be.runner(q).run(inputs)
     assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
+
+
+def test_int8_two_digit_inputs_replace_float_fallback(reference, calibration, tmp_path, inputs, ref_out):
+    """two_digit_budget: the most sensitive inputs (the recipe's own ranking) get a second int8 digit: a FakeQuantize
+    of the residual and a second MatMul on the same int8 weights, which the CPU plugin runs as int8 kernels; the
+    output is closer to the float reference than the same recipe's with one digit."""
+    be = OpenVinoBackend()
+    one = {"recipe": {"fallback_budget": 0.0, "reduce_range": False}}
+    a = be.build(reference, calibration, "int8", {"openvino": {"int8": one}}, tmp_path / "one")
+    b = be.build(reference, calibration, "int8", {"openvino": {"int8": {**one, "two_digit_budget": 1.0}}}, tmp_path / "two")
+    rec = b.manifest["recipe"]["two_digit"]
+    assert len(rec["inputs"]) == 8 and rec["mac_fraction"] > 0.99  # every quantized input: 4 per block, 2 blocks
+    ops_a, ops_b = _op_types(a.path), _op_types(b.path)
+    n_linears = sum(len(k["nodes"]) for k in rec["inputs"])
+    assert ops_b["FakeQuantize"] == ops_a["FakeQuantize"] + 8 and ops_b["MatMul"] == ops_a["MatMul"] + n_linears
+    int8_fc = lambda xml: sum("i8" in v.lower() for v in _executed(xml, inputs[:1]).values() if v.startswith("FullyConnected"))  # noqa: E731
+    assert int8_fc(b.path) >= int8_fc(a.path) + n_linears
+    err = lambda art: float(np.abs(be.runner(art).run(inputs) - ref_out).mean())  # noqa: E731
+    assert err(b) < 0.7 * err(a), (err(b), err(a))

@@ -80,6 +80,9 @@ INT8_DEFAULTS: dict[str, Any] = {
     "recipe": {"fallback_budget": 0.2},
     "quantize_attention": False,  # "qdq" only: int8 query/key inputs of every attention (quantize_attention)
     "quantize_patch_embed": False,  # "qdq" only: int8 patch-embedding convolution (quantize_patch_embed)
+    # "qdq" only: this fraction of linear MACs, the most sensitive inputs after those kept float (the recipe's own
+    # sensitivity ranking), get a second int8 digit instead of staying float (two_digit_inputs)
+    "two_digit_budget": 0.0,
     # "nncf" only:
     "keep_float_blocks": (0, 1),  # encoder blocks whose linears stay float (DeiT-tiny: the most sensitive ~10% of MACs)
     "percentile": 99.999,  # activation range estimator; None = NNCF's default for the model type
@@ -249,6 +252,8 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
     summary = {**summary, "kind": "static int8 (core ViT-aware QDQ recipe, converted by OpenVINO to FakeQuantize)", "method": "qdq"}
     if settings.get("quantize_attention"):
         summary["attention"] = quantize_attention(ov, model, calibration, recipe_obj.percentile if recipe_obj.calibration == "percentile" else 100.0)
+    if float(settings.get("two_digit_budget") or 0) > 0:
+        summary["two_digit"] = two_digit_inputs(ov, model, reference, calibration, recipe_obj, summary, float(settings["two_digit_budget"]), stages)
     if settings.get("quantize_patch_embed"):
         summary["patch_embed"] = quantize_patch_embed(ov, model, calibration, recipe_obj.reduce_range)
     return model, summary
@@ -287,6 +292,61 @@ def quantize_patch_embed(ov, model, calibration: Calibration, reduce_range: bool
         conv.input(0).replace_source_output(fq.output(0))
         conv.input(1).replace_source_output(deq.output(0))
     return {"quantized": len(convs), "input_range": [round(lo, 4), round(hi, 4)], "weights": f"int8 per output channel, [-{qmax}, {qmax}], round to nearest"}
+
+
+def two_digit_inputs(ov, model, reference, calibration: Calibration, recipe, summary: Mapping[str, Any], budget: float, stages=None) -> dict[str, Any]:
+    """The inputs the recipe would also keep float with ``budget`` more of the MACs (its measured sensitivity ranking,
+    shared with this build through the calibration's memo, so no new search) get a second int8 digit in ``model``."""
+    import dataclasses
+
+    wider = dataclasses.replace(recipe, fallback_budget=recipe.fallback_budget + budget)
+    _, wide = quantize_int8_shared(reference, calibration, wider, stages)
+    now = {k["activation"] for k in summary["sensitivity_fallback"]["kept_float"]}
+    chosen = [k for k in wide["sensitivity_fallback"]["kept_float"] if k["activation"] not in now]
+    done = []
+    for k in chosen:
+        fq = _activation_fq(model, k["nodes"][0])
+        if fq is None:
+            log.warning("openvino int8: no FakeQuantize in front of %s, its input keeps one digit", k["nodes"][0])
+            continue
+        two_digit_activation(fq)
+        done.append({"activation": k["activation"], "nodes": k["nodes"], "kl_alone": k["kl_alone"], "mac_fraction": k["mac_fraction"]})
+    return {"budget": budget, "inputs": done, "mac_fraction": round(sum(k["mac_fraction"] for k in done), 4)}
+
+
+def _activation_fq(model, matmul: str):
+    """The activation FakeQuantize the QDQ conversion put in front of linear ``matmul`` (ONNX node name), or None."""
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "MatMul" and op.get_friendly_name() == matmul:
+            fq = op.input_value(0).get_node()
+            return fq if fq.get_type_name() == "FakeQuantize" else None
+    return None
+
+
+def two_digit_activation(fq) -> int:
+    """Give an int8 input a second int8 digit: x ~ q1 + q2 with q1 = FQ(x) (the recipe's range) and q2 the residual
+    x - q1 quantized over one step of q1 (256 levels), and every linear fed by it computes W.q1 + W.q2 with the same
+    int8 weights: two int8 FullyConnected instead of one float one (about 16-bit activations at twice an int8
+    linear's cost, where a float fallback linear costs 3-4). Returns the number of linears rewired."""
+    from openvino import opset13
+
+    lo, hi = (float(fq.input_value(i).get_node().get_data().ravel()[0]) for i in (1, 2))
+    step = (hi - lo) / (int(fq.get_attributes()["levels"]) - 1)
+    x = fq.input_value(0)
+    r = opset13.subtract(x, fq.output(0))
+    a, b = np.float32(-step * 128 / 255), np.float32(step * 127 / 255)
+    fq2 = opset13.fake_quantize(r, a, b, a, b, 256)
+    fq2.set_friendly_name(f"{fq.get_friendly_name()}/second_digit")
+    users = [t for t in fq.output(0).get_target_inputs() if t.get_node().get_type_name() == "MatMul"]
+    for t in users:
+        mm = t.get_node()
+        attrs = mm.get_attributes()
+        second = opset13.matmul(fq2, mm.input_value(1), attrs["transpose_a"], attrs["transpose_b"])
+        consumers = list(mm.output(0).get_target_inputs())
+        total = opset13.add(mm.output(0), second)
+        for c in consumers:
+            c.replace_source_output(total.output(0))
+    return len(users)
 
 
 def _attention_sites(model) -> list[tuple[Any, int]]:
