@@ -49,6 +49,7 @@ CANDIDATES: dict[str, dict] = {
     "LATENCY_FIRST, two digits 0.06": {**LATENCY_FIRST, "two_digit_budget": 0.06},
     "LATENCY_FIRST, two digits 0.12": {**LATENCY_FIRST, "two_digit_budget": 0.12},
     "0.0, 8-bit, attention, two digits 0.06": {"recipe": {**FAST, "fallback_budget": 0.0}, "quantize_attention": True, "two_digit_budget": 0.06},
+    "LATENCY_FIRST, two digits 0.2": {**LATENCY_FIRST, "two_digit_budget": 0.2},
 }
 
 

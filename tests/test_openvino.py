@@ -319,7 +319,7 @@ def test_int8_quantizes_patch_embedding(reference, calibration, tmp_path, inputs
 
 
 def test_int8_two_digit_inputs_replace_float_fallback(reference, calibration, tmp_path, inputs, ref_out):
-    """two_digit_budget: the most sensitive inputs (the recipe's own ranking) get a second int8 digit: a FakeQuantize
+    """two_digit_budget: the inputs where it measurably helps most get a second int8 digit: a FakeQuantize
     of the residual and a second MatMul on the same int8 weights, which the CPU plugin runs as int8 kernels; the
     output is closer to the float reference than the same recipe's with one digit."""
     be = OpenVinoBackend()
@@ -327,10 +327,11 @@ def test_int8_two_digit_inputs_replace_float_fallback(reference, calibration, tm
     a = be.build(reference, calibration, "int8", {"openvino": {"int8": one}}, tmp_path / "one")
     b = be.build(reference, calibration, "int8", {"openvino": {"int8": {**one, "two_digit_budget": 1.0}}}, tmp_path / "two")
     rec = b.manifest["recipe"]["two_digit"]
-    assert len(rec["inputs"]) == 8 and rec["mac_fraction"] > 0.99  # every quantized input: 4 per block, 2 blocks
+    # every quantized input (4 per block, 2 blocks) that measurably gains, within the whole budget
+    assert 1 <= len(rec["inputs"]) <= 8 and all(k["kl_gain"] > 0 for k in rec["inputs"]) and rec["kl_one_digit"] > 0
     ops_a, ops_b = _op_types(a.path), _op_types(b.path)
     n_linears = sum(len(k["nodes"]) for k in rec["inputs"])
-    assert ops_b["FakeQuantize"] == ops_a["FakeQuantize"] + 8 and ops_b["MatMul"] == ops_a["MatMul"] + n_linears
+    assert ops_b["FakeQuantize"] == ops_a["FakeQuantize"] + len(rec["inputs"]) and ops_b["MatMul"] == ops_a["MatMul"] + n_linears
     int8_fc = lambda xml: sum("i8" in v.lower() for v in _executed(xml, inputs[:1]).values() if v.startswith("FullyConnected"))  # noqa: E731
     assert int8_fc(b.path) >= int8_fc(a.path) + n_linears
     err = lambda art: float(np.abs(be.runner(art).run(inputs) - ref_out).mean())  # noqa: E731
