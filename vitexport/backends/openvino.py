@@ -93,9 +93,10 @@ INT8_DEFAULTS: dict[str, Any] = {
     "recipe": {"fallback_budget": 0.2},
     "quantize_attention": False,  # "qdq" only: int8 query/key inputs of every attention (quantize_attention)
     "quantize_patch_embed": False,  # "qdq" only: int8 patch-embedding convolution (quantize_patch_embed)
-    # "qdq" only: this fraction of linear MACs, the most sensitive inputs after those kept float (the recipe's own
-    # sensitivity ranking), get a second int8 digit instead of staying float (two_digit_inputs)
+    # "qdq" only: up to this fraction of linear MACs, the int8 inputs where a second int8 digit measurably gains most
+    # per MAC get one (two_digit_inputs)
     "two_digit_budget": 0.0,
+    "two_digit_images": 64,  # calibration images the two-digit gains are measured on (16 did not carry to held-out ones)
     # "nncf" only:
     "keep_float_blocks": (0, 1),  # encoder blocks whose linears stay float (DeiT-tiny: the most sensitive ~10% of MACs)
     "percentile": 99.999,  # activation range estimator; None = NNCF's default for the model type
@@ -266,7 +267,7 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
     if settings.get("quantize_attention"):
         summary["attention"] = quantize_attention(ov, model, calibration, recipe_obj.percentile if recipe_obj.calibration == "percentile" else 100.0)
     if float(settings.get("two_digit_budget") or 0) > 0:
-        summary["two_digit"] = two_digit_inputs(ov, model, reference, calibration, recipe_obj, summary, float(settings["two_digit_budget"]), stages)
+        summary["two_digit"] = two_digit_inputs(ov, model, reference, calibration, summary, float(settings["two_digit_budget"]), int(settings["two_digit_images"]), stages)
     if settings.get("quantize_patch_embed"):
         summary["patch_embed"] = quantize_patch_embed(ov, model, calibration, recipe_obj.reduce_range)
     return model, summary
@@ -330,18 +331,18 @@ def _two_digit_candidates(model) -> list[tuple[str, list[str], int]]:
     return out
 
 
-def two_digit_inputs(ov, model, reference, calibration: Calibration, recipe, summary: Mapping[str, Any], budget: float, stages=None) -> dict[str, Any]:
+def two_digit_inputs(ov, model, reference, calibration: Calibration, summary: Mapping[str, Any], budget: float, images: int, stages=None) -> dict[str, Any]:
     """Give a second int8 digit to the inputs where it helps most per MAC, up to ``budget`` of the linear MACs.
 
     Measured, not guessed: each int8 input gets the second digit alone and the KL of the model's outputs to the float
-    reference's on ``recipe.fallback_images`` calibration images is compared with the one-digit model's. The float
+    reference's on ``images`` calibration images is compared with the one-digit model's. The float
     fallback's ranking does not serve here: it scores weight and activation error together, and a second digit
     removes only the activation's (on DeiT-tiny its top input, the last fc2, gained nothing on held-out images)."""
     from ..quantization.divergence import kl_divergence
 
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32"}
-    x = _first_images(calibration, recipe.fallback_images)
+    x = _first_images(calibration, images)
     ref = core.compile_model(ov.convert_model(str(reference.path)), "CPU", config)({0: x})[0]
     base = kl_divergence(ref, core.compile_model(model, "CPU", config)({0: x})[0])
     cands = _two_digit_candidates(model)
