@@ -50,6 +50,8 @@ CANDIDATES: dict[str, dict] = {
     "LATENCY_FIRST, two digits 0.12": {**LATENCY_FIRST, "two_digit_budget": 0.12},
     "0.0, 8-bit, attention, two digits 0.06": {"recipe": {**FAST, "fallback_budget": 0.0}, "quantize_attention": True, "two_digit_budget": 0.06},
     "LATENCY_FIRST, two digits 0.2": {**LATENCY_FIRST, "two_digit_budget": 0.2},
+    "LATENCY_FIRST, two digits 0.03, fc2 only": {**LATENCY_FIRST, "two_digit_budget": 0.03, "two_digit_roles": ("fc2",)},
+    "LATENCY_FIRST, two digits 0.06, fc2 only": {**LATENCY_FIRST, "two_digit_budget": 0.06, "two_digit_roles": ("fc2",)},
     "LATENCY_FIRST, two digits 0.03 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.03, "two_digit_images": 16},
     "LATENCY_FIRST, two digits 0.06 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.06, "two_digit_images": 16},
 }

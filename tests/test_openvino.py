@@ -336,3 +336,13 @@ def test_int8_two_digit_inputs_replace_float_fallback(reference, calibration, tm
     assert int8_fc(b.path) >= int8_fc(a.path) + n_linears
     err = lambda art: float(np.abs(be.runner(art).run(inputs) - ref_out).mean())  # noqa: E731
     assert err(b) < 0.7 * err(a), (err(b), err(a))
+
+
+def test_int8_two_digit_roles_limit_the_candidates(reference, calibration, tmp_path):
+    """two_digit_roles: only inputs of linears with those roles may get a second digit."""
+    from vitexport.quantization.graph import find_linears
+
+    fc2 = {l.node.name for l in find_linears(reference.load()) if l.role == "fc2"}
+    opts = {"recipe": {"fallback_budget": 0.0}, "two_digit_budget": 1.0, "two_digit_roles": ["fc2"]}
+    rec = OpenVinoBackend().build(reference, calibration, "int8", {"openvino": {"int8": opts}}, tmp_path / "fc2").manifest["recipe"]["two_digit"]
+    assert rec["roles"] == ["fc2"] and rec["inputs"] and all(set(k["nodes"]) <= fc2 for k in rec["inputs"])

@@ -98,6 +98,7 @@ INT8_DEFAULTS: dict[str, Any] = {
     # "qdq" only: up to this fraction of linear MACs, the int8 inputs where a second int8 digit measurably gains most
     # per MAC get one (two_digit_inputs)
     "two_digit_budget": 0.0,
+    "two_digit_roles": ("qkv", "attn_out", "fc1", "fc2"),  # linear roles whose inputs may get a second digit
     "two_digit_images": 64,  # calibration images the two-digit gains are measured on (16 did not carry to held-out ones)
     # "nncf" only:
     "keep_float_blocks": (0, 1),  # encoder blocks whose linears stay float (DeiT-tiny: the most sensitive ~10% of MACs)
@@ -269,7 +270,7 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
     if settings.get("quantize_attention"):
         summary["attention"] = quantize_attention(ov, model, calibration, recipe_obj.percentile if recipe_obj.calibration == "percentile" else 100.0)
     if float(settings.get("two_digit_budget") or 0) > 0:
-        summary["two_digit"] = two_digit_inputs(ov, model, reference, calibration, summary, float(settings["two_digit_budget"]), int(settings["two_digit_images"]), stages)
+        summary["two_digit"] = two_digit_inputs(ov, model, reference, calibration, summary, float(settings["two_digit_budget"]), int(settings["two_digit_images"]), stages, tuple(settings["two_digit_roles"]))
     if settings.get("quantize_patch_embed"):
         summary["patch_embed"] = quantize_patch_embed(ov, model, calibration, recipe_obj.reduce_range)
     return model, summary
@@ -333,7 +334,7 @@ def _two_digit_candidates(model) -> list[tuple[str, list[str], int]]:
     return out
 
 
-def two_digit_inputs(ov, model, reference, calibration: Calibration, summary: Mapping[str, Any], budget: float, images: int, stages=None) -> dict[str, Any]:
+def two_digit_inputs(ov, model, reference, calibration: Calibration, summary: Mapping[str, Any], budget: float, images: int, stages=None, roles: tuple[str, ...] = ("qkv", "attn_out", "fc1", "fc2")) -> dict[str, Any]:
     """Give a second int8 digit to the inputs where it helps most per MAC, up to ``budget`` of the linear MACs.
 
     Measured, not guessed: each int8 input gets the second digit alone and the KL of the model's outputs to the float
@@ -347,7 +348,10 @@ def two_digit_inputs(ov, model, reference, calibration: Calibration, summary: Ma
     x = _first_images(calibration, images)
     ref = core.compile_model(ov.convert_model(str(reference.path)), "CPU", config)({0: x})[0]
     base = kl_divergence(ref, core.compile_model(model, "CPU", config)({0: x})[0])
-    cands = _two_digit_candidates(model)
+    from ..quantization.graph import find_linears
+
+    role = {l.node.name: l.role for l in find_linears(reference.load())}
+    cands = [c for c in _two_digit_candidates(model) if all(role.get(n) in roles for n in c[1])]
     float_macs = sum(k["mac_fraction"] for k in summary["sensitivity_fallback"]["kept_float"])
     total = sum(m for _, _, m in cands) / max(1.0 - float_macs, 1e-9)
     gains = []
@@ -366,7 +370,7 @@ def two_digit_inputs(ov, model, reference, calibration: Calibration, summary: Ma
         used += macs
         two_digit_activation(next(op for op in model.get_ordered_ops() if op.get_friendly_name() == name))
         done.append({"fake_quantize": name, "nodes": nodes, "kl_gain": float(f"{gain:.3g}"), "mac_fraction": round(macs / total, 4)})
-    return {"budget": budget, "images": len(x), "kl_one_digit": float(f"{base:.3g}"), "inputs": done, "mac_fraction": round(used / total, 4)}
+    return {"budget": budget, "roles": list(roles), "images": len(x), "kl_one_digit": float(f"{base:.3g}"), "inputs": done, "mac_fraction": round(used / total, 4)}
 
 
 def _activation_fq(model, matmul: str):
