@@ -346,3 +346,4 @@ def test_int8_two_digit_roles_limit_the_candidates(reference, calibration, tmp_p
     opts = {"recipe": {"fallback_budget": 0.0}, "two_digit_budget": 1.0, "two_digit_roles": ["fc2"]}
     rec = OpenVinoBackend().build(reference, calibration, "int8", {"openvino": {"int8": opts}}, tmp_path / "fc2").manifest["recipe"]["two_digit"]
     assert rec["roles"] == ["fc2"] and rec["inputs"] and all(set(k["nodes"]) <= fc2 for k in rec["inputs"])
+    assert rec["mac_fraction"] < 0.6  # a fraction of all linear MACs, of which the fc2 inputs are under half

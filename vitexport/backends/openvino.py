@@ -351,9 +351,10 @@ def two_digit_inputs(ov, model, reference, calibration: Calibration, summary: Ma
     from ..quantization.graph import find_linears
 
     role = {l.node.name: l.role for l in find_linears(reference.load())}
-    cands = [c for c in _two_digit_candidates(model) if all(role.get(n) in roles for n in c[1])]
+    every = _two_digit_candidates(model)
     float_macs = sum(k["mac_fraction"] for k in summary["sensitivity_fallback"]["kept_float"])
-    total = sum(m for _, _, m in cands) / max(1.0 - float_macs, 1e-9)
+    total = sum(m for _, _, m in every) / max(1.0 - float_macs, 1e-9)  # the budget is a fraction of all linear MACs
+    cands = [c for c in every if all(role.get(n) in roles for n in c[1])]
     gains = []
     from ..progress import stages_of
 
