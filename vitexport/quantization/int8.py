@@ -74,12 +74,17 @@ class Int8Recipe:
     fallback_budget: float = 0.1  # at most this fraction of quantizable linear MACs may stay float, most sensitive first
     fallback_images: int = 16  # calibration images used to measure each input's sensitivity
     compensate_activations: bool = True  # GPTQ target is the float output X W from quantized inputs Q(X), not Q(X) W
+    # the Q of that compensation (and of GPTQ's Hessian Q^T Q): "static", this recipe's ranges (the QDQ model's own);
+    # "dynamic_row", each row's own min/max int8 as XNNPACK's dynamically quantized fully-connected does it (LiteRT)
+    activation_quantizer: str = "static"
     keep_float: tuple[str, ...] = ()  # linears left float: node names, or "role" / "block:role" / "block" selectors
     calibration_threads: int = 0  # onnxruntime intra-op threads during calibration (0 = default)
 
     def __post_init__(self):
         if self.weight_rounding not in ("gptq", "rtn"):
             raise ValueError(f"weight_rounding must be 'gptq' or 'rtn', not {self.weight_rounding!r}")
+        if self.activation_quantizer not in ("static", "dynamic_row"):
+            raise ValueError(f"activation_quantizer must be 'static' or 'dynamic_row', not {self.activation_quantizer!r}")
         if self.calibration not in CALIBRATION_METHODS:
             raise ValueError(f"calibration must be one of {CALIBRATION_METHODS}, not {self.calibration!r}")
         bad = set(self.roles) - {"qkv", "attn_out", "fc1", "fc2", "head", "patch_embed", "other"}
@@ -271,15 +276,30 @@ def quantize_weight(w: np.ndarray, axis: int, reduce_range: bool, per_channel: b
     return q, scale.astype(np.float32)
 
 
+def dynamic_row_qdq(x: np.ndarray) -> np.ndarray:
+    """Quantize-dequantize each row of ``x`` [M, K] as XNNPACK's dynamically quantized fully-connected does (qd8):
+    asymmetric int8 over the row's own range widened to include 0, zero point nudged to an integer
+    (xnn_f32_qd8_asymmetric_quantization_params, f32-qs8-vcvt), all in float32."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.minimum(x.min(axis=1), 0).astype(np.float32), np.maximum(x.max(axis=1), 0).astype(np.float32)
+    mult = np.where(hi == lo, np.float32(1), np.float32(255) / np.where(hi == lo, 1, hi - lo)).astype(np.float32)
+    dmin, dmax = lo * mult, hi * mult
+    zp = np.rint(np.clip(np.where((-128 + dmin) + (127 + dmax) > 0, -128 - dmin, 127 - dmax), -128, 127)).astype(np.float32)
+    q = np.clip(np.rint(x * mult[:, None]) + zp[:, None], -128, 127)
+    return ((q - zp[:, None]) * (np.float32(1) / mult)[:, None]).astype(np.float32)
+
+
 class _QuantizedGramObserver:
     """Streaming Q(X)^T Q(X) and Q(X)^T X per tensor ([K, K]); Q is the activation's own QuantizeLinear.
 
-    With no qparams for a tensor it keeps plain X^T X (then Q(X) = X).
+    With no qparams for a tensor it keeps plain X^T X (then Q(X) = X); with ``dynamic``, Q is ``dynamic_row_qdq``
+    for every tensor.
     """
 
-    def __init__(self, qparams: dict[str, tuple[np.ndarray, np.ndarray]], shifts: dict[str, float] | None = None):
+    def __init__(self, qparams: dict[str, tuple[np.ndarray, np.ndarray]], shifts: dict[str, float] | None = None, dynamic: bool = False):
         self.qparams = qparams
         self.shifts = shifts or {}
+        self.dynamic = dynamic
         self.qq: dict[str, np.ndarray] = {}
         self.qx: dict[str, np.ndarray] = {}
 
@@ -288,7 +308,10 @@ class _QuantizedGramObserver:
 
         x = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
         xq = x
-        if name in self.qparams:
+        if self.dynamic:
+            xq = dynamic_row_qdq(x)
+            self.qx[name] = self.qx.get(name, 0) + gram(xq, x, np.float32)
+        elif name in self.qparams:
             scale, zp = self.qparams[name]
             lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
             z = float(zp)
@@ -826,10 +849,11 @@ def _gptq_inputs(work: onnx.ModelProto, acts: list[str], ranges: dict[str, tuple
     key = smoothing_key(recipe)
     shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
     qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
-    grams = memo((key, "quantized-gram", recipe.compensate_activations), dict)  # act -> (Q^T Q, Q^T X): a recipe with the same ranges reuses what is there
+    dynamic = recipe.compensate_activations and recipe.activation_quantizer == "dynamic_row"
+    grams = memo((key, "quantized-gram", recipe.compensate_activations, dynamic), dict)  # act -> (Q^T Q, Q^T X): a recipe with the same ranges reuses what is there
     missing = [a for a in acts if a not in grams]
     if missing:
-        obs = _QuantizedGramObserver({a: qparams[a] for a in missing} if recipe.compensate_activations else {}, shifts)
+        obs = _QuantizedGramObserver({a: qparams[a] for a in missing} if recipe.compensate_activations else {}, shifts, dynamic=dynamic)
         with stages.stage("quantized-input Gram matrices", total=images) as tick:
             stream_activations(work, missing, batches, obs, threads=recipe.calibration_threads, progress=_both(tick, progress))
         for a in missing:
@@ -838,7 +862,7 @@ def _gptq_inputs(work: onnx.ModelProto, acts: list[str], ranges: dict[str, tuple
     return _GptqInputs(
         hessians={a: grams[a][0] for a in acts},
         targets={a: grams[a][1] for a in acts} if recipe.compensate_activations else None,
-        key=(key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, recipe.compensate_activations),
+        key=(key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, recipe.compensate_activations, dynamic),
         passes=int(bool(missing)),
     )
 
