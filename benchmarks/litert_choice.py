@@ -205,6 +205,8 @@ RECIPES = {
     "compensate static Q, no fallback": {"fallback_budget": 0.0},
     "compensate dynamic Q, no fallback": {"activation_quantizer": "dynamic_row", "fallback_budget": 0.0},
     "no compensation, no fallback": {"compensate_activations": False, "fallback_budget": 0.0},
+    # the clamps at the static ranges only keep LayerNorm out of the FC weights; the kernel picks each row's range
+    "compensate dynamic Q, fallback 0.1, wide clamps": {"activation_quantizer": "dynamic_row", "clamp": "wide"},
 }
 
 
@@ -223,10 +225,14 @@ def dynamic_candidates(spec, fit: np.ndarray, work: Path) -> tuple[dict[str, Pat
     with L._quiet():
         L._convert(L._AppModule(spec.load_torch(), spec.preprocessing).eval(), torch.rand(1, h, w, 3) * 255, fp)
     paths["litert float (fp32 weights, no clamps)"] = fp
+    chosen = [a for a in sys.argv[1:] if not a.startswith("--")]  # names of RECIPES to run (default: all)
     for k, (name, overrides) in enumerate(RECIPES.items()):
+        if chosen and name not in chosen:
+            continue
         head = spec.load_torch()
-        int8 = L._carry_int8_recipe(head, ref, cal, {"litert": {"int8": {"recipe": {"reduce_range": False, **overrides}}}})
-        L._clamp_inputs(head, int8.ranges)
+        recipe = {key: v for key, v in overrides.items() if key != "clamp"}
+        int8 = L._carry_int8_recipe(head, ref, cal, {"litert": {"int8": {"recipe": {"reduce_range": False, **recipe}}}})
+        L._clamp_inputs(head, int8.ranges if overrides.get("clamp", "recipe") == "recipe" else {m: (-L.WIDE_CLAMP, L.WIDE_CLAMP) for m in int8.ranges})
         path = work / f"recipe-{k}.float.tflite"
         with L._quiet():
             L._convert(L._AppModule(head, spec.preprocessing).eval(), torch.rand(1, h, w, 3) * 255, path)
@@ -265,10 +271,14 @@ def main_dynamic(shared: Path, out: Path) -> int:
     lines = [f"Produced by `python benchmarks/litert_choice.py --dynamic-recipe`: {len(fit)} calibration images fit each recipe, {len(held)} held-out "
              "calibration images choose (the evaluation split is not used). LiteRT int8 with dynamic activations, against the fp32 reference's logits; "
              "KL: mean KL(reference || candidate) of the softmax; p50: batch 1, 1 thread, interleaved, shared 2-core host.", "",
-             "| recipe carried | int8 linears | inputs kept float | agree | KL | cosine mean (min) | relative logit error | p50 ms |", "|---|---|---|---|---|---|---|---|"]
+             "| recipe carried | int8 linears | inputs kept float | agree | KL | cosine mean (min) | relative logit error | higher / lower cosine than the first int8 row | p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = np.array(rows[next(iter(RECIPES))]["per_image_cosine"]) if next(iter(RECIPES)) in rows else None
     for name, r in rows.items():
+        c = np.array(r["per_image_cosine"])
+        paired = f"{int((c > base).sum())} / {int((c < base).sum())}" if base is not None and r.get("quantized") else "–"
         lines.append(f"| {name} | {r.get('quantized', 0)} | {len(r.get('kept_float_inputs', []))} | {r['agree']} | {r['kl']:.6f} | {r['cosine_mean']:.5f} "
-                     f"({r['cosine_min']:.4f}) | {r['relative_logit_error']:.4f} | {r.get('p50_ms_1_thread', '–')} |")
+                     f"({r['cosine_min']:.4f}) | {r['relative_logit_error']:.4f} | {paired} | {r.get('p50_ms_1_thread', '–')} |")
     (out / "litert-choice-dynamic.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -253,7 +253,11 @@ def test_litert_int8_carries_the_recipes_gptq_codes(litert_build, reference, tin
     spec = ModelSpec.load(str(tiny_vit))
     imgs = ImageSet.from_folder(str(CALIB), spec.preprocessing, spec.id2label, None, limit=16)
     x = np.stack([imgs.load(i) for i in range(len(imgs))])
-    q, summary = quantize_int8(reference.load(), lambda: iter([x]), Int8Recipe(reduce_range=False))
+    from vitexport.backends.litert import DYNAMIC_RECIPE
+
+    # the recipe dynamic activations carry (the default): GPTQ compensating XNNPACK's per-row quantization
+    assert all(i8["recipe"][k] == v for k, v in DYNAMIC_RECIPE.items())
+    q, summary = quantize_int8(reference.load(), lambda: iter([x]), Int8Recipe(reduce_range=False, **DYNAMIC_RECIPE))
     inits = {t.name: t for t in q.graph.initializer}
     producer = {o: n for n in q.graph.node for o in n.output}
     nodes = {n.name: n for n in q.graph.node}
