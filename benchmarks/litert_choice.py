@@ -17,6 +17,14 @@ Reported against the fp32 reference's logits on the held-out images: top-1 agree
 beside the core recipe's ONNX Runtime QDQ model (same fit images) and the float model with the recipe's weights; the
 static model's error per int8 FC split into what its output rounding adds and what its input quantization adds; batch-1
 latency at 1 thread, interleaved (shared host: compare ratios).
+
+    python benchmarks/litert_choice.py --dynamic-recipe   # ~15 min; writes benchmarks/results/litert-choice-dynamic.*
+
+chooses, on the same 41 held-out images, what the dynamic model carries (RECIPES below): GPTQ compensating the
+static recipe's Q(X) (its percentile ranges), XNNPACK's per-row dynamic Q(X) (vitexport.quantization.int8.dynamic_row_qdq,
+checked against the kernel by tests/test_litert.py), or nothing (plain GPTQ on float X^T X); with or without the
+sensitivity fallback (scored with static ranges); clamps at the recipe's ranges or clamps that clip nothing. Adds the
+mean KL of the softmax to fp32 and, per image, whether the cosine is higher or lower than the first int8 row's.
 """
 
 from __future__ import annotations

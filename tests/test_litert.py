@@ -284,6 +284,7 @@ def test_litert_int8_carries_the_recipes_gptq_codes(litert_build, reference, tin
         assert len(hit) == 1 and np.array_equal(hit[0], codes)
     # dynamic int8 activations (the default): every int8 FULLY_CONNECTED reads and writes float, no QUANTIZE op
     assert art.manifest["recipe"]["int8_activations"] == "dynamic" and "QUANTIZE" not in art.manifest["recipe"]["ops"]
+    assert "clip nothing" in i8["clamps"]  # the kernel takes each row's own range: the static ranges would only clip
     assert _int8_fc_io_types(art.path) == {(schema.TensorType.FLOAT32, schema.TensorType.FLOAT32)}
 
 
@@ -359,6 +360,8 @@ def test_litert_static_int8_requantizes_fc_outputs(litert_build, tiny_vit, tmp_p
                                 num_calib=16, num_eval=16, out=str(out), latency=False, options={"litert": {"int8_activations": "static"}}))
     art = Artifact.load(out / "litert-int8")
     assert art.manifest["recipe"]["int8_activations"] == "static" and art.manifest["recipe"]["ops"].get("QUANTIZE", 0) >= 1
+    assert art.manifest["recipe"]["int8"]["clamps"] == "the recipe's activation ranges"
+    assert art.manifest["recipe"]["int8"]["recipe"]["activation_quantizer"] == "static"
     assert _int8_fc_io_types(art.path) == {(schema.TensorType.INT8, schema.TensorType.INT8)}
     assert art.manifest["recipe"]["int8"]["placed"]["int8_fully_connected"] == Artifact.load(litert_build[0] / "litert-int8").manifest["recipe"]["int8"]["placed"]["int8_fully_connected"]
     static = next(r for r in report.rows if r.name == "litert-int8").accuracy

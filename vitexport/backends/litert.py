@@ -16,10 +16,12 @@ The whole story of this target is here:
 - **Precisions**: ``fp32``; ``fp16`` (float16 weights with DEQUANTIZE, what the GPU delegate consumes directly;
   ai-edge-quantizer's float casting); ``int8``: int8 on the linear layers as LiteRT's XNNPACK kernels run it (int8
   weights per channel, int8 activations), carrying the ViT-aware recipe's decisions (vitexport.quantization.int8:
-  SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, calibrated activation ranges as clamps,
-  which inputs stay float), written through ai-edge-quantizer. Activations are dynamic by default (quantized at run time by
-  the kernel, float outputs, as ONNX's QDQ MatMul gives): TFLite's static int8 FULLY_CONNECTED also requantizes its
-  output to int8, which doubled the error on held-out calibration images (``int8_activations = "static"`` keeps it);
+  SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, which inputs stay float), written through
+  ai-edge-quantizer. Activations are dynamic by default (quantized at run time by the kernel, each row with its own
+  range, float outputs, as ONNX's QDQ MatMul gives), and GPTQ then compensates that per-row quantization (the
+  recipe's ``activation_quantizer = "dynamic_row"``, an exact emulation of XNNPACK's) with clamps that clip nothing:
+  TFLite's static int8 FULLY_CONNECTED also requantizes its output to int8, which doubled the error on held-out
+  calibration images (``int8_activations = "static"`` keeps it, with the recipe's ranges as clamps and int8 grids);
   ``int8_method = "stock"`` gives ai-edge-quantizer's own ``static_wi8_ai8`` recipe (every supported op, min/max
   ranges) instead, the baseline the recipe is measured against.
 - **Measuring.** The runner is ``ai_edge_litert.interpreter.Interpreter``: the real LiteRT runtime with its default
