@@ -165,6 +165,27 @@ def test_gram_observer_compensates_for_the_dynamic_quantizer():
         Int8Recipe(activation_quantizer="dynamic")
 
 
+def test_dynamic_row_recipe_has_its_own_gram_and_codes(reference):
+    """The dynamic recipe's GPTQ codes differ from the static recipe's and are never taken from its memo entries
+    (the build shares one memo between recipes): the same codes with and without the static recipe run first."""
+    import onnx
+
+    from vitexport.quantization.int8 import Int8Recipe, quantize_int8
+
+    x = np.random.default_rng(2).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    static, dynamic = Int8Recipe(reduce_range=False, fallback_budget=0.0), Int8Recipe(reduce_range=False, fallback_budget=0.0, activation_quantizer="dynamic_row")
+    store: dict = {}
+    memo = lambda k, f: store[k] if k in store else store.setdefault(k, f())  # noqa: E731
+    w = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_weight_quantized")}  # noqa: E731
+    a = w(quantize_int8(reference.load(), lambda: iter([x]), static, memo=memo)[0])
+    b, summary = quantize_int8(reference.load(), lambda: iter([x]), dynamic, memo=memo)
+    c = w(quantize_int8(reference.load(), lambda: iter([x]), dynamic)[0])
+    b = w(b)
+    assert summary["recipe"]["activation_quantizer"] == "dynamic_row" and a.keys() == b.keys() == c.keys()
+    assert all(np.array_equal(b[k], c[k]) for k in b)
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.skipif(HAVE_LITERT, reason="litert-torch is installed here")
 def test_missing_litert_is_one_clear_line(tiny_vit, tmp_path):
     p = subprocess.run([sys.executable, "-m", "vitexport.cli", "build", "--model", str(tiny_vit), "--backend", "litert", "--precision", "fp32",
