@@ -121,6 +121,25 @@ def test_compensation_absorbs_deterministic_activation_error():
     assert np.linalg.norm(x @ w - xq @ w2) < np.linalg.norm(x @ w - xq @ w)
 
 
+def test_observer_keeps_the_compensation_target_of_narrow_layers_directly():
+    """For a [K, N] layer with N < K the pass keeps Q^T (X - Q) W instead of Q^T X: the same corrected weight."""
+    from vitexport.quantization.int8 import _QuantizedGramObserver, activation_qparams
+
+    x, w = _layer(2, k=96, n=24)
+    x = np.where(x > 0, x, 0.05 * x).astype(np.float32)
+    qp = {"a": activation_qparams(float(x.min()), float(x.max()), False)}
+    full, narrow = _QuantizedGramObserver(qp), _QuantizedGramObserver(qp, right={"a": w.astype(np.float32)})
+    for part in np.array_split(x, 4):
+        full("a", part)
+        narrow("a", part)
+    assert narrow.qx["a"].shape == (96, 24) and full.qx["a"].shape == (96, 96)
+    np.testing.assert_array_equal(narrow.qq["a"], full.qq["a"])
+    w_full = compensate(w.T, full.qq["a"], full.qx["a"], damp=0.01)
+    w_narrow = compensate(w.T, narrow.qq["a"], None, damp=0.01, rhs=narrow.qx["a"])
+    assert not np.allclose(w_full, w.T, atol=1e-4)  # the correction is not nothing
+    np.testing.assert_allclose(w_narrow, w_full, rtol=0, atol=2e-4 * np.abs(w).max())
+
+
 def test_sensitivity_fallback_respects_its_budget(tiny_onnx):
     _, summary = quantize_int8(tiny_onnx, _batches(), Int8Recipe(fallback_budget=0.3, fallback_images=4))
     kept = summary["sensitivity_fallback"]["kept_float"]

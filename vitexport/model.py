@@ -50,6 +50,15 @@ class ModelSpec:
         h, w = self.preprocessing.output_size
         return (int(self.config.get("num_channels", 3)), h, w)
 
+    @property
+    def activation_bytes_per_image(self) -> int:
+        """float32 bytes of the linear layers' inputs for one image (what a calibration pass fetches per image)."""
+        h, w = self.preprocessing.output_size
+        patch = int(self.config.get("patch_size", 16))
+        tokens = (h // patch) * (w // patch) + 2  # + class (and DeiT's distillation) token: an upper bound
+        inter = int(self.config.get("intermediate_size", 4 * self.hidden_size))
+        return tokens * (3 * self.hidden_size + inter) * 4 * self.num_layers
+
     @classmethod
     def load(cls, source: str | Path, trust_pickle: bool = False) -> "ModelSpec":
         src = str(source)

@@ -37,3 +37,18 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
             raise
         name = what or (str(model) if isinstance(model, (str, Path)) else "the model")
         raise VitexportError(f"onnxruntime cannot load {name}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by dropped sessions, model copies and statistics back to the OS.
+
+    glibc keeps freed heap memory for reuse; after a ViT-Base search (a session per block) that was 2.3 GB of RSS
+    which the next step's peak stacked on. Elsewhere (macOS, musl) there is nothing to do."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass

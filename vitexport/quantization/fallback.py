@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..ort_session import ort_session
+from ..ort_session import ort_session, release_freed_memory
 from .divergence import kl_divergence as _kl
 from .graph import GraphIndex, Linear
 
@@ -190,9 +190,11 @@ def score_candidates(
             feeds = [{start: c} for c in captured[start]]
             if any(i.name == input_name for i in sub.graph.input):
                 feeds = [{**f, input_name: c} for f, c in zip(feeds, chunks)]
-        sess = _session(sub, threads)
-        present = {i.name for i in sess.get_inputs()}
+        payload = sub.SerializeToString()  # the proto copy goes before the session makes its own
         del sub
+        sess = _session(payload, threads)
+        del payload
+        present = {i.name for i in sess.get_inputs()}
         for act in acts:
             if gates[act] not in present:
                 orphans.append(act)
@@ -203,4 +205,5 @@ def score_candidates(
             if progress is not None:
                 progress(1)
         del sess
+        release_freed_memory()
     return scores
