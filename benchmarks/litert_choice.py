@@ -215,6 +215,7 @@ RECIPES = {
     "no compensation, no fallback": {"compensate_activations": False, "fallback_budget": 0.0},
     # the clamps at the static ranges only keep LayerNorm out of the FC weights; the kernel picks each row's range
     "compensate dynamic Q, fallback 0.1, wide clamps": {"activation_quantizer": "dynamic_row", "clamp": "wide"},
+    "compensate static Q, fallback 0.1, wide clamps": {"clamp": "wide"},
 }
 
 
@@ -275,7 +276,11 @@ def main_dynamic(shared: Path, out: Path) -> int:
             rows[name]["p50_ms_1_thread"] = ms
     result = {"command": "python benchmarks/litert_choice.py --dynamic-recipe", "fit_images": len(fit), "held_out_images": len(held), "rows": rows,
               "note": "held-out calibration images only; every int8 row: dynamic int8 activations; latency interleaved on a shared host: compare ratios"}
-    (out / "litert-choice-dynamic.json").write_text(json.dumps(result, indent=2) + "\n")
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    stem = "litert-choice-dynamic" + ("-subset" if names else "")  # a run of named RECIPES only keeps the full table
+    if names:
+        result["command"] += " " + " ".join(f"'{n}'" for n in names)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"Produced by `python benchmarks/litert_choice.py --dynamic-recipe`: {len(fit)} calibration images fit each recipe, {len(held)} held-out "
              "calibration images choose (the evaluation split is not used). LiteRT int8 with dynamic activations, against the fp32 reference's logits; "
              "KL: mean KL(reference || candidate) of the softmax; p50: batch 1, 1 thread, interleaved, shared 2-core host.", "",
@@ -287,7 +292,8 @@ def main_dynamic(shared: Path, out: Path) -> int:
         paired = f"{int((c > base).sum())} / {int((c < base).sum())}" if base is not None and r.get("quantized") else "–"
         lines.append(f"| {name} | {r.get('quantized', 0)} | {len(r.get('kept_float_inputs', []))} | {r['agree']} | {r['kl']:.6f} | {r['cosine_mean']:.5f} "
                      f"({r['cosine_min']:.4f}) | {r['relative_logit_error']:.4f} | {paired} | {r.get('p50_ms_1_thread', '–')} |")
-    (out / "litert-choice-dynamic.md").write_text("\n".join(lines) + "\n")
+    lines[0] = lines[0].replace("`python benchmarks/litert_choice.py --dynamic-recipe`", f"`{result['command']}`")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
