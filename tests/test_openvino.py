@@ -286,3 +286,64 @@ def test_latency_first_settings_are_a_valid_recipe():
     settings = _settings(INT8_DEFAULTS, LATENCY_FIRST, "int8")
     recipe = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **settings["recipe"]})
     assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"] and not INT8_DEFAULTS["quantize_attention"]
+
+
+def _executed(xml: Path, x: np.ndarray) -> dict[str, str]:
+    """{node name: "type:exec type"} of what the CPU plugin ran (perf counters), f32 compute as the runner."""
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+    req = compiled.create_infer_request()
+    req.infer({0: x})
+    return {p.node_name: f"{p.node_type}:{p.exec_type}" for p in req.get_profiling_info() if p.status == p.Status.EXECUTED}
+
+
+def test_int8_quantizes_patch_embedding(reference, calibration, tmp_path, inputs, ref_out):
+    """quantize_patch_embed: the pixels go through a FakeQuantize whose range is the calibration images' min/max,
+    the convolution's weight is an int8 constant (per output channel scale) and the CPU plugin runs it as an int8
+    convolution; the output still tracks the float reference."""
+    be = OpenVinoBackend()
+    opts = {"openvino": {"int8": {"quantize_patch_embed": True, "recipe": {"fallback_budget": 0.0, "reduce_range": False}}}}
+    q = be.build(reference, calibration, "int8", opts, tmp_path / "pe")
+    rec = q.manifest["recipe"]["patch_embed"]
+    x = np.concatenate(list(calibration.batches()))
+    assert rec["quantized"] == 1 and np.allclose(rec["input_range"], [x.min(), x.max()], atol=1e-4)
+    m = ov.Core().read_model(str(q.path))
+    conv = next(op for op in m.get_ordered_ops() if op.get_type_name() == "Convolution")
+    fq = conv.input_value(0).get_node()
+    assert fq.get_type_name() == "FakeQuantize" and np.isclose(fq.input_value(2).get_node().get_data(), x.max(), atol=1e-4)
+    w = conv.input_value(1).get_node()
+    assert w.get_type_name() == "Multiply" and w.input_value(0).get_node().input_value(0).get_element_type().get_type_name() == "i8"
+    kinds = [v for v in _executed(q.path, inputs[:1]).values() if v.startswith("Convolution")]
+    assert kinds and all("i8" in k.lower() for k in kinds), kinds
+    out = be.runner(q).run(inputs)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
+
+
+def test_int8_two_digit_inputs_replace_float_fallback(reference, calibration, tmp_path, inputs, ref_out):
+    """two_digit_budget: the inputs where it measurably helps most get a second int8 digit: a FakeQuantize
+    of the residual and a second MatMul on the same int8 weights, which the CPU plugin runs as int8 kernels; the
+    output is closer to the float reference than the same recipe's with one digit."""
+    be = OpenVinoBackend()
+    one = {"recipe": {"fallback_budget": 0.0, "reduce_range": False}}
+    a = be.build(reference, calibration, "int8", {"openvino": {"int8": one}}, tmp_path / "one")
+    b = be.build(reference, calibration, "int8", {"openvino": {"int8": {**one, "two_digit_budget": 1.0}}}, tmp_path / "two")
+    rec = b.manifest["recipe"]["two_digit"]
+    # every quantized input (4 per block, 2 blocks) that measurably gains, within the whole budget
+    assert 1 <= len(rec["inputs"]) <= 8 and all(k["kl_gain"] > 0 for k in rec["inputs"]) and rec["kl_one_digit"] > 0
+    ops_a, ops_b = _op_types(a.path), _op_types(b.path)
+    n_linears = sum(len(k["nodes"]) for k in rec["inputs"])
+    assert ops_b["FakeQuantize"] == ops_a["FakeQuantize"] + len(rec["inputs"]) and ops_b["MatMul"] == ops_a["MatMul"] + n_linears
+    int8_fc = lambda xml: sum("i8" in v.lower() for v in _executed(xml, inputs[:1]).values() if v.startswith("FullyConnected"))  # noqa: E731
+    assert int8_fc(b.path) >= int8_fc(a.path) + n_linears
+    err = lambda art: float(np.abs(be.runner(art).run(inputs) - ref_out).mean())  # noqa: E731
+    assert err(b) < 0.7 * err(a), (err(b), err(a))
+
+
+def test_int8_two_digit_roles_limit_the_candidates(reference, calibration, tmp_path):
+    """two_digit_roles: only inputs of linears with those roles may get a second digit."""
+    from vitexport.quantization.graph import find_linears
+
+    fc2 = {l.node.name for l in find_linears(reference.load()) if l.role == "fc2"}
+    opts = {"recipe": {"fallback_budget": 0.0}, "two_digit_budget": 1.0, "two_digit_roles": ["fc2"]}
+    rec = OpenVinoBackend().build(reference, calibration, "int8", {"openvino": {"int8": opts}}, tmp_path / "fc2").manifest["recipe"]["two_digit"]
+    assert rec["roles"] == ["fc2"] and rec["inputs"] and all(set(k["nodes"]) <= fc2 for k in rec["inputs"])
+    assert rec["mac_fraction"] < 0.6  # a fraction of all linear MACs, of which the fc2 inputs are under half

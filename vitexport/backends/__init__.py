@@ -180,7 +180,7 @@ def quantize_int8_shared(reference, calibration: "Calibration", recipe, stages=N
     from ..quantization.int8 import quantize_int8
 
     stats = float_stats(reference, calibration, stages)
-    return quantize_int8(reference.load(), calibration.batches, recipe, stats=stats, memo=recipe_memo(reference, calibration), stages=stages)
+    return quantize_int8(reference.load(), calibration.batches, recipe, stats=stats, memo=recipe_memo(reference, calibration), stages=stages, owned=True)
 
 
 def require_calibration(calibration: "Calibration | None", what: str) -> "Calibration":

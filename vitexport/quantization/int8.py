@@ -811,6 +811,7 @@ def _smooth(work: onnx.ModelProto, sel: _Selection, stats: "FloatStats", recipe:
     groups = [g for g in find_smooth_groups(work, sel.chosen, recipe) if _outlier_ratio(absmax[g.activation]) >= recipe.smooth_outlier_ratio]
     compute_smooth_scales(work, groups, absmax, recipe.smoothquant_alpha)
     apply_smoothing(work, groups)
+    drop_unused_constants(work)  # the unsmoothed weights: not carried through every later pass and session
     return groups
 
 
@@ -929,6 +930,7 @@ def quantize_int8(
     stats: "FloatStats | None" = None,
     memo: Memo | None = None,
     stages: "Stages | None" = None,
+    owned: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Static int8 QDQ model from the float ``model`` (unchanged) and calibration ``batches`` (a callable returning a
     fresh iterable of float32 NCHW arrays each call). Returns (quantized model, JSON-able summary).
@@ -937,13 +939,15 @@ def quantize_int8(
     this recipe runs no float pass of its own; ``memo(key, compute)``: a per-build store (Calibration.memo) through
     which recipes that share their smoothing and ranges (ONNX Runtime's and OpenVINO's) share their sensitivity
     scores, quantized-input Gram matrices and GPTQ codes; ``stages`` times each step with its own progress bar.
+    ``owned``: the caller hands ``model`` over (a fresh load), so it is rewritten in place instead of copied.
     """
     from ..progress import stages_of
 
     stages = stages_of(stages)
     memo = memo or _no_memo
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    work = model if owned else onnx.ModelProto()
+    if not owned:
+        work.CopyFrom(model)
     sel = _Selection.of(work, recipe)
     acts = sel.acts
     given = stats

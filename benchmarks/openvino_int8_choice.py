@@ -1,0 +1,159 @@
+"""OpenVINO int8 recipe knobs, chosen on held-out CALIBRATION images only (never the evaluation split); issue 13.
+
+    python benchmarks/openvino_int8_choice.py                 # ~15 min on 2 shared cores
+    python benchmarks/openvino_int8_choice.py --repeats 3     # more interleaved timing runs
+
+The 125 calibration images of benchmarks/run_matrix.py's split (sorted positions 0, 4, 8, ... of
+../shared/imagenet-samples) are split again: 84 fit every candidate (ranges, SmoothQuant, GPTQ, fallback search,
+attention ranges; NNCF's stock int8 too), the other 41 (every third) are held out to choose on. Each candidate is an
+``[options.openvino.int8]`` table; reported against the OpenVINO fp32 IR's logits on the held-out images: top-1
+agreement, cosine, KL(fp32 || int8) in nats, and batch-1 latency at 2 threads relative to NNCF's stock int8,
+interleaved (``harness.latency.compare``), per repeat (shared host: compare the ratios, not the times).
+Writes benchmarks/results/openvino-int8-choice.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from vitexport import backends as B  # noqa: E402
+from vitexport.backends.openvino import INT8_DEFAULTS, LATENCY_FIRST, OpenVinoBackend  # noqa: E402
+
+FAST = {"reduce_range": False}  # 8-bit weights (VNNI/AMX hosts), as LATENCY_FIRST
+CANDIDATES: dict[str, dict] = {
+    "default (budget 0.2, 7-bit)": {},
+    "LATENCY_FIRST (0.01, 8-bit, attention)": LATENCY_FIRST,
+    "0.035, 8-bit, attention": {"recipe": {**FAST, "fallback_budget": 0.035}, "quantize_attention": True},
+    "0.06, 8-bit, attention": {"recipe": {**FAST, "fallback_budget": 0.06}, "quantize_attention": True},
+    "0.01, 8-bit, attention, mse ranges": {"recipe": {**FAST, "fallback_budget": 0.01, "calibration": "mse"}, "quantize_attention": True},
+    "0.01, 8-bit, attention, smooth attn_out": {"recipe": {**FAST, "fallback_budget": 0.01, "smooth_attn_out": True}, "quantize_attention": True},
+    "0.01, 8-bit, attention, patch embedding": {**LATENCY_FIRST, "quantize_patch_embed": True},
+    "0.01, 8-bit, attention float": {"recipe": {**FAST, "fallback_budget": 0.01}},
+    "0.02, 8-bit, attention": {"recipe": {**FAST, "fallback_budget": 0.02}, "quantize_attention": True},
+    "0.01, 8-bit, attention, percentile 99.99": {"recipe": {**FAST, "fallback_budget": 0.01, "percentile": 99.99}, "quantize_attention": True},
+    "0.01, 8-bit, attention, SmoothQuant 0.7": {"recipe": {**FAST, "fallback_budget": 0.01, "smoothquant_alpha": 0.7}, "quantize_attention": True},
+    "0.01, 8-bit, attention, SmoothQuant 0.3": {"recipe": {**FAST, "fallback_budget": 0.01, "smoothquant_alpha": 0.3}, "quantize_attention": True},
+    "LATENCY_FIRST, two digits 0.03": {**LATENCY_FIRST, "two_digit_budget": 0.03},
+    "LATENCY_FIRST, two digits 0.06": {**LATENCY_FIRST, "two_digit_budget": 0.06},
+    "LATENCY_FIRST, two digits 0.12": {**LATENCY_FIRST, "two_digit_budget": 0.12},
+    "0.0, 8-bit, attention, two digits 0.06": {"recipe": {**FAST, "fallback_budget": 0.0}, "quantize_attention": True, "two_digit_budget": 0.06},
+    "LATENCY_FIRST, two digits 0.2": {**LATENCY_FIRST, "two_digit_budget": 0.2},
+    "LATENCY_FIRST, two digits 0.03, fc2 only": {**LATENCY_FIRST, "two_digit_budget": 0.03, "two_digit_roles": ("fc2",)},
+    "LATENCY_FIRST, two digits 0.06, fc2 only": {**LATENCY_FIRST, "two_digit_budget": 0.06, "two_digit_roles": ("fc2",)},
+    "LATENCY_FIRST, two digits 0.03 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.03, "two_digit_images": 16},
+    "LATENCY_FIRST, two digits 0.06 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.06, "two_digit_images": 16},
+}
+
+
+def images(shared: Path, work: Path):
+    from vitexport.data import ImageSet
+    from vitexport.model import ModelSpec
+
+    files = sorted((shared / "imagenet-samples").glob("*.JPEG"))
+    calib = [f for i, f in enumerate(files) if i % 4 == 0]
+    spec = ModelSpec.load(str(shared / "models" / "deit-tiny-patch16-224"))
+    out = []
+    for name, part in (("fit", [f for j, f in enumerate(calib) if j % 3 != 2]), ("held", [f for j, f in enumerate(calib) if j % 3 == 2])):
+        (work / name).mkdir(parents=True)
+        for f in part:
+            (work / name / f.name).symlink_to(f)
+        s = ImageSet.from_folder(str(work / name), spec.preprocessing, spec.id2label, None)
+        out.append(np.stack([s.load(i) for i in range(len(s))]))
+    return spec, out[0], out[1]
+
+
+def logits(runner, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([runner.run(x[i : i + 1]) for i in range(len(x))])
+
+
+def fidelity(y: np.ndarray, ref: np.ndarray) -> dict:
+    """Against the fp32 logits: top-1 agreement, mean cosine, mean KL(fp32 || y) in nats."""
+    def logp(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    lp, lq = logp(ref.astype(np.float64)), logp(y.astype(np.float64))
+    cos = (ref * y).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(y, axis=1))
+    agree = ref.argmax(1) == y.argmax(1)
+    return {"agreement": float(agree.mean()), "disagree": int((~agree).sum()), "cosine": float(cos.mean()), "kl": float((np.exp(lp) * (lp - lq)).sum(1).mean())}
+
+
+def build_all(spec, fit: np.ndarray, work: Path, names: list[str], threads: int) -> tuple[dict, dict]:
+    """fp32, NNCF's stock int8 and every candidate, all calibrated on ``fit``: ({name: runner}, {name: recipe})."""
+    from openvino_baselines import stock_nncf_int8
+
+    from vitexport.export import export_reference
+
+    ref = export_reference(spec, work / "ref", fit[:8], opset=18, module=spec.load_torch())
+    cal = B.Calibration(batches=lambda: (fit[i : i + 16] for i in range(0, len(fit), 16)), count=len(fit), source="fit")
+    be = OpenVinoBackend()
+    arts = {"fp32": be.build(ref, None, "fp32", {}, work / "fp32"), "nncf stock": stock_nncf_int8(ref, cal, work)}
+    for name in names:
+        t = time.time()
+        arts[name] = be.build(ref, cal, "int8", {"openvino": {"int8": CANDIDATES[name]}}, work / f"c{len(arts)}")
+        print(f"built {name} in {time.time() - t:.0f} s", file=sys.stderr)
+    runners = {n: be.runner(a, threads) for n, a in arts.items()}
+    return runners, {n: a.manifest.get("recipe", {}) for n, a in arts.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
+    ap.add_argument("--work", default="/tmp/vitexport-ov-int8-choice")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--only", nargs="*", help="candidate names (default: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=1.0)
+    args = ap.parse_args()
+    from vitexport.harness.latency import compare
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    spec, fit, held = images(Path(args.shared), work)
+    names = args.only or list(CANDIDATES)
+    runners, recipes = build_all(spec, fit, work, names, args.threads)
+    ref = logits(runners["fp32"], held)
+    rows = {n: fidelity(logits(r, held), ref) for n, r in runners.items() if n != "fp32"}
+    runs = [compare({n: r for n, r in runners.items() if n != "fp32"}, held[:1], rounds=args.rounds, seconds=args.seconds) for _ in range(args.repeats)]
+    for n, row in rows.items():
+        row["latency_vs_nncf"] = [round(run[n]["p50_ms"] / run["nncf stock"]["p50_ms"], 3) for run in runs]
+        row["latency_vs_nncf_median"] = statistics.median(row["latency_vs_nncf"])
+        fb = recipes[n].get("sensitivity_fallback", {}).get("kept_float", [])
+        row["float_mac_fraction"] = round(sum(k["mac_fraction"] for k in fb), 4)
+        row["settings"] = CANDIDATES.get(n, "nncf.quantize, model_type=TRANSFORMER, defaults")
+    result = {"command": "python " + " ".join(["benchmarks/openvino_int8_choice.py", *sys.argv[1:]]), "fit_images": len(fit), "held_out_images": len(held), "threads": args.threads, "defaults": INT8_DEFAULTS, "rows": rows,
+              "note": "held-out calibration images only; latency interleaved on a shared host: compare ratios"}
+    out = Path(args.out)
+    (out / "openvino-int8-choice.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (out / "openvino-int8-choice.md").write_text(markdown(result))
+    print((out / "openvino-int8-choice.md").read_text())
+    return 0
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Produced by `{result['command']}`: {result['fit_images']} calibration images fit every candidate, {result['held_out_images']} held-out calibration images "
+             "choose (never the evaluation split). DeiT-tiny, OpenVINO CPU, f32 compute, batch 1, "
+             f"{result['threads']} threads; latency / NNCF stock int8 per interleaved run (shared host: ratios only).", "",
+             "| candidate | float MACs | agreement % (disagree) | cosine | KL nats | latency / NNCF stock per run | median |", "|---|---|---|---|---|---|---|"]
+    for n, r in result["rows"].items():
+        per = ", ".join(f"{x:.2f}" for x in r["latency_vs_nncf"])
+        lines.append(f"| {n} | {100 * r['float_mac_fraction']:.1f}% | {100 * r['agreement']:.1f} ({r['disagree']}) | {r['cosine']:.4f} | {r['kl']:.4f} | {per} | {r['latency_vs_nncf_median']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
