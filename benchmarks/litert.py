@@ -6,8 +6,9 @@ Mobile (.ort), beside the ONNX Runtime rows, in one build, one harness, one refe
 
 Split as benchmarks/run_matrix.py makes it: the 500 images of ../shared/imagenet-samples, calibration on the 125 at
 sorted positions 0, 4, 8, ..., evaluation on the other 375. No knob is chosen here: every row uses its recipe's
-defaults (LiteRT int8: the core ViT-aware recipe with full 8-bit weights, which TFLite's int8 spec prescribes), so the
-evaluation split is only measured, never tuned on.
+defaults (LiteRT int8: the core ViT-aware recipe with full 8-bit weights, which TFLite's int8 spec prescribes, GPTQ
+compensating XNNPACK's per-row dynamic quantization and clamps that clip nothing, chosen on held-out calibration images
+by benchmarks/litert_choice.py --dynamic-recipe), so the evaluation split is only measured, never tuned on.
 
 Rows: onnxruntime fp32 (the reference) / int8; litert fp32 / fp16 / int8 (the recipe carried in, dynamic int8
 activations: the default, chosen on held-out calibration images by benchmarks/litert_choice.py) / int8-static (the same

@@ -17,6 +17,14 @@ Reported against the fp32 reference's logits on the held-out images: top-1 agree
 beside the core recipe's ONNX Runtime QDQ model (same fit images) and the float model with the recipe's weights; the
 static model's error per int8 FC split into what its output rounding adds and what its input quantization adds; batch-1
 latency at 1 thread, interleaved (shared host: compare ratios).
+
+    python benchmarks/litert_choice.py --dynamic-recipe   # ~15 min; writes benchmarks/results/litert-choice-dynamic.*
+
+chooses, on the same 41 held-out images, what the dynamic model carries (RECIPES below): GPTQ compensating the
+static recipe's Q(X) (its percentile ranges), XNNPACK's per-row dynamic Q(X) (vitexport.quantization.int8.dynamic_row_qdq,
+checked against the kernel by tests/test_litert.py), or nothing (plain GPTQ on float X^T X); with or without the
+sensitivity fallback (scored with static ranges); clamps at the recipe's ranges or clamps that clip nothing. Adds the
+mean KL of the softmax to fp32 and, per image, whether the cosine is higher or lower than the first int8 row's.
 """
 
 from __future__ import annotations
@@ -195,9 +203,106 @@ def latency(paths: dict[str, Path], rounds: int = 30) -> dict[str, float]:
     return {n: round(1000 * float(np.median(t)), 1) for n, t in times.items()}
 
 
+# The recipe the dynamic int8 model carries (--dynamic-recipe): GPTQ's compensation target x sensitivity fallback.
+# "static Q": Q(X) of the static recipe's percentile ranges (the QDQ model's own); "dynamic Q": each row quantized
+# with its own range as XNNPACK's dynamically quantized FC does; "none": plain GPTQ on float X^T X.
+RECIPES = {
+    "compensate static Q, fallback 0.1": {},
+    "compensate dynamic Q, fallback 0.1": {"activation_quantizer": "dynamic_row"},
+    "no compensation, fallback 0.1": {"compensate_activations": False},
+    "compensate static Q, no fallback": {"fallback_budget": 0.0},
+    "compensate dynamic Q, no fallback": {"activation_quantizer": "dynamic_row", "fallback_budget": 0.0},
+    "no compensation, no fallback": {"compensate_activations": False, "fallback_budget": 0.0},
+    # the clamps at the static ranges only keep LayerNorm out of the FC weights; the kernel picks each row's range
+    "compensate dynamic Q, fallback 0.1, wide clamps": {"activation_quantizer": "dynamic_row", "clamp": "wide"},
+    "compensate static Q, fallback 0.1, wide clamps": {"clamp": "wide"},
+}
+
+
+def dynamic_candidates(spec, fit: np.ndarray, work: Path) -> tuple[dict[str, Path], dict[str, dict], Path]:
+    """One dynamic-activation LiteRT model per RECIPES entry, all fit on ``fit`` (float statistics, ranges and the
+    sensitivity scores shared through one Calibration's memo), plus the float model as the first row."""
+    import torch
+
+    from vitexport.export import export_reference
+
+    ref = export_reference(spec, work / "ref", fit[:16], opset=18, module=spec.load_torch())
+    cal = B.Calibration(batches=lambda: (fit[i : i + 16] for i in range(0, len(fit), 16)), count=len(fit), source="fit")
+    h, w = spec.input_shape[1:]
+    paths, summaries = {}, {}
+    fp = work / "float.tflite"
+    with L._quiet():
+        L._convert(L._AppModule(spec.load_torch(), spec.preprocessing).eval(), torch.rand(1, h, w, 3) * 255, fp)
+    paths["litert float (fp32 weights, no clamps)"] = fp
+    chosen = [a for a in sys.argv[1:] if not a.startswith("--")]  # names of RECIPES to run (default: all)
+    for k, (name, overrides) in enumerate(RECIPES.items()):
+        if chosen and name not in chosen:
+            continue
+        head = spec.load_torch()
+        recipe = {key: v for key, v in overrides.items() if key != "clamp"}
+        int8 = L._carry_int8_recipe(head, ref, cal, {"litert": {"int8": {"recipe": {"reduce_range": False, **recipe}}}})
+        L._clamp_inputs(head, int8.ranges if overrides.get("clamp", "recipe") == "recipe" else {m: (-L.WIDE_CLAMP, L.WIDE_CLAMP) for m in int8.ranges})
+        path = work / f"recipe-{k}.float.tflite"
+        with L._quiet():
+            L._convert(L._AppModule(head, spec.preprocessing).eval(), torch.rand(1, h, w, 3) * 255, path)
+        paths[name] = work / f"recipe-{k}.tflite"
+        paths[name].write_bytes(L._quantize_carried(path, int8, cal, spec.preprocessing, L.LiteRTOptions(int8_activations="dynamic"))[0])
+        summaries[name] = {"overrides": overrides, "quantized": int8.summary["quantized"], "kept_float_inputs": int8.summary["kept_float_inputs"]}
+    return paths, summaries, ref.path
+
+
+def kl_to_reference(y: np.ndarray, r: np.ndarray) -> float:
+    """Mean KL(softmax(reference) || softmax(candidate)) over images."""
+    lr = r - r.max(1, keepdims=True)
+    lr -= np.log(np.exp(lr).sum(1, keepdims=True))
+    ly = y - y.max(1, keepdims=True)
+    ly -= np.log(np.exp(ly).sum(1, keepdims=True))
+    return float((np.exp(lr) * (lr - ly)).sum(1).mean())
+
+
+def main_dynamic(shared: Path, out: Path) -> int:
+    with tempfile.TemporaryDirectory(prefix="vitexport-litert-choice-") as tmp:
+        work = Path(tmp)
+        spec, fit, held = images(shared, work)
+        paths, summaries, ref_path = dynamic_candidates(spec, fit, work)
+        pre = spec.preprocessing.to_dict()
+        ref = logits(ref_path, held, pre)
+        rows = {}
+        for name, p in paths.items():
+            y = logits(p, held, pre)
+            rows[name] = {**compare(y, ref), "kl": round(kl_to_reference(y, ref), 6), "per_image_cosine": [round(float(c), 6) for c in
+                          (y * ref).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(ref, axis=1)], **summaries.get(name, {})}
+        for name, ms in latency(paths).items():
+            rows[name]["p50_ms_1_thread"] = ms
+    result = {"command": "python benchmarks/litert_choice.py --dynamic-recipe", "fit_images": len(fit), "held_out_images": len(held), "rows": rows,
+              "note": "held-out calibration images only; every int8 row: dynamic int8 activations; latency interleaved on a shared host: compare ratios"}
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]
+    stem = "litert-choice-dynamic" + ("-subset" if names else "")  # a run of named RECIPES only keeps the full table
+    if names:
+        result["command"] += " " + " ".join(f"'{n}'" for n in names)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"Produced by `python benchmarks/litert_choice.py --dynamic-recipe`: {len(fit)} calibration images fit each recipe, {len(held)} held-out "
+             "calibration images choose (the evaluation split is not used). LiteRT int8 with dynamic activations, against the fp32 reference's logits; "
+             "KL: mean KL(reference || candidate) of the softmax; p50: batch 1, 1 thread, interleaved, shared 2-core host.", "",
+             "| recipe carried | int8 linears | inputs kept float | agree | KL | cosine mean (min) | relative logit error | higher / lower cosine than the first int8 row | p50 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    base = np.array(rows[next(iter(RECIPES))]["per_image_cosine"]) if next(iter(RECIPES)) in rows else None
+    for name, r in rows.items():
+        c = np.array(r["per_image_cosine"])
+        paired = f"{int((c > base).sum())} / {int((c < base).sum())}" if base is not None and r.get("quantized") else "–"
+        lines.append(f"| {name} | {r.get('quantized', 0)} | {len(r.get('kept_float_inputs', []))} | {r['agree']} | {r['kl']:.6f} | {r['cosine_mean']:.5f} "
+                     f"({r['cosine_min']:.4f}) | {r['relative_logit_error']:.4f} | {paired} | {r.get('p50_ms_1_thread', '–')} |")
+    lines[0] = lines[0].replace("`python benchmarks/litert_choice.py --dynamic-recipe`", f"`{result['command']}`")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     shared = HERE.parent.parent / "shared"
     out = HERE / "results"
+    if "--dynamic-recipe" in sys.argv[1:]:
+        return main_dynamic(shared, out)
     with tempfile.TemporaryDirectory(prefix="vitexport-litert-choice-") as tmp:
         work = Path(tmp)
         spec, fit, held = images(shared, work)

@@ -34,7 +34,7 @@ needs_litert = pytest.mark.skipif(
 )
 LITERT_SPEC = "litert-torch==0.10.*"  # keep in step with pyproject's [litert] extra
 # what test_litert_runtime_in_private_venv runs there (pytest -k matches the module name too: name the tests)
-LITERT_RUNTIME_TESTS = "rows_are_measured or fp32_matches or metadata_labels or gptq_codes or stock_int8 or static_int8 or litert_options"
+LITERT_RUNTIME_TESTS = "rows_are_measured or fp32_matches or metadata_labels or gptq_codes or stock_int8 or static_int8 or litert_options or xnnpack_dynamic"
 
 
 # ---------------------------------------------------------------------------------------- ONNX Runtime Mobile (.ort)
@@ -129,6 +129,63 @@ def test_litert_options_are_checked():
     assert _options({}).int8_activations == "dynamic"
 
 
+def test_dynamic_row_quantizer_is_per_row_asymmetric_int8():
+    """The emulation of XNNPACK's dynamically quantized FC input (test_xnnpack_dynamic_fc_is_the_emulation checks it
+    against the kernel): each row on its own 255-step grid that holds 0 exactly."""
+    from vitexport.quantization.int8 import dynamic_row_qdq
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 50)) * np.array([0.01, 1, 30, 1, 1, 1])[:, None]).astype(np.float32)
+    x[3] = np.abs(x[3]) + 2.0  # all positive: the grid still starts at 0
+    x[4] = 0.0
+    x[5, :10] = 0.0
+    y = dynamic_row_qdq(x)
+    step = (np.maximum(x.max(1), 0) - np.minimum(x.min(1), 0)) / 255
+    assert (np.abs(y - x).max(1) <= step * 0.5 * (1 + 1e-3) + 1e-7).all()
+    assert (np.abs(y - x).max(1)[[0, 1, 2]] > 0).all()  # really quantized, each row with its own step
+    assert (y[4] == 0).all() and (y[5, :10] == 0).all()
+    assert len(np.unique(np.round(y[2] / step[2]))) <= 256 and np.unique(y[3]).size <= 256
+
+
+def test_gram_observer_compensates_for_the_dynamic_quantizer():
+    """activation_quantizer = "dynamic_row": GPTQ's Hessian and compensation target use each row's own grid."""
+    from vitexport.quantization.int8 import Int8Recipe, _QuantizedGramObserver, dynamic_row_qdq
+
+    x = np.random.default_rng(1).standard_normal((2, 7, 16)).astype(np.float32)
+    obs = _QuantizedGramObserver({}, dynamic=True)
+    obs("a", x)
+    xr = x.reshape(-1, 16)
+    q = dynamic_row_qdq(xr)
+    np.testing.assert_allclose(obs.qq["a"], q.T @ q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(obs.qx["a"], q.T @ xr, rtol=1e-5, atol=1e-5)
+    plain = _QuantizedGramObserver({})
+    plain("a", x)
+    assert "a" not in plain.qx and not np.allclose(plain.qq["a"], obs.qq["a"])
+    with pytest.raises(ValueError, match="activation_quantizer"):
+        Int8Recipe(activation_quantizer="dynamic")
+
+
+def test_dynamic_row_recipe_has_its_own_gram_and_codes(reference):
+    """The dynamic recipe's GPTQ codes differ from the static recipe's and are never taken from its memo entries
+    (the build shares one memo between recipes): the same codes with and without the static recipe run first."""
+    import onnx
+
+    from vitexport.quantization.int8 import Int8Recipe, quantize_int8
+
+    x = np.random.default_rng(2).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    static, dynamic = Int8Recipe(reduce_range=False, fallback_budget=0.0), Int8Recipe(reduce_range=False, fallback_budget=0.0, activation_quantizer="dynamic_row")
+    store: dict = {}
+    memo = lambda k, f: store[k] if k in store else store.setdefault(k, f())  # noqa: E731
+    w = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_weight_quantized")}  # noqa: E731
+    a = w(quantize_int8(reference.load(), lambda: iter([x]), static, memo=memo)[0])
+    b, summary = quantize_int8(reference.load(), lambda: iter([x]), dynamic, memo=memo)
+    c = w(quantize_int8(reference.load(), lambda: iter([x]), dynamic)[0])
+    b = w(b)
+    assert summary["recipe"]["activation_quantizer"] == "dynamic_row" and a.keys() == b.keys() == c.keys()
+    assert all(np.array_equal(b[k], c[k]) for k in b)
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.skipif(HAVE_LITERT, reason="litert-torch is installed here")
 def test_missing_litert_is_one_clear_line(tiny_vit, tmp_path):
     p = subprocess.run([sys.executable, "-m", "vitexport.cli", "build", "--model", str(tiny_vit), "--backend", "litert", "--precision", "fp32",
@@ -217,7 +274,11 @@ def test_litert_int8_carries_the_recipes_gptq_codes(litert_build, reference, tin
     spec = ModelSpec.load(str(tiny_vit))
     imgs = ImageSet.from_folder(str(CALIB), spec.preprocessing, spec.id2label, None, limit=16)
     x = np.stack([imgs.load(i) for i in range(len(imgs))])
-    q, summary = quantize_int8(reference.load(), lambda: iter([x]), Int8Recipe(reduce_range=False))
+    from vitexport.backends.litert import DYNAMIC_RECIPE
+
+    # the recipe dynamic activations carry (the default): GPTQ compensating XNNPACK's per-row quantization
+    assert all(i8["recipe"][k] == v for k, v in DYNAMIC_RECIPE.items())
+    q, summary = quantize_int8(reference.load(), lambda: iter([x]), Int8Recipe(reduce_range=False, **DYNAMIC_RECIPE))
     inits = {t.name: t for t in q.graph.initializer}
     producer = {o: n for n in q.graph.node for o in n.output}
     nodes = {n.name: n for n in q.graph.node}
@@ -244,7 +305,57 @@ def test_litert_int8_carries_the_recipes_gptq_codes(litert_build, reference, tin
         assert len(hit) == 1 and np.array_equal(hit[0], codes)
     # dynamic int8 activations (the default): every int8 FULLY_CONNECTED reads and writes float, no QUANTIZE op
     assert art.manifest["recipe"]["int8_activations"] == "dynamic" and "QUANTIZE" not in art.manifest["recipe"]["ops"]
+    assert "clip nothing" in i8["clamps"]  # the kernel takes each row's own range: the static ranges would only clip
     assert _int8_fc_io_types(art.path) == {(schema.TensorType.FLOAT32, schema.TensorType.FLOAT32)}
+
+
+@needs_litert
+def test_xnnpack_dynamic_fc_is_the_emulation(tmp_path):
+    """What the dynamic recipe compensates for is what the kernel does: a FULLY_CONNECTED with int8 weights and
+    dynamic int8 activations, run by ai-edge-litert's XNNPACK, gives dynamic_row_qdq(X) W^T + b to float rounding,
+    and neither a per-row symmetric nor a per-tensor grid."""
+    import litert_torch
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    from vitexport.backends import litert as L
+    from vitexport.quantization.int8 import dynamic_row_qdq
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).eval()
+    fp = tmp_path / "fc.tflite"
+    litert_torch.convert(lin, (torch.randn(1, 10, 64),)).export(str(fp))
+    q = tmp_path / "fc-int8.tflite"
+    q.write_bytes(L._quantize(fp, [{"regex": ".*", "operation": "FULLY_CONNECTED", "algorithm_key": "min_max_uniform_quantize",
+                                    "op_config": L._DYNAMIC_INT8_OP_CONFIG}], None))
+    x = (np.random.default_rng(1).standard_normal((1, 10, 64)) * np.linspace(0.1, 5, 10)[None, :, None] + 0.7).astype(np.float32)
+    it = Interpreter(model_path=str(q))
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    y = np.array(it.get_tensor(it.get_output_details()[0]["index"])).reshape(10, 48)
+    (codes, scale), = [(c, s) for c, s in _int8_fc_weights(q)]
+    w, b, xr = codes.astype(np.float32) * scale[:, None], lin.bias.detach().numpy(), x.reshape(10, 64)
+    err = lambda xq: float(np.abs(xq @ w.T + b - y).max())  # noqa: E731
+    sym = np.round(xr / (np.abs(xr).max(1, keepdims=True) / 127)) * (np.abs(xr).max(1, keepdims=True) / 127)
+    assert err(dynamic_row_qdq(xr)) < 1e-5 * np.abs(y).max()
+    assert min(err(xr), err(sym), err(dynamic_row_qdq(xr.reshape(1, -1)).reshape(xr.shape))) > 1e-3 * np.abs(y).max()
+
+
+def _int8_fc_weights(path) -> list:
+    """(int8 codes [N, K], scales [N]) of every FULLY_CONNECTED with int8 weights."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model(str(path))
+    g = model.subgraphs[0]
+    out = []
+    for op in g.operators:
+        w = g.tensors[op.inputs[1]]
+        if max(model.operatorCodes[op.opcodeIndex].builtinCode, model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode) == schema.BuiltinOperator.FULLY_CONNECTED \
+                and w.type == schema.TensorType.INT8:
+            out.append((np.frombuffer(bytes(model.buffers[w.buffer].data), np.int8).reshape(w.shape), np.asarray(w.quantization.scale, np.float32)))
+    return out
 
 
 def _int8_fc_io_types(path) -> set:
@@ -270,6 +381,8 @@ def test_litert_static_int8_requantizes_fc_outputs(litert_build, tiny_vit, tmp_p
                                 num_calib=16, num_eval=16, out=str(out), latency=False, options={"litert": {"int8_activations": "static"}}))
     art = Artifact.load(out / "litert-int8")
     assert art.manifest["recipe"]["int8_activations"] == "static" and art.manifest["recipe"]["ops"].get("QUANTIZE", 0) >= 1
+    assert art.manifest["recipe"]["int8"]["clamps"] == "the recipe's activation ranges"
+    assert art.manifest["recipe"]["int8"]["recipe"]["activation_quantizer"] == "static"
     assert _int8_fc_io_types(art.path) == {(schema.TensorType.INT8, schema.TensorType.INT8)}
     assert art.manifest["recipe"]["int8"]["placed"]["int8_fully_connected"] == Artifact.load(litert_build[0] / "litert-int8").manifest["recipe"]["int8"]["placed"]["int8_fully_connected"]
     static = next(r for r in report.rows if r.name == "litert-int8").accuracy

@@ -16,10 +16,12 @@ The whole story of this target is here:
 - **Precisions**: ``fp32``; ``fp16`` (float16 weights with DEQUANTIZE, what the GPU delegate consumes directly;
   ai-edge-quantizer's float casting); ``int8``: int8 on the linear layers as LiteRT's XNNPACK kernels run it (int8
   weights per channel, int8 activations), carrying the ViT-aware recipe's decisions (vitexport.quantization.int8:
-  SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, calibrated activation ranges as clamps,
-  which inputs stay float), written through ai-edge-quantizer. Activations are dynamic by default (quantized at run time by
-  the kernel, float outputs, as ONNX's QDQ MatMul gives): TFLite's static int8 FULLY_CONNECTED also requantizes its
-  output to int8, which doubled the error on held-out calibration images (``int8_activations = "static"`` keeps it);
+  SmoothQuant folded into LayerNorm and weights, GPTQ-rounded weight codes, which inputs stay float), written through
+  ai-edge-quantizer. Activations are dynamic by default (quantized at run time by the kernel, each row with its own
+  range, float outputs, as ONNX's QDQ MatMul gives), and GPTQ then compensates that per-row quantization (the
+  recipe's ``activation_quantizer = "dynamic_row"``, an exact emulation of XNNPACK's) with clamps that clip nothing:
+  TFLite's static int8 FULLY_CONNECTED also requantizes its output to int8, which doubled the error on held-out
+  calibration images (``int8_activations = "static"`` keeps it, with the recipe's ranges as clamps and int8 grids);
   ``int8_method = "stock"`` gives ai-edge-quantizer's own ``static_wi8_ai8`` recipe (every supported op, min/max
   ranges) instead, the baseline the recipe is measured against.
 - **Measuring.** The runner is ``ai_edge_litert.interpreter.Interpreter``: the real LiteRT runtime with its default
@@ -60,6 +62,15 @@ INPUT_NAME = "image"
 METADATA_KEY = "vitexport"
 INT8_METHODS = ("vitexport", "stock")
 INT8_ACTIVATIONS = ("dynamic", "static")
+# The core recipe's fields for dynamic int8 activations (under a profile's own ``recipe`` overrides): GPTQ compensates
+# the error of XNNPACK's per-row quantization, not of the static recipe's ranges, which this model never applies.
+# Chosen on held-out calibration images (benchmarks/litert_choice.py --dynamic-recipe): with the wide clamps below,
+# KL to fp32 0.00057 vs 0.00073 for static compensation; plain GPTQ on float X^T X and no sensitivity fallback: worse.
+DYNAMIC_RECIPE: Mapping[str, Any] = {"activation_quantizer": "dynamic_row"}
+# Dynamic: the kernel takes each row's own range, so clipping at the static recipe's ranges only adds error (worst
+# held-out image's cosine 0.9962 -> 0.9991 without it); the clamp stays, this wide, because it keeps the converter from
+# folding a LayerNorm's gamma/beta into the next FC's weights (see _clamp_inputs).
+WIDE_CLAMP = 1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +199,11 @@ def _convert_and_compress(reference, calibration: Calibration | None, precision:
     head = spec.load_torch()
     int8 = None
     if precision == "int8" and opts.int8_method == "vitexport":
-        int8 = _carry_int8_recipe(head, reference, calibration, options, stages)
-        _clamp_inputs(head, int8.ranges)
+        int8 = _carry_int8_recipe(head, reference, calibration, options, stages, DYNAMIC_RECIPE if opts.int8_activations == "dynamic" else None)
+        dynamic = opts.int8_activations == "dynamic"
+        _clamp_inputs(head, {m: (-WIDE_CLAMP, WIDE_CLAMP) for m in int8.ranges} if dynamic else int8.ranges)
         recipe["int8"] = dict(int8.summary)
+        recipe["int8"]["clamps"] = f"+-{WIDE_CLAMP:g} (clip nothing)" if dynamic else "the recipe's activation ranges"
     module = _AppModule(head, pre).eval()
     with _quiet(), tempfile.TemporaryDirectory() as tmp:
         tc = time.perf_counter()
@@ -227,8 +240,8 @@ def _compress(float_path: Path, precision: str, int8: "_CarriedInt8 | None", cal
 
 
 _ACTIVATIONS = {
-    "dynamic": "int8, quantized at run time by the kernel (XNNPACK dynamically quantized FULLY_CONNECTED), float output; "
-               "each input first clamped to the recipe's calibrated range",
+    "dynamic": "int8, quantized at run time by the kernel per row (XNNPACK dynamically quantized FULLY_CONNECTED), float output; "
+               "GPTQ codes compensating that per-row quantization; inputs not clipped",
     "static": "int8 asymmetric per tensor: the recipe's uint8 ranges shifted by 128 (same grid); outputs requantized to int8 "
               "with ai-edge-quantizer's min/max ranges",
 }
@@ -330,14 +343,16 @@ class _CarriedInt8:
     summary: Mapping[str, Any]
 
 
-def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mapping[str, Any], stages=None) -> _CarriedInt8:
+def _carry_int8_recipe(head, reference, calibration: Calibration, options: Mapping[str, Any], stages=None,
+                      defaults: Mapping[str, Any] | None = None) -> _CarriedInt8:
     """Run the core int8 recipe on the reference ONNX and put its float-side decisions into ``head`` in place:
     SmoothQuant's LayerNorm/weight scaling and the GPTQ-rounded weights (codes * scale, exactly representable).
-    Returns the codes, scales and activation ranges the LiteRT int8 model must carry."""
+    Returns the codes, scales and activation ranges the LiteRT int8 model must carry. ``defaults``: this target's
+    recipe fields (under the user's ``recipe`` overrides)."""
     from ..quantization.int8 import Int8Recipe
 
     # TFLite's int8 spec: weights symmetric in [-127, 127], int32 accumulation (XNNPACK QS8): no 7-bit workaround
-    recipe = recipe_from(Int8Recipe, {"reduce_range": False, **recipe_overrides(options, "litert", "int8")})
+    recipe = recipe_from(Int8Recipe, {"reduce_range": False, **(defaults or {}), **recipe_overrides(options, "litert", "int8")})
     if recipe.symmetric_activations and recipe.center_activations:
         raise VitexportError("litert int8 does not carry centred activations (center_activations): LiteRT's int8 activations are asymmetric")
     ref = reference.load()

@@ -74,12 +74,17 @@ class Int8Recipe:
     fallback_budget: float = 0.1  # at most this fraction of quantizable linear MACs may stay float, most sensitive first
     fallback_images: int = 16  # calibration images used to measure each input's sensitivity
     compensate_activations: bool = True  # GPTQ target is the float output X W from quantized inputs Q(X), not Q(X) W
+    # the Q of that compensation (and of GPTQ's Hessian Q^T Q): "static", this recipe's ranges (the QDQ model's own);
+    # "dynamic_row", each row's own min/max int8 as XNNPACK's dynamically quantized fully-connected does it (LiteRT)
+    activation_quantizer: str = "static"
     keep_float: tuple[str, ...] = ()  # linears left float: node names, or "role" / "block:role" / "block" selectors
     calibration_threads: int = 0  # onnxruntime intra-op threads during calibration (0 = default)
 
     def __post_init__(self):
         if self.weight_rounding not in ("gptq", "rtn"):
             raise ValueError(f"weight_rounding must be 'gptq' or 'rtn', not {self.weight_rounding!r}")
+        if self.activation_quantizer not in ("static", "dynamic_row"):
+            raise ValueError(f"activation_quantizer must be 'static' or 'dynamic_row', not {self.activation_quantizer!r}")
         if self.calibration not in CALIBRATION_METHODS:
             raise ValueError(f"calibration must be one of {CALIBRATION_METHODS}, not {self.calibration!r}")
         bad = set(self.roles) - {"qkv", "attn_out", "fc1", "fc2", "head", "patch_embed", "other"}
@@ -271,19 +276,35 @@ def quantize_weight(w: np.ndarray, axis: int, reduce_range: bool, per_channel: b
     return q, scale.astype(np.float32)
 
 
+def dynamic_row_qdq(x: np.ndarray) -> np.ndarray:
+    """Quantize-dequantize each row of ``x`` [M, K] as XNNPACK's dynamically quantized fully-connected does (qd8):
+    asymmetric int8 over the row's own range widened to include 0, zero point nudged to an integer
+    (xnn_f32_qd8_asymmetric_quantization_params, f32-qs8-vcvt), all in float32."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.minimum(x.min(axis=1), 0).astype(np.float32), np.maximum(x.max(axis=1), 0).astype(np.float32)
+    mult = np.where(hi == lo, np.float32(1), np.float32(255) / np.where(hi == lo, 1, hi - lo)).astype(np.float32)
+    dmin, dmax = lo * mult, hi * mult
+    zp = np.rint(np.clip(np.where((-128 + dmin) + (127 + dmax) > 0, -128 - dmin, 127 - dmax), -128, 127)).astype(np.float32)
+    q = np.clip(np.rint(x * mult[:, None]) + zp[:, None], -128, 127)
+    return ((q - zp[:, None]) * (np.float32(1) / mult)[:, None]).astype(np.float32)
+
+
 class _QuantizedGramObserver:
     """Streaming Q(X)^T Q(X) and the compensation target per tensor; Q is the activation's own QuantizeLinear.
 
     The target is Q(X)^T X ([K, K]), or, for a tensor in ``right`` (its consumers' float weights side by side,
     [K, N] with N < K: fc2's 3072 -> 768), Q(X)^T (X - Q(X)) W directly ([K, N]): what ``compensate`` needs from
     it, in a quarter of the memory and half the multiply-adds, and without cancelling Q^T X - Q^T Q in float32.
-    With no qparams for a tensor it keeps plain X^T X (then Q(X) = X).
+    With no qparams for a tensor it keeps plain X^T X (then Q(X) = X); with ``dynamic``, Q is ``dynamic_row_qdq``
+    for every tensor.
     """
 
-    def __init__(self, qparams: dict[str, tuple[np.ndarray, np.ndarray]], shifts: dict[str, float] | None = None, right: dict[str, np.ndarray] | None = None):
+    def __init__(self, qparams: dict[str, tuple[np.ndarray, np.ndarray]], shifts: dict[str, float] | None = None, right: dict[str, np.ndarray] | None = None,
+                 dynamic: bool = False):
         self.qparams = qparams
         self.shifts = shifts or {}
         self.right = right or {}
+        self.dynamic = dynamic
         self.qq: dict[str, np.ndarray] = {}
         self.qx: dict[str, np.ndarray] = {}
 
@@ -292,12 +313,15 @@ class _QuantizedGramObserver:
 
         x = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
         xq = x
-        if name in self.qparams:
+        if self.dynamic:
+            xq = dynamic_row_qdq(x)
+        elif name in self.qparams:
             scale, zp = self.qparams[name]
             lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
             z = float(zp)
             c = np.float32(self.shifts.get(name, 0.0))
             xq = ((np.clip(np.round((x - c) / scale) + z, lo, hi) - z) * scale + c).astype(np.float32)  # half to even, as ONNX
+        if xq is not x:
             # float32 sums on numpy's BLAS threads (calibration.gram)
             right = self.right.get(name)
             target = gram(xq, x, np.float32) if right is None else gram(xq, (x - xq) @ right, np.float32)
@@ -854,11 +878,13 @@ def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, 
     acts = list(dict.fromkeys(l.activation for l in chosen))
     shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
     qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
-    grams = memo((key, "quantized-gram", recipe.compensate_activations), dict)  # act -> (Q^T Q, target): a recipe with the same ranges reuses what is there
+    dynamic = recipe.compensate_activations and recipe.activation_quantizer == "dynamic_row"
+    grams = memo((key, "quantized-gram", recipe.compensate_activations, dynamic), dict)  # act -> (Q^T Q, target): a recipe with the same ranges reuses what is there
     missing = [a for a in acts if a not in grams]
     if missing:
         right = _compensation_right(work, chosen, missing) if recipe.compensate_activations else {}
-        obs = _QuantizedGramObserver({a: qparams[a] for a in missing} if recipe.compensate_activations else {}, shifts, {a: r[0] for a, r in right.items()})
+        obs = _QuantizedGramObserver({a: qparams[a] for a in missing} if recipe.compensate_activations else {}, shifts, {a: r[0] for a, r in right.items()},
+                                     dynamic=dynamic)
         with stages.stage("quantized-input Gram matrices", total=images) as tick:
             stream_activations(work, missing, batches, obs, threads=recipe.calibration_threads, progress=_both(tick, progress))
         for a in missing:
@@ -868,7 +894,7 @@ def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, 
     return _GptqInputs(
         hessians={a: grams[a][0] for a in acts},
         targets={a: grams[a][1] for a in acts} if recipe.compensate_activations else None,
-        key=(key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, recipe.compensate_activations),
+        key=(key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, recipe.compensate_activations, dynamic),
         passes=int(bool(missing)),
     )
 
