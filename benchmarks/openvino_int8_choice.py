@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 from vitexport import backends as B  # noqa: E402
 from vitexport.backends.openvino import INT8_DEFAULTS, LATENCY_FIRST, OpenVinoBackend  # noqa: E402
 
+from litert_choice import images  # noqa: E402  the same 84 fit / 41 held-out split of the calibration images
+
 FAST = {"reduce_range": False}  # 8-bit weights (VNNI/AMX hosts), as LATENCY_FIRST
 CANDIDATES: dict[str, dict] = {
     "default (budget 0.2, 7-bit)": {},
@@ -55,23 +57,6 @@ CANDIDATES: dict[str, dict] = {
     "LATENCY_FIRST, two digits 0.03 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.03, "two_digit_images": 16},
     "LATENCY_FIRST, two digits 0.06 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.06, "two_digit_images": 16},
 }
-
-
-def images(shared: Path, work: Path):
-    from vitexport.data import ImageSet
-    from vitexport.model import ModelSpec
-
-    files = sorted((shared / "imagenet-samples").glob("*.JPEG"))
-    calib = [f for i, f in enumerate(files) if i % 4 == 0]
-    spec = ModelSpec.load(str(shared / "models" / "deit-tiny-patch16-224"))
-    out = []
-    for name, part in (("fit", [f for j, f in enumerate(calib) if j % 3 != 2]), ("held", [f for j, f in enumerate(calib) if j % 3 == 2])):
-        (work / name).mkdir(parents=True)
-        for f in part:
-            (work / name / f.name).symlink_to(f)
-        s = ImageSet.from_folder(str(work / name), spec.preprocessing, spec.id2label, None)
-        out.append(np.stack([s.load(i) for i in range(len(s))]))
-    return spec, out[0], out[1]
 
 
 def logits(runner, x: np.ndarray) -> np.ndarray:
