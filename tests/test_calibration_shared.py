@@ -87,21 +87,24 @@ def test_float_stats_hold_the_gptq_hessians(tiny_onnx):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_merge_tails_keeps_each_columns_extremes():
-    """Batch by batch, with ties, a late outlier and a constant column: the same values as sorting everything."""
-    from vitexport.quantization.calibration import _merge_tails
+@pytest.mark.parametrize("tail", [25, 3, 200])
+def test_tails_keep_each_columns_extremes(tail):
+    """Batch by batch, with ties, a late outlier and a constant column, merged after one batch or after several:
+    the same values as sorting everything."""
+    from vitexport.quantization.calibration import _Tails
 
     rng = np.random.default_rng(3)
     xs = [np.round(rng.standard_t(3, size=(200, 6)) * 4).astype(np.float32) for _ in range(7)]
     xs[5][17, 2] = 1e4
     for x in xs:
         x[:, 4] = 1.5
-    top, bottom = np.full((25, 6), -np.inf, np.float32), np.full((25, 6), np.inf, np.float32)
+    top, bottom = _Tails(tail, 6, largest=True), _Tails(tail, 6, largest=False)
     for x in xs:
-        top, bottom = _merge_tails(top, bottom, x)
+        top.add(x)
+        bottom.add(x)
     every = np.sort(np.concatenate(xs), axis=0)
-    np.testing.assert_array_equal(np.sort(top, axis=0), every[-25:])
-    np.testing.assert_array_equal(np.sort(bottom, axis=0), every[:25])
+    np.testing.assert_array_equal(np.sort(top.values(), axis=0), every[-tail:])
+    np.testing.assert_array_equal(np.sort(bottom.values(), axis=0), every[:tail])
 
 
 def test_upper_cholesky_of_inverse():

@@ -265,6 +265,8 @@ class FloatStatsObserver:
         self.bottom: dict[str, np.ndarray] = {}
         self.elements: dict[str, int] = {}
         self.seen = 0
+        self._tails: dict[str, tuple[_Tails, _Tails]] = {}
+        self._grams = GramSums(np.float64)
 
     def __call__(self, name: str, a: np.ndarray) -> None:
         x = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
@@ -275,45 +277,114 @@ class FloatStatsObserver:
             # the rank a percentile needs, counted from the end, for the whole tensor (+2: rounding of the rank)
             tail = int(np.ceil(self.tail_fraction * per_image * max(self.images, 1) * k)) + 2
             self.min[name], self.max[name] = lo, hi
-            self.top[name] = np.full((tail, k), -np.inf, np.float32)
-            self.bottom[name] = np.full((tail, k), np.inf, np.float32)
+            self._tails[name] = (_Tails(tail, k, largest=True), _Tails(tail, k, largest=False))
             self.elements[name] = 0
         else:
             np.minimum(self.min[name], lo, out=self.min[name])
             np.maximum(self.max[name], hi, out=self.max[name])
-        self.top[name], self.bottom[name] = _merge_tails(self.top[name], self.bottom[name], x)
+        for t in self._tails[name]:
+            t.add(x)
         self.elements[name] += x.size
         if self.want_gram:
-            g = gram(x)
-            if name in self.gram:
-                self.gram[name] += g
-            else:
-                self.gram[name] = g
+            self._grams.add(name, x)
 
     def result(self) -> FloatStats:
+        for name, (top, bottom) in self._tails.items():
+            self.top[name], self.bottom[name] = top.values(), bottom.values()
+        self.gram = self._grams.sums
         return FloatStats(self.min, self.max, self.gram, self.top, self.bottom, self.elements, self.images)
 
 
-def _merge_tails(top: np.ndarray, bottom: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The ``len(top)`` largest and ``len(bottom)`` smallest values per column of [top; x] and [bottom; x].
+class _Tails:
+    """Each column's ``n`` largest (or smallest) values seen so far: the same multisets as sorting everything.
 
-    Only values beyond a column's current tail can enter it, so each column's candidates are gathered by a mask
-    (after the first batches a handful per column) and the selection runs over [tails; candidates] only, one
-    contiguous row per column on torch's threads (numpy's partition along axis 0 of a wide tensor is strided and
-    single-threaded: it was a third of ViT-Base's float pass). The tails are the same multisets either way."""
-    import torch
+    Only values beyond a column's current tail can enter it, so each batch only gathers those (after the first
+    batches a few per column) into the column's pending buffer; a column is merged (a selection over its tail and
+    its pending values, on torch's threads) only when its buffer is full, not after every batch: merging every
+    column of every tensor after each batch cost the size of all tails each time, a third of ViT-Base's float pass.
+    Until a column is merged its threshold is the last merge's, so a few more values are gathered than could enter;
+    never fewer."""
 
-    for tails, largest in ((top, True), (bottom, False)):
-        beyond = (x > tails.min(axis=0)) if largest else (x < tails.max(axis=0))
+    def __init__(self, n: int, k: int, largest: bool):
+        self.largest, self.fill = largest, (-np.inf if largest else np.inf)
+        self.tails = np.full((n, k), self.fill, np.float32)
+        self.edge = np.full(k, self.fill, np.float32)  # per column, what a value must be beyond to be gathered
+        self.cap = max(n // 2, 1)
+        self.pending = np.full((self.cap, k), self.fill, np.float32)  # gathered values, column by column
+        self.count = np.zeros(k, np.int64)  # pending values per column
+
+    def add(self, x: np.ndarray) -> None:
+        beyond = (x > self.edge) if self.largest else (x < self.edge)
         counts = beyond.sum(axis=0)
         cols = np.flatnonzero(counts)
         if not len(cols):
-            continue
-        cand = _column_candidates(x, beyond, counts, cols, -np.inf if largest else np.inf)
-        both = np.ascontiguousarray(np.concatenate([tails[:, cols], cand]).T)  # [columns, tail + candidates]
-        kept = torch.topk(torch.from_numpy(both), len(tails), dim=1, largest=largest, sorted=False).values.numpy()
-        tails[:, cols] = kept.T
-    return top, bottom
+            return
+        over = cols[self.count[cols] + counts[cols] > self.cap]
+        if len(over):  # these columns' buffers would overflow: merge them with this batch's values right away
+            sel = beyond[:, over]
+            self._merge(over, _column_candidates(x[:, over], sel, counts[over], np.arange(len(over)), self.fill))
+            cols = np.setdiff1d(cols, over, assume_unique=True)
+            if not len(cols):
+                return
+        n = counts[cols]
+        c_idx, r_idx = np.nonzero(beyond[:, cols].T)  # column-major: each column's rows together
+        starts = np.cumsum(n) - n
+        rows = self.count[cols][c_idx] + np.arange(len(c_idx)) - np.repeat(starts, n)
+        self.pending[rows, cols[c_idx]] = x[r_idx, cols[c_idx]]
+        self.count[cols] += n
+
+    def _merge(self, cols: np.ndarray, extra: np.ndarray | None = None) -> None:
+        """Merge the pending values of ``cols`` (and ``extra`` [rows, len(cols)]) into their tails."""
+        import torch
+
+        m = int(self.count[cols].max())
+        parts = [self.tails[:, cols], self.pending[:m, cols]] + ([extra] if extra is not None else [])
+        both = np.ascontiguousarray(np.concatenate(parts).T)  # [columns, tail + candidates]
+        kept = torch.topk(torch.from_numpy(both), len(self.tails), dim=1, largest=self.largest, sorted=False).values.numpy()
+        self.tails[:, cols] = kept.T
+        self.pending[:m, cols] = self.fill
+        self.count[cols] = 0
+        self.edge[cols] = kept.min(axis=1) if self.largest else kept.max(axis=1)
+
+    def values(self) -> np.ndarray:
+        cols = np.flatnonzero(self.count)
+        if len(cols):
+            self._merge(cols)
+        return self.tails
+
+
+class GramSums:
+    """Running x^T x (or x^T y) per tensor, each batch's product summed in float32 by numpy's BLAS (``gram``'s order)
+    into one reused scratch array, then added to the ``dtype`` sum: a fresh 37 MB product per batch and layer
+    (ViT-Base's fc2) cost page faults on every call."""
+
+    def __init__(self, dtype=np.float64):
+        self.dtype = dtype
+        self.sums: dict[str, np.ndarray] = {}
+        self._scratch: dict[tuple[int, int], np.ndarray] = {}
+
+    def add(self, name: str, x: np.ndarray, y: np.ndarray | None = None) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = x if y is None else np.ascontiguousarray(y, dtype=np.float32)
+        shape = (x.shape[1], y.shape[1])
+        buf = self._scratch.get(shape)
+        if buf is None:
+            buf = self._scratch[shape] = np.empty(shape, np.float32)
+        np.matmul(x.T, y, out=buf)  # x.T @ x: numpy's syrk, bit for bit what gram() returns
+        s = self.sums.get(name)
+        if s is None:
+            self.sums[name] = buf.astype(self.dtype)
+        else:
+            np.add(s, buf, out=s)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.sums[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums
+
+    def pop(self, name: str, *default):
+        return self.sums.pop(name, *default)
 
 
 def _column_candidates(x: np.ndarray, beyond: np.ndarray, counts: np.ndarray, cols: np.ndarray, fill: float) -> np.ndarray:

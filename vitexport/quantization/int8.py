@@ -37,7 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..ort_session import ort_session
-from .calibration import HistogramObserver, stream_activations
+from .calibration import GramSums, HistogramObserver, stream_activations
 from .divergence import kl_divergence as _kl
 from .gptq import damped_inverse_factor, gptq_round
 from .graph import GraphIndex, Linear, drop_unused_constants, find_linears, kept_float
@@ -305,12 +305,10 @@ class _QuantizedGramObserver:
         self.shifts = shifts or {}
         self.right = right or {}
         self.dynamic = dynamic
-        self.qq: dict[str, np.ndarray] = {}
-        self.qx: dict[str, np.ndarray] = {}
+        self.qq = GramSums(np.float32)
+        self.qx = GramSums(np.float32)
 
     def __call__(self, name: str, a: np.ndarray) -> None:
-        from .calibration import gram
-
         x = np.asarray(a, np.float32).reshape(-1, a.shape[-1])
         xq = x
         if self.dynamic:
@@ -322,12 +320,9 @@ class _QuantizedGramObserver:
             c = np.float32(self.shifts.get(name, 0.0))
             xq = ((np.clip(np.round((x - c) / scale) + z, lo, hi) - z) * scale + c).astype(np.float32)  # half to even, as ONNX
         if xq is not x:
-            # float32 sums on numpy's BLAS threads (calibration.gram)
             right = self.right.get(name)
-            target = gram(xq, x, np.float32) if right is None else gram(xq, (x - xq) @ right, np.float32)
-            self.qx[name] = target if name not in self.qx else np.add(self.qx[name], target, out=self.qx[name])
-        g = gram(xq, None, np.float32)
-        self.qq[name] = g if name not in self.qq else np.add(self.qq[name], g, out=self.qq[name])
+            self.qx.add(name, xq, x if right is None else (x - xq) @ right)
+        self.qq.add(name, xq)
 
 
 def compensate(w_nk: np.ndarray, qq: np.ndarray, qx: np.ndarray | None, damp: float, rhs: np.ndarray | None = None) -> np.ndarray:
