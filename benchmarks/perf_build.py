@@ -11,7 +11,8 @@ fp32,fp16,int8,int4,palette4`` (the API call the CLI makes), plus the stock int8
 - wall seconds of the build *excluding* evaluation, timing and the stock rows (the report's per-stage records), and
   the same with them; process CPU seconds likewise (the host is shared, so CPU seconds are the steadier figure);
 - every stage's wall and CPU seconds (export, preprocessing, the shared float-statistics pass, each recipe's own
-  passes, sensitivity search, GPTQ, conversion, evaluation, timing);
+  passes, sensitivity search, GPTQ, conversion, evaluation, timing), its resident memory at its end and the
+  high-water mark since its artifact began (where that jumps is where the peak is);
 - peak resident memory above the process's memory at the start of the build (VmHWM, reset per artifact);
 - batch-1 latency of our int8 rows against the stock int8 rows and fp32, interleaved round by round in one run,
   as ratios (absolute times on a shared host mean little).
@@ -120,8 +121,9 @@ def markdown(results: dict) -> str:
                   f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
                   f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
-                  "| stage | wall s | CPU s |", "|---|---|---|"]
-        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} |" for s in r["stages"] if s["seconds"] >= 0.5]
+                  "| stage | wall s | CPU s | RSS at its end, MB | peak since its artifact began, MB |", "|---|---|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s.get('rss_mb', float('nan')):.0f} | {s.get('peak_mb', float('nan')):.0f} |"
+                  for s in r["stages"] if s["seconds"] >= 0.5]
         lat = r["latency"]
         if lat:
             lines += ["", "Batch-1 latency, interleaved round by round (one run): ratio to onnxruntime-fp32 and to the same runtime's stock int8.", "",

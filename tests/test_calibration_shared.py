@@ -87,6 +87,32 @@ def test_float_stats_hold_the_gptq_hessians(tiny_onnx):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_spilled_grams_are_the_same_read_only_and_cleaned_up(tiny_onnx):
+    import gc
+    import os
+
+    from vitexport.quantization.calibration import SpilledArrays, spill_grams
+
+    model = tiny_onnx.load()
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12)
+    assert spill_grams(stats, min_bytes=1 << 40) is stats  # small: stays in memory
+    spilled = spill_grams(stats, min_bytes=0)
+    assert isinstance(spilled.gram, SpilledArrays) and set(spilled.gram) == set(stats.gram)
+    for a in stats.gram:
+        np.testing.assert_array_equal(spilled.gram[a], stats.gram[a])
+        with pytest.raises(ValueError):
+            spilled.gram[a][0, 0] = 1.0  # the shared statistics cannot be changed by a reader
+    # int4 GPTQ reads them as it reads the in-memory ones: the same codes
+    a_model, _ = quantize_int4(model, _batches(), Int4Recipe(), stats=stats)
+    b_model, _ = quantize_int4(model, _batches(), Int4Recipe(), stats=spilled)
+    assert all(np.array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y)) for x, y in zip(a_model.graph.initializer, b_model.graph.initializer))
+    folder = spilled.gram._dir.name
+    assert os.path.isdir(folder)
+    del spilled, a_model, b_model
+    gc.collect()
+    assert not os.path.exists(folder)
+
+
 @pytest.mark.parametrize("tail", [25, 3, 200])
 def test_tails_keep_each_columns_extremes(tail):
     """Batch by batch, with ties, a late outlier and a constant column, merged after one batch or after several:

@@ -70,7 +70,18 @@ class Stages:
             with self.progress.bar(f"{self.prefix}{name}", total, unit) as tick:
                 yield tick
         finally:
-            self.records.append({"stage": f"{self.prefix}{name}", "seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3)})
+            record = {"stage": f"{self.prefix}{name}", "seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3)}
+            record.update(_memory_mb())
+            self.records.append(record)
+
+
+def _memory_mb() -> dict[str, float]:
+    """Resident memory at a stage's end and the high-water mark so far (Linux; VmHWM is reset per artifact by
+    harness.memory.PeakMemory): the stage where ``peak_mb`` jumps is where the build's peak memory is."""
+    from .harness.memory import _status_kb
+
+    rss, hwm = _status_kb("VmRSS"), _status_kb("VmHWM")
+    return {} if rss is None or hwm is None else {"rss_mb": round(rss / 1024, 1), "peak_mb": round(hwm / 1024, 1)}
 
 
 def stages_of(stages: "Stages | None") -> Stages:

@@ -59,8 +59,9 @@ class Report:
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     gate: Mapping[str, Any] = field(default_factory=dict)  # harness.gate.check(...).to_dict() when a gate was given
-    # where the build's time went: [{"stage", "seconds", "cpu_seconds"}] in order (export, preprocessing, each
-    # artifact's calibration passes, GPTQ, sensitivity search, conversion, evaluation, timing)
+    # where the build's time and memory went: [{"stage", "seconds", "cpu_seconds", "rss_mb", "peak_mb"}] in order
+    # (export, preprocessing, each artifact's calibration passes, GPTQ, sensitivity search, conversion, evaluation,
+    # timing); rss_mb at the stage's end, peak_mb the high-water mark since its artifact started (Linux)
     stages: tuple[Mapping[str, Any], ...] = ()
 
     def to_dict(self) -> dict:

@@ -12,7 +12,7 @@ import os
 import tempfile
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -236,7 +236,7 @@ class FloatStats:
 
     min: dict[str, np.ndarray]
     max: dict[str, np.ndarray]
-    gram: dict[str, np.ndarray]
+    gram: Mapping[str, np.ndarray]  # a dict, or SpilledArrays (on disk) on large models
     top: dict[str, np.ndarray]
     bottom: dict[str, np.ndarray]
     elements: dict[str, int]
@@ -247,6 +247,47 @@ class FloatStats:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for d in (self.min, self.max, self.gram, self.top, self.bottom) for a in d.values())
+
+
+class SpilledArrays(Mapping):
+    """Read-only arrays kept in .npy files of a private temporary folder, memory-mapped on each access.
+
+    The float statistics' Gram matrices (1.1 GB of float64 on ViT-Base) are read only by int4, palette and CoreML
+    int8, one matrix at a time; held in memory they sat under every int8 recipe's passes and search, the build's
+    peak. The folder goes with the object."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], prefix: str = "vitexport-stats-"):
+        self._dir = tempfile.TemporaryDirectory(prefix=prefix)
+        self._paths: dict[str, str] = {}
+        try:
+            for i, (name, a) in enumerate(arrays.items()):
+                path = os.path.join(self._dir.name, f"{i}.npy")
+                np.save(path, np.ascontiguousarray(a))
+                self._paths[name] = path
+        except BaseException:
+            self._dir.cleanup()
+            raise
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.load(self._paths[name], mmap_mode="r")
+
+    def __iter__(self):
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+def spill_grams(stats: "FloatStats", min_bytes: int) -> "FloatStats":
+    """``stats`` with its Gram matrices on disk (SpilledArrays) when they take at least ``min_bytes``; unchanged
+    when they are smaller or the temporary folder cannot take them."""
+    size = sum(a.nbytes for a in stats.gram.values())
+    if isinstance(stats.gram, SpilledArrays) or size < min_bytes:
+        return stats
+    try:
+        return dataclasses.replace(stats, gram=SpilledArrays(stats.gram))
+    except OSError:  # no room in the temporary folder: keep them in memory
+        return stats
 
 
 class FloatStatsObserver:
@@ -303,54 +344,54 @@ class _Tails:
     its pending values, on torch's threads) only when its buffer is full, not after every batch: merging every
     column of every tensor after each batch cost the size of all tails each time, a third of ViT-Base's float pass.
     Until a column is merged its threshold is the last merge's, so a few more values are gathered than could enter;
-    never fewer."""
+    never fewer. Stored column by column (one contiguous row per column), so a merge reads and writes whole rows."""
 
     def __init__(self, n: int, k: int, largest: bool):
         self.largest, self.fill = largest, (-np.inf if largest else np.inf)
-        self.tails = np.full((n, k), self.fill, np.float32)
+        self.tails = np.full((k, n), self.fill, np.float32)
         self.edge = np.full(k, self.fill, np.float32)  # per column, what a value must be beyond to be gathered
         self.cap = max(n // 2, 1)
-        self.pending = np.full((self.cap, k), self.fill, np.float32)  # gathered values, column by column
+        self.pending = np.full((k, self.cap), self.fill, np.float32)  # gathered values of each column
         self.count = np.zeros(k, np.int64)  # pending values per column
 
     def add(self, x: np.ndarray) -> None:
         beyond = (x > self.edge) if self.largest else (x < self.edge)
-        counts = beyond.sum(axis=0)
-        cols = np.flatnonzero(counts)
-        if not len(cols):
+        c, r = np.nonzero(np.ascontiguousarray(beyond.T))  # column by column, rows in order within each
+        if not len(c):
             return
-        over = cols[self.count[cols] + counts[cols] > self.cap]
-        if len(over):  # these columns' buffers would overflow: merge them with this batch's values right away
-            sel = beyond[:, over]
-            self._merge(over, _column_candidates(x[:, over], sel, counts[over], np.arange(len(over)), self.fill))
-            cols = np.setdiff1d(cols, over, assume_unique=True)
-            if not len(cols):
+        counts = np.bincount(c, minlength=x.shape[1])
+        over = self.count + counts > self.cap
+        if over.any():  # these columns' buffers would overflow: merge them with this batch's values right away
+            cols = np.flatnonzero(over)
+            self._merge(cols, _column_candidates(x[:, cols], beyond[:, cols], counts[cols], np.arange(len(cols)), self.fill).T)
+            keep = ~over[c]
+            r, c = r[keep], c[keep]
+            if not len(c):
                 return
-        n = counts[cols]
-        c_idx, r_idx = np.nonzero(beyond[:, cols].T)  # column-major: each column's rows together
-        starts = np.cumsum(n) - n
-        rows = self.count[cols][c_idx] + np.arange(len(c_idx)) - np.repeat(starts, n)
-        self.pending[rows, cols[c_idx]] = x[r_idx, cols[c_idx]]
-        self.count[cols] += n
+            counts[cols] = 0
+        first = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        rank = np.arange(len(c)) - np.repeat(first, np.diff(np.r_[first, len(c)]))
+        self.pending[c, self.count[c] + rank] = x[r, c]
+        self.count += counts
 
     def _merge(self, cols: np.ndarray, extra: np.ndarray | None = None) -> None:
-        """Merge the pending values of ``cols`` (and ``extra`` [rows, len(cols)]) into their tails."""
+        """Merge the pending values of ``cols`` (and ``extra`` [len(cols), values]) into their tails."""
         import torch
 
         m = int(self.count[cols].max())
-        parts = [self.tails[:, cols], self.pending[:m, cols]] + ([extra] if extra is not None else [])
-        both = np.ascontiguousarray(np.concatenate(parts).T)  # [columns, tail + candidates]
-        kept = torch.topk(torch.from_numpy(both), len(self.tails), dim=1, largest=self.largest, sorted=False).values.numpy()
-        self.tails[:, cols] = kept.T
-        self.pending[:m, cols] = self.fill
+        both = np.concatenate([self.tails[cols], self.pending[cols, :m]] + ([extra] if extra is not None else []), axis=1)
+        kept = torch.topk(torch.from_numpy(both), self.tails.shape[1], dim=1, largest=self.largest, sorted=False).values.numpy()
+        self.tails[cols] = kept
+        self.pending[cols, :m] = self.fill
         self.count[cols] = 0
         self.edge[cols] = kept.min(axis=1) if self.largest else kept.max(axis=1)
 
     def values(self) -> np.ndarray:
+        """[n, k]: the tails, column ``j`` holding column ``j``'s values."""
         cols = np.flatnonzero(self.count)
         if len(cols):
             self._merge(cols)
-        return self.tails
+        return np.ascontiguousarray(self.tails.T)
 
 
 class GramSums:

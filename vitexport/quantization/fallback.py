@@ -218,5 +218,7 @@ def score_candidates(
             if progress is not None:
                 progress(1)
         del sess
-        release_freed_memory()
+    # once, not after each block: the first block's part is the largest, so the later ones reuse its freed heap, and
+    # on a VM that hands trimmed pages back to its host every re-touched GB cost seconds
+    release_freed_memory()
     return scores
