@@ -230,3 +230,19 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
     assert not any("float statistics" in s for s in again), again
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("a", "b"))
     assert [r["size_bytes"] for r in ra] == [r["size_bytes"] for r in rb]
+
+
+def test_memo_drops_quantized_grams_when_no_later_recipe_can_use_them():
+    """Held from ONNX Runtime's int8 under TensorRT's search they were the build's peak: a recipe with another
+    smoothing drops them at its first memo call; one with the same smoothing keeps them."""
+    from vitexport.backends import Calibration
+
+    cal = Calibration(batches=lambda: iter([]), count=0, source="test")
+    ort, trt = ("int8-ranges", 0.5), ("int8-ranges", 0.8)
+    grams = ("ref", (ort, "quantized-gram", True, False))
+    cal.memo(("ref", (ort, "fallback", 16)), lambda: {})
+    g = cal.memo(grams, lambda: {"act": 1})
+    cal.memo(("ref", (ort, "fallback", 16, "budget 0.2")), lambda: {})  # OpenVINO: same smoothing
+    assert cal.memo(grams, lambda: {"act": 2}) is g
+    cal.memo(("ref", (trt, "fallback", 16)), lambda: {})  # TensorRT: another smoothing
+    assert cal.memo(grams, lambda: {"act": 3}) == {"act": 3}

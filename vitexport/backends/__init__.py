@@ -75,17 +75,30 @@ class Calibration:
     def memo(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per key for these images, the same object to every caller: read-only results only.
 
-        Quantized-input Gram matrices (kind "quantized-gram", about 1 GB on ViT-Base) are kept for the latest
-        recipe only: the recipes that share them build one after the other.
+        Quantized-input Gram matrices (kind "quantized-gram", about 0.7 GB on ViT-Base) are kept only while a recipe
+        that can use them may still come: a new quantized-gram entry replaces the others, and a recipe with another
+        reference or smoothing (its first memo call is its search) drops them. The recipes that share them
+        (ONNX Runtime's and OpenVINO's) build one after the other; held under TensorRT's search they were its peak.
         """
         store = self._shared.setdefault("__memo__", {})
         if key not in store:
-            kind = key[1] if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], tuple) and len(key[1]) > 1 else None
-            if kind is not None and kind[1] == "quantized-gram":
-                for k in [k for k in store if isinstance(k, tuple) and len(k) > 1 and isinstance(k[1], tuple) and len(k[1]) > 1 and k[1][1] == "quantized-gram"]:
+            kind = _int8_memo_kind(key)
+            if kind in ("quantized-gram", "fallback"):
+                for k in [k for k in store if _int8_memo_kind(k) == "quantized-gram" and (kind == "quantized-gram" or _int8_memo_owner(k) != _int8_memo_owner(key))]:
                     del store[k]
             store[key] = compute()
         return store[key]
+
+
+def _int8_memo_kind(key: Hashable) -> str | None:
+    """The kind of a recipe_memo key ((reference, (smoothing key, kind, ...))), else None."""
+    inner = key[1] if isinstance(key, tuple) and len(key) > 1 else None
+    return inner[1] if isinstance(inner, tuple) and len(inner) > 1 and isinstance(inner[1], str) else None
+
+
+def _int8_memo_owner(key: tuple) -> tuple:
+    """(reference, smoothing key): what decides whether a recipe can use another's Gram matrices."""
+    return key[0], key[1][0]
 
 
 class Runner(Protocol):
