@@ -455,10 +455,11 @@ def test_disk_full_on_the_device(dist, sshd, device_python, tmp_path, capsys):
         subprocess.run(["umount", str(small)])
 
 
-def _slow_python(device_python, tmp_path) -> Path:
-    """The device python, but `run` (the measuring step) hangs first: for --remote-timeout and Ctrl-C."""
+def _slow_python(device_python, tmp_path, seconds: int = 60) -> Path:
+    """The device python, but `run` (the measuring step) hangs first: for --remote-timeout and Ctrl-C. It hangs
+    until ssh goes away (its stdin ends) or ``seconds`` pass, so no test leaves it running on the device."""
     w = tmp_path / "slow-python"
-    w.write_text(f'#!/bin/sh\ncase "$*" in *" run "*) echo "slow run started" >&2; sleep 60;; esac\nexec {device_python} "$@"\n')
+    w.write_text(f'#!/bin/sh\ncase "$*" in *" run "*) echo "slow run started" >&2; timeout {seconds} head -c 1 >/dev/null; exit 3;; esac\nexec {device_python} "$@"\n')
     w.chmod(0o755)
     return w
 
@@ -475,20 +476,29 @@ def test_timeout_on_the_device(dist, sshd, device_python, device_cache, tmp_path
 
 def test_ctrl_c_stops_the_device_and_writes_nothing(tiny_vit, image_folder, calib_folder, sshd, device_python, tmp_path):
     out = tmp_path / "dist"
-    slow = _slow_python(device_python, tmp_path)
-    cmd = [sys.executable, "-m", "vitexport.cli", "build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--out", str(out), "--precision", "fp32", "--no-latency"]
+    # the device hangs far longer than the test waits: the build can only end early by stopping it
+    slow = _slow_python(device_python, tmp_path, seconds=600)
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "vitexport.cli", "build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--out", str(out), "--precision", "fp32", "--no-latency"]
     cmd += _remote(sshd, slow, tmp_path / "cache")
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(p.stderr.readline, "")), daemon=True)
     reader.start()
-    for _ in range(600):
-        if any("running 1 artifact" in s for s in seen):
-            break
+    deadline = time.monotonic() + 240  # a loaded CI host: the build's imports and export come first
+    while not any("running 1 artifact" in s for s in seen) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    if not any("running 1 artifact" in s for s in seen):
+        p.kill()
+        pytest.fail("the build never reached the device:\n" + "".join(seen[-30:]))
     time.sleep(1)
     p.send_signal(signal.SIGINT)
-    p.wait(30)
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        p.send_signal(signal.SIGABRT)  # -X faulthandler: every thread's stack on stderr, then say where it hung
+        p.wait(30)
+        reader.join(5)
+        pytest.fail("the build did not stop within 60 s of Ctrl-C:\n" + "".join(seen[-60:]))
     reader.join(5)
     assert p.returncode == 130
     assert any("interrupted; nothing was written" in s for s in seen) and not any("Traceback" in s for s in seen)
