@@ -480,7 +480,10 @@ def test_ctrl_c_stops_the_device_and_writes_nothing(tiny_vit, image_folder, cali
     slow = _slow_python(device_python, tmp_path, seconds=600)
     cmd = [sys.executable, "-X", "faulthandler", "-m", "vitexport.cli", "build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--out", str(out), "--precision", "fp32", "--no-latency"]
     cmd += _remote(sshd, slow, tmp_path / "cache")
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    # a Ctrl-C the build can hear: a shell running this suite as a background job (`... &`) hands its children
+    # SIGINT ignored, and python keeps it ignored (every earlier CI failure of this test: the build never saw it)
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(p.stderr.readline, "")), daemon=True)
     reader.start()
