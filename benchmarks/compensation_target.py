@@ -54,15 +54,21 @@ def metrics(ref: np.ndarray, out: np.ndarray) -> dict:
             "cosine_min": round(float(cos.min()), 4), "agree": int((ref.argmax(1) == out.argmax(1)).sum()), "n": len(ref)}
 
 
+def held_out_split(shared: str) -> tuple[ModelSpec, np.ndarray, np.ndarray]:
+    """(DeiT-tiny's spec, fit images, held-out images): run_matrix.py's 125 calibration images (every fourth file,
+    never the evaluation split), preprocessed, two thirds to fit and every third one held out."""
+    spec = ModelSpec.load(Path(shared) / "models" / "deit-tiny-patch16-224")
+    calib = [f for i, f in enumerate(list_images(Path(shared) / "imagenet-samples")) if i % 4 == 0]
+    x = np.stack([spec.preprocessing(load_rgb(f)) for f in calib]).astype(np.float32)
+    return spec, x[[i for i in range(len(x)) if i % 3 != 2]], x[[i for i in range(len(x)) if i % 3 == 2]]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compensation-target.json"))
     args = ap.parse_args()
-    spec = ModelSpec.load(Path(args.shared) / "models" / "deit-tiny-patch16-224")
-    calib = [f for i, f in enumerate(list_images(Path(args.shared) / "imagenet-samples")) if i % 4 == 0]
-    x = np.stack([spec.preprocessing(load_rgb(f)) for f in calib]).astype(np.float32)
-    fit, held = x[[i for i in range(len(x)) if i % 3 != 2]], x[[i for i in range(len(x)) if i % 3 == 2]]
+    spec, fit, held = held_out_split(args.shared)
     batches = lambda: (fit[i : i + 16] for i in range(0, len(fit), 16))  # noqa: E731
     results: dict = {"protocol": __doc__.split("\n\n")[2], "fit_images": len(fit), "held_out_images": len(held), "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:

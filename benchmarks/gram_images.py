@@ -23,17 +23,14 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from compensation_target import RECIPES, metrics, run  # noqa: E402
+from compensation_target import RECIPES, held_out_split, metrics, run  # noqa: E402
 
-from vitexport.data import list_images, load_rgb  # noqa: E402
 from vitexport.export import export_reference  # noqa: E402
-from vitexport.model import ModelSpec  # noqa: E402
 from vitexport.quantization import int8  # noqa: E402
 from vitexport.quantization.calibration import collect_float_stats  # noqa: E402
 from vitexport.quantization.graph import find_linears  # noqa: E402
@@ -46,10 +43,7 @@ def main() -> int:
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gram-images.json"))
     args = ap.parse_args()
-    spec = ModelSpec.load(Path(args.shared) / "models" / "deit-tiny-patch16-224")
-    calib = [f for i, f in enumerate(list_images(Path(args.shared) / "imagenet-samples")) if i % 4 == 0]
-    x = np.stack([spec.preprocessing(load_rgb(f)) for f in calib]).astype(np.float32)
-    fit, held = x[[i for i in range(len(x)) if i % 3 != 2]], x[[i for i in range(len(x)) if i % 3 == 2]]
+    spec, fit, held = held_out_split(args.shared)
     batches = lambda: (fit[i : i + 16] for i in range(0, len(fit), 16))  # noqa: E731
     results: dict = {"protocol": __doc__.split("\n\n")[2], "fit_images": len(fit), "held_out_images": len(held), "rows": {}}
     real = int8._gptq_inputs

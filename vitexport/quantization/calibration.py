@@ -294,7 +294,7 @@ class FloatStatsObserver:
     """Folds each batch into per-channel min/max, X^T X and per-channel extreme-value tails (all bounded in size).
 
     ``tail`` per channel is sized from the first batch for ``images`` images so that a TAIL_PERCENTILE percentile
-    of the whole tensor is among the kept values; the Gram sums run on torch (multi-threaded BLAS) when available.
+    of the whole tensor is among the kept values; the Gram sums run on numpy's threaded BLAS (GramSums).
     """
 
     def __init__(self, images: int, gram: bool = True, tail_percentile: float = TAIL_PERCENTILE):
@@ -395,9 +395,13 @@ class _Tails:
 
 
 class GramSums:
-    """Running x^T x (or x^T y) per tensor, each batch's product summed in float32 by numpy's BLAS (``gram``'s order)
-    into one reused scratch array, then added to the ``dtype`` sum: a fresh 37 MB product per batch and layer
-    (ViT-Base's fc2) cost page faults on every call."""
+    """Running x^T x (or x^T y) per tensor, each batch's product summed in float32 by numpy's BLAS into one reused
+    scratch array, then added to the ``dtype`` sum: a fresh 37 MB product per batch and layer (ViT-Base's fc2) cost
+    page faults on every call.
+
+    numpy's and not torch's: both sum in float32, in different orders, and that order decides a few GPTQ codes
+    (0.07% of int8 codes on DeiT-tiny, enough to move agreement by 3 of 375 images). numpy's is the order the
+    published figures were made with (benchmarks/calibration_equivalence.py --codes)."""
 
     def __init__(self, dtype=np.float64):
         self.dtype = dtype
@@ -411,7 +415,7 @@ class GramSums:
         buf = self._scratch.get(shape)
         if buf is None:
             buf = self._scratch[shape] = np.empty(shape, np.float32)
-        np.matmul(x.T, y, out=buf)  # x.T @ x: numpy's syrk, bit for bit what gram() returns
+        np.matmul(x.T, y, out=buf)  # x.T @ x: numpy's syrk, bit for bit x.T @ x without ``out``
         s = self.sums.get(name)
         if s is None:
             self.sums[name] = buf.astype(self.dtype)
@@ -438,17 +442,6 @@ def _column_candidates(x: np.ndarray, beyond: np.ndarray, counts: np.ndarray, co
     starts = np.cumsum(n) - n
     out[np.arange(len(c_idx)) - np.repeat(starts, n), c_idx] = x[r_idx, cols[c_idx]]
     return out
-
-
-def gram(x: np.ndarray, y: np.ndarray | None = None, dtype=np.float64) -> np.ndarray:
-    """x^T x (or x^T y) of float32 rows, summed in float32 by numpy's BLAS (threaded), returned as ``dtype``.
-
-    numpy's and not torch's: both sum in float32, in different orders, and that order decides a few GPTQ codes
-    (0.07% of int8 codes on DeiT-tiny, enough to move agreement by 3 of 375 images). numpy's is the order the
-    pre-shared-calibration recipes used, so their codes and published figures are reproduced exactly
-    (benchmarks/calibration_equivalence.py --codes)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return ((x.T @ x) if y is None else (x.T @ np.ascontiguousarray(y, dtype=np.float32))).astype(dtype, copy=False)
 
 
 def collect_float_stats(
