@@ -133,6 +133,18 @@ def test_tails_keep_each_columns_extremes(tail):
     np.testing.assert_array_equal(np.sort(bottom.values(), axis=0), every[:tail])
 
 
+@pytest.mark.parametrize("k", [7, 40000])  # int16 column indices (radix sort) and wider
+def test_hits_by_column_are_nonzero_of_the_transpose(k):
+    from vitexport.quantization.calibration import _by_column
+
+    mask = np.random.default_rng(5).random((30, k)) < 0.05
+    mask[:, 1] = True
+    c, r = _by_column(mask)
+    ref_c, ref_r = np.nonzero(mask.T)
+    np.testing.assert_array_equal(c, ref_c)
+    np.testing.assert_array_equal(r, ref_r)
+
+
 def test_upper_cholesky_of_inverse():
     from vitexport.quantization.gptq import upper_cholesky_of_inverse
 

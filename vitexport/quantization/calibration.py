@@ -356,19 +356,18 @@ class _Tails:
 
     def add(self, x: np.ndarray) -> None:
         beyond = (x > self.edge) if self.largest else (x < self.edge)
-        c, r = np.nonzero(np.ascontiguousarray(beyond.T))  # column by column, rows in order within each
-        if not len(c):
-            return
-        counts = np.bincount(c, minlength=x.shape[1])
+        counts = np.count_nonzero(beyond, axis=0)
         over = self.count + counts > self.cap
         if over.any():  # these columns' buffers would overflow: merge them with this batch's values right away
             cols = np.flatnonzero(over)
-            self._merge(cols, _column_candidates(x[:, cols], beyond[:, cols], counts[cols], np.arange(len(cols)), self.fill).T)
-            keep = ~over[c]
-            r, c = r[keep], c[keep]
-            if not len(c):
-                return
+            whole = len(cols) == len(over)  # the first batch: no column copies
+            xs, bs = (x, beyond) if whole else (x[:, cols], beyond[:, cols])
+            self._merge(cols, _column_candidates(xs, bs, counts[cols], np.arange(len(cols)), self.fill).T)
             counts[cols] = 0
+            beyond &= ~over  # their values are in; the first batches (every value flagged) stop here
+        if not counts.any():
+            return
+        c, r = _by_column(beyond)
         first = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
         rank = np.arange(len(c)) - np.repeat(first, np.diff(np.r_[first, len(c)]))
         self.pending[c, self.count[c] + rank] = x[r, c]
@@ -432,13 +431,24 @@ class GramSums:
         return self.sums.pop(name, *default)
 
 
+def _by_column(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(columns, rows) of ``mask``'s True entries, column by column and rows in order within each: what
+    ``np.nonzero(mask.T)`` gives, without transposing the whole mask. After the first batches a few percent of it is
+    set, and transposing and scanning the [rows, K] mask cost more than the rest of the tails (ViT-Base fc2: 18 ms per
+    side and batch, against under 1 ms to find the hits row by row and sort them by column, a radix sort)."""
+    k = mask.shape[1]
+    r, c = np.divmod(np.flatnonzero(mask), k)
+    order = np.argsort(c.astype(np.int16) if k <= np.iinfo(np.int16).max else c, kind="stable")
+    return c[order], r[order]
+
+
 def _column_candidates(x: np.ndarray, beyond: np.ndarray, counts: np.ndarray, cols: np.ndarray, fill: float) -> np.ndarray:
     """[most flagged in a column, len(cols)]: each column's values flagged in ``beyond``, padded with ``fill``."""
     n = counts[cols]
     if int(n.max()) * 4 >= x.shape[0]:  # dense (the first batches): every row is cheaper than gathering
         return x[:, cols]
     out = np.full((int(n.max()), len(cols)), fill, np.float32)
-    c_idx, r_idx = np.nonzero(beyond[:, cols].T)  # column-major, so each column's rows come together
+    c_idx, r_idx = _by_column(beyond[:, cols])
     starts = np.cumsum(n) - n
     out[np.arange(len(c_idx)) - np.repeat(starts, n), c_idx] = x[r_idx, cols[c_idx]]
     return out
