@@ -172,6 +172,25 @@ def test_gated_sensitivity_scores_match_one_model_per_input(tiny_onnx, recipe):
     assert sorted(old, key=old.get) == sorted(new, key=new.get)  # same ranking, hence the same inputs left float
 
 
+def test_search_weights_passed_as_arrays_give_the_same_scores(tiny_onnx, monkeypatch):
+    """The search hands each block's weights to onnxruntime as arrays (fallback.light_model) instead of inside the
+    serialised graph: the same bits, and the graph it serialises carries no weight."""
+    from vitexport.quantization import fallback
+
+    model = tiny_onnx.load()
+    recipe = dataclasses.replace(Int8Recipe(), fallback_images=6)
+    chosen, _ = select_linears(find_linears(model), recipe)
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12, gram=False)
+    ranges = {a: (float(stats.min[a].min()), float(stats.max[a].max())) for a in stats.min}
+    monkeypatch.setattr(fallback, "EXTERNAL_BYTES", 1 << 40)  # nothing goes as arrays
+    inline = sensitivity_scores(model, chosen, ranges, recipe, _batches())
+    monkeypatch.setattr(fallback, "EXTERNAL_BYTES", 1)  # every weight does
+    light, arrays = fallback.light_model(model)
+    weights = {l.weight for l in chosen}
+    assert weights <= set(arrays) and all(t.name not in weights or not t.raw_data for t in light.graph.initializer)
+    assert sensitivity_scores(model, chosen, ranges, recipe, _batches()) == inline
+
+
 def test_shared_statistics_give_the_same_int8_model(tiny_onnx):
     """quantize_int8 with the build's float statistics == with its own passes; a second recipe with the same ranges
     (OpenVINO's: only the fallback budget differs) reuses the sensitivity scores and the Gram matrices."""

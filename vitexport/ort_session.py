@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import numpy as np
 
 from .errors import VitexportError
 
 
-def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None, user_model: bool = True, spinning: bool = True):
+def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None, user_model: bool = True, spinning: bool = True,
+                initializers: Mapping[str, Any] | None = None):
     """An ``onnxruntime.InferenceSession`` on the CPU provider for a path, serialized bytes or a ModelProto.
 
     ``optimization``: "all" (runners: the fusions the runtime really does) or "basic" (emulations, whose float16
@@ -16,7 +19,9 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
     ``threads``: intra-op threads (None: onnxruntime's choice), one inter-op thread. A model onnxruntime cannot load
     is a VitexportError naming ``what`` (the path by default); ``user_model=False`` for a model vitexport made in
     memory itself (calibration, the fallback search), where a refusal is a bug and its own error propagates.
-    ``spinning=False``: idle intra-op threads sleep instead of busy-waiting (long batch loops on a shared host)."""
+    ``spinning=False``: idle intra-op threads sleep instead of busy-waiting (long batch loops on a shared host).
+    ``initializers``: numpy arrays for the model's in-memory external initializers (``fallback.light_model``), which
+    onnxruntime copies in before it optimises the graph."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -29,6 +34,9 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not qdq_fusion:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if initializers:
+        names = list(initializers)
+        so.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(initializers[n])) for n in names])
     source = model if isinstance(model, (bytes, str)) else str(model) if isinstance(model, Path) else model.SerializeToString()
     try:
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])

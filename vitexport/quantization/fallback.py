@@ -31,8 +31,61 @@ from .graph import GraphIndex, Linear
 log = logging.getLogger(__name__)
 
 
-def _session(model: onnx.ModelProto, threads: int):
-    return ort_session(model, threads, spinning=False, user_model=False)  # no busy-waiting (calibration._session)
+def _session(model: onnx.ModelProto | bytes, threads: int, initializers: dict[str, np.ndarray] | None = None):
+    return ort_session(model, threads, spinning=False, user_model=False, initializers=initializers)  # no busy-waiting (calibration._session)
+
+
+EXTERNAL_BYTES = 1 << 16  # weights this large travel as arrays, not in the serialised graph
+
+
+def light_model(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` whose weights (initializers only read as a MatMul's B or by the gates' Where) of
+    EXTERNAL_BYTES or more are in-memory external references, and the arrays they refer to (added to ``arrays``).
+
+    Each block's session used to copy, gate and serialise the whole network (ViT-Base: 346 MB of weights, 1.2 s per
+    block, and the copies stacked on the build's peak); now the graph is copied and serialised without its weights
+    and onnxruntime copies the arrays straight in (``ort_session(initializers=...)``). Only weights go this way:
+    onnxruntime skips a fusion whose small constant it cannot read (the position embeddings' SkipLayerNorm), and with
+    these references its results are the same bits (tests/test_int8.py)."""
+    arrays = {} if arrays is None else arrays
+    light = _copy_without_initializers(model, onnx.ModelProto())
+    readers: dict[str, set[tuple[str, int]]] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            readers.setdefault(name, set()).add((n.op_type, i))
+    weight_uses = {("MatMul", 1), ("Where", 1), ("Where", 2)}
+    outputs = {o.name for o in model.graph.output}
+    for t in model.graph.initializer:
+        if _is_heavy(t) and readers.get(t.name, set()) <= weight_uses and t.name not in outputs:
+            arrays[t.name] = numpy_helper.to_array(t)
+            light.graph.initializer.append(_reference(t))
+        else:
+            light.graph.initializer.append(t)
+    return light, arrays
+
+
+def _is_heavy(t: onnx.TensorProto) -> bool:
+    return t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= EXTERNAL_BYTES
+
+
+def _copy_without_initializers(model: onnx.ModelProto, out: onnx.ModelProto) -> onnx.ModelProto:
+    g = model.graph
+    out.ir_version, out.producer_name = model.ir_version, model.producer_name
+    out.opset_import.extend(model.opset_import)
+    out.graph.name = g.name
+    out.graph.node.extend(g.node)
+    out.graph.input.extend(g.input)
+    out.graph.output.extend(g.output)
+    out.graph.value_info.extend(g.value_info)
+    out.functions.extend(model.functions)
+    return out
+
+
+def _reference(t: onnx.TensorProto) -> onnx.TensorProto:
+    ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(len(t.raw_data)))):
+        ref.external_data.add(key=key, value=value)
+    return ref
 
 
 def _fresh_names(g: onnx.ModelProto) -> Callable[[str], str]:
@@ -77,10 +130,12 @@ def gated_model(
     groups: dict[str, list[Linear]],
     act_qdq: Callable[[str], tuple[np.ndarray, np.ndarray, float]],
     weight_codes: Callable[[Linear, np.ndarray], np.ndarray],
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, str]]:
     """A copy of ``model`` where every activation of ``groups`` (and its consumers' weights) is fake-quantized when
-    its gate input is true. ``act_qdq(act) -> (scale, zero point, shift)``; ``weight_codes(l, w) -> dequantized w``.
-    Returns (model, activation -> gate input name)."""
+    its gate input is true. ``act_qdq(act) -> (scale, zero point, shift)``; ``weight_codes(l, w) -> dequantized w``;
+    ``arrays``: the weights of ``model``'s in-memory references (light_model). Returns (model, activation -> gate
+    input name)."""
     g = onnx.ModelProto()
     g.CopyFrom(model)
     idx = GraphIndex(g)
@@ -97,7 +152,7 @@ def gated_model(
         consumers = [nodes_by_output[l.node.output[0]] for l in ls]
         before.setdefault(id(min(consumers, key=lambda n: order[id(n)])), []).extend(nodes)
         for l, node in zip(ls, consumers):
-            w = idx.const_array(node.input[1])
+            w = arrays[node.input[1]] if arrays and node.input[1] in arrays else idx.const_array(node.input[1])
             wq, wg = fresh(f"{node.input[1]}_fb_q"), fresh(f"{node.input[1]}_fb_gated")
             g.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight_codes(l, w).astype(w.dtype)), wq))
             before.setdefault(id(node), []).append(helper.make_node("Where", [gate, wq, node.input[1]], [wg]))
@@ -154,23 +209,22 @@ def block_inputs(model: onnx.ModelProto, groups: dict[str, list[Linear]]) -> dic
     return {act: starts.get(ls[0].block) if ls[0].block is not None else None for act, ls in groups.items()}
 
 
-def _tail_session(model: onnx.ModelProto, start: str | None, groups: dict[str, list[Linear]], act_qdq, weight_codes, threads: int):
-    """(session, gate of each candidate) for the part of ``model`` from ``start`` (the whole model when None) with
-    only ``groups`` gated: later blocks' candidates stay plain float there, so the model carries one block's quantized
-    weights, not every block's, and runs no Where on them. None when the part does not hold every candidate."""
+def _tail_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], start: str | None, groups: dict[str, list[Linear]], act_qdq, weight_codes, threads: int):
+    """(session, gate of each candidate) for the part of ``model`` (a light_model, weights in ``arrays``) from
+    ``start`` (the whole model when None) with only ``groups`` gated: later blocks' candidates stay plain float
+    there, so the model carries one block's quantized weights, not every block's, and runs no Where on them. None
+    when the part does not hold every candidate."""
     sub = tail_model(model, start) if start else model
     if sub is None:
         return None
     outputs = {o for n in sub.graph.node for o in n.output}
     if any(l.node.output[0] not in outputs for ls in groups.values() for l in ls):
         return None
-    # gate the part's own linears (the Linear records point into ``model``, gated_model matches them by output)
-    gsub, gates = gated_model(sub, groups, act_qdq, weight_codes)
-    del sub
-    payload = gsub.SerializeToString()  # each proto copy goes before the session makes its own
-    del gsub
-    sess = _session(payload, threads)
-    del payload
+    # gate the part's own linears (the Linear records point into the full model, gated_model matches them by output)
+    gsub, gates = gated_model(sub, groups, act_qdq, weight_codes, arrays)
+    gsub, own = light_model(gsub, {})  # the block's quantized weights go the same way
+    refs = {t.name for t in gsub.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    sess = _session(gsub.SerializeToString(), threads, {n: own[n] if n in own else arrays[n] for n in refs})
     return sess, gates
 
 
@@ -198,11 +252,12 @@ def score_candidates(
     by_start: dict[str | None, list[str]] = {}
     for act, s in starts.items():
         by_start.setdefault(s, []).append(act)
+    light, arrays = light_model(model)
     scores: dict[str, float] = {}
     # candidates with no block, or that their block's tail does not contain, are scored on the whole model last
     orphans: list[str] = list(by_start.pop(None, []))
     for start, acts in [*by_start.items(), (None, orphans)]:
-        made = _tail_session(model, start, {a: groups[a] for a in acts}, act_qdq, weight_codes, threads) if acts else None
+        made = _tail_session(light, arrays, start, {a: groups[a] for a in acts}, act_qdq, weight_codes, threads) if acts else None
         if made is None:
             orphans.extend(acts if start else [])
             continue
@@ -218,6 +273,7 @@ def score_candidates(
             if progress is not None:
                 progress(1)
         del sess
+    del light, arrays
     # once, not after each block: the first block's part is the largest, so the later ones reuse its freed heap, and
     # on a VM that hands trimmed pages back to its host every re-touched GB cost seconds
     release_freed_memory()
