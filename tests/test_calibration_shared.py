@@ -277,3 +277,39 @@ def test_memo_drops_quantized_grams_when_no_later_recipe_can_use_them():
     assert cal.memo(grams, lambda: {"act": 2}) is g
     cal.memo(("ref", (trt, "fallback", 16)), lambda: {})  # TensorRT: another smoothing
     assert cal.memo(grams, lambda: {"act": 3}) == {"act": 3}
+
+
+def test_quantized_grams_wait_on_disk_after_a_recipe_and_give_the_same_codes(tiny_onnx, monkeypatch):
+    """After a recipe's GPTQ its quantized-input Grams go to memory-mapped files (they sat under the OpenVINO and
+    CoreML builds): a later recipe with the same smoothing that needs them (another GPTQ damping: no codes in the
+    memo) reads them from there and writes the same model as from memory; the files go with the entry."""
+    import os
+
+    import vitexport.backends as B
+    from vitexport.quantization.int8 import SpilledQuantizedGrams
+
+    first = Int8Recipe(fallback_budget=0.0)
+    second = dataclasses.replace(first, gptq_damp=0.05)
+
+    def build(spill_bytes):
+        monkeypatch.setattr(B, "SPILL_GRAM_BYTES", spill_bytes)
+        cal = B.Calibration(batches=_batches(), count=12, source="test")
+        B.quantize_int8_shared(tiny_onnx, cal, first)
+        entries = [v for k, v in cal._shared["__memo__"].items() if B._int8_memo_kind(k) == "quantized-gram"]
+        model, _ = B.quantize_int8_shared(tiny_onnx, cal, second)
+        return model.SerializeToString(), entries
+
+    in_memory, kept = build(1 << 40)
+    assert kept and not isinstance(kept[0], SpilledQuantizedGrams)
+    spilled_model, spilled = build(0)
+    assert len(spilled) == 1 and isinstance(spilled[0], SpilledQuantizedGrams)
+    qq, _ = next(iter(spilled[0].values()))
+    assert isinstance(qq, np.memmap) and not qq.flags.writeable
+    assert spilled_model == in_memory
+    folder = spilled[0].files._dir.name
+    assert os.path.isdir(folder)
+    del spilled, qq
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(folder)

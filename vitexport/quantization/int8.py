@@ -894,6 +894,41 @@ def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, 
     )
 
 
+class SpilledQuantizedGrams(dict):
+    """A quantized-input Gram memo entry (act -> (Q^T Q, target)) whose arrays wait in memory-mapped files
+    (calibration.SpilledArrays), removed with the entry. New entries (``_gptq_inputs`` adding acts) stay in memory."""
+
+    def __init__(self, grams: dict):
+        super().__init__()
+        flat: dict[str, np.ndarray] = {}
+        for i, (qq, target) in enumerate(grams.values()):
+            flat[f"{i}"] = qq
+            if isinstance(target, dict):
+                flat.update({f"{i}.{j}": t for j, t in enumerate(target.values())})
+            elif target is not None:
+                flat[f"{i}.t"] = target
+        from .calibration import SpilledArrays
+
+        self.files = SpilledArrays(flat, prefix="vitexport-qgrams-")
+        for i, (act, (_, target)) in enumerate(grams.items()):
+            t = {lin: self.files[f"{i}.{j}"] for j, lin in enumerate(target)} if isinstance(target, dict) else None if target is None else self.files[f"{i}.t"]
+            self[act] = (self.files[f"{i}"], t)
+
+
+def spill_quantized_grams(grams: dict, min_bytes: int) -> dict:
+    """``grams`` (a quantized-gram memo entry) on disk when its arrays take at least ``min_bytes``; unchanged when
+    smaller, already spilled, or the temporary folder cannot take them."""
+    if isinstance(grams, SpilledQuantizedGrams):
+        return grams
+    arrays = [a for qq, t in grams.values() for a in (qq, *(t.values() if isinstance(t, dict) else [t] if t is not None else []))]
+    if sum(a.nbytes for a in arrays) < min_bytes:
+        return grams
+    try:
+        return SpilledQuantizedGrams(grams)
+    except OSError:  # no room in the temporary folder: keep them in memory
+        return grams
+
+
 def _summary(recipe: Int8Recipe, sel: _Selection, records: list[dict], groups: list[SmoothGroup], calibration: dict[str, Any], fallback: list[dict], kl_total: float) -> dict[str, Any]:
     summary = {
         "kind": "static int8 QDQ (ViT-aware)",
