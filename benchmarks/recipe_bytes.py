@@ -80,9 +80,13 @@ def main() -> None:
         "per-tensor": Int8Recipe(per_channel=False, fallback_budget=0.0),
     }
     for name, recipe in int8.items():
-        for shared in (None, stats):
-            model, summary = quantize_int8(ref, batches, recipe, stats=shared)
-            print("int8", name, "shared-stats" if shared else "own-pass", _sha(model.SerializeToString()), _summary_sha(summary))
+        for shared, owned in ((None, False), (stats, False), (stats, True)):  # owned: a fresh copy, rewritten in place (the build's way)
+            given = ref
+            if owned:
+                given = onnx.ModelProto()
+                given.CopyFrom(ref)
+            model, summary = quantize_int8(given, batches, recipe, stats=shared, owned=owned)
+            print("int8", name, ("shared-stats" if shared else "own-pass") + (" owned" if owned else ""), _sha(model.SerializeToString()), _summary_sha(summary))
     int4 = {"gptq": Int4Recipe(), "sequential": Int4Recipe(sequential=True), "rtn": Int4Recipe(method="rtn"), "keep-block16": Int4Recipe(keep_float=("1",), block_sizes=(16,))}
     for name, recipe in int4.items():
         model, summary = quantize_int4(ref, batches if recipe.method == "gptq" else None, recipe, stats=stats if name == "gptq" else None)
