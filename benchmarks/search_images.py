@@ -31,26 +31,12 @@ from run_matrix import shared_split  # noqa: E402
 
 from vitexport import api  # noqa: E402
 from vitexport.quantization import fallback, int8  # noqa: E402
+from vitexport.quantization.divergence import kl_per_row  # noqa: E402
 from vitexport.quantization.graph import GraphIndex  # noqa: E402
 
 
-def _per_row_kl(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    def log_softmax(z):
-        z = z.astype(np.float64) - z.max(-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-    a, b = log_softmax(ref), log_softmax(out)
-    return (np.exp(a) * (a - b)).sum(-1)
-
-
 def _select(scores: dict, macs: dict, budget: float) -> set:
-    """int8.select_fallback_model's rule on given scores."""
-    total, used, kept = sum(macs.values()), 0, set()
-    for a in sorted(scores, key=lambda a: scores[a] / macs[a], reverse=True):
-        if used + macs[a] <= budget * total:
-            used += macs[a]
-            kept.add(a)
-    return kept
+    return set(int8.select_fallback(scores, macs, budget))
 
 
 def record(shared: Path, work: Path) -> list[dict]:
@@ -61,7 +47,7 @@ def record(shared: Path, work: Path) -> list[dict]:
     rows: list[np.ndarray] = []
 
     def kl(ref, out):
-        rows.append(_per_row_kl(ref, out))
+        rows.append(kl_per_row(ref, out))
         return real_kl(ref, out)
 
     def score(model, x, groups, *a, **k):
@@ -75,8 +61,9 @@ def record(shared: Path, work: Path) -> list[dict]:
         macs = {a: sum(int(np.prod(idx.const_shape(l.node.input[1]) or ())) for l in ls) for a, ls in groups.items()}
         # the search this selection ranks (OpenVINO's reuses ONNX Runtime's, TensorRT's has the same input names)
         per = next(p for p in per_image if set(p) == set(scores) and all(abs(p[a].mean() - scores[a]) <= 1e-6 * abs(scores[a]) + 1e-15 for a in p))
-        selections.append({"budget": budget, "macs": macs, "per_image": per, "kept": sorted(k["activation"] for k in real_select(model, chosen, scores, budget))})
-        return real_select(model, chosen, scores, budget)
+        kept = real_select(model, chosen, scores, budget)
+        selections.append({"budget": budget, "macs": macs, "per_image": per, "kept": sorted(k["activation"] for k in kept)})
+        return kept
 
     fallback._kl, int8.select_fallback_model, fallback.score_candidates = kl, select, score
     try:

@@ -736,17 +736,20 @@ def select_fallback_model(model: onnx.ModelProto, chosen: list[Linear], scores: 
     """``select_fallback`` with MACs counted from ``model``'s weights."""
     index = GraphIndex(model)
     groups = _fallback_groups(chosen)
-    scored = []
-    for act, ls in groups.items():
-        macs = sum(int(np.prod(index.const_shape(l.node.input[1]) or ())) for l in ls)
-        scored.append((scores[act], macs, act, sorted(l.node.name for l in ls)))
-    total_macs = sum(m for _, m, _, _ in scored)
-    kept, used = [], 0
-    for kl, macs, act, names in sorted(scored, key=lambda t: t[0] / t[1], reverse=True):
-        if used + macs > budget * total_macs:
-            continue
-        used += macs
-        kept.append({"activation": act, "nodes": names, "kl_alone": round(kl, 6), "mac_fraction": round(macs / total_macs, 4)})
+    macs = {act: sum(int(np.prod(index.const_shape(l.node.input[1]) or ())) for l in ls) for act, ls in groups.items()}
+    total_macs = sum(macs.values())
+    return [{"activation": act, "nodes": sorted(l.node.name for l in groups[act]), "kl_alone": round(scores[act], 6), "mac_fraction": round(macs[act] / total_macs, 4)}
+            for act in select_fallback(scores, macs, budget)]
+
+
+def select_fallback(scores: dict[str, float], macs: dict[str, int], budget: float) -> list[str]:
+    """The inputs left float, most KL per multiply-accumulate first, while they fit in ``budget`` of all the MACs
+    (one that does not fit is skipped, a smaller one after it may still fit)."""
+    total, used, kept = sum(macs.values()), 0, []
+    for act in sorted(macs, key=lambda a: scores[a] / macs[a], reverse=True):
+        if used + macs[act] <= budget * total:
+            used += macs[act]
+            kept.append(act)
     return kept
 
 
@@ -910,22 +913,28 @@ def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, 
     )
 
 
+def _flat_grams(grams: dict) -> dict[str, np.ndarray]:
+    """Every array of a quantized-gram memo entry (act -> (Q^T Q, target array | {linear: array} | None)), keyed by
+    position: "i" for the i-th act's Q^T Q, "i.t" for its target, "i.j" for its j-th linear's target."""
+    flat: dict[str, np.ndarray] = {}
+    for i, (qq, target) in enumerate(grams.values()):
+        flat[f"{i}"] = qq
+        if isinstance(target, dict):
+            flat.update({f"{i}.{j}": t for j, t in enumerate(target.values())})
+        elif target is not None:
+            flat[f"{i}.t"] = target
+    return flat
+
+
 class SpilledQuantizedGrams(dict):
     """A quantized-input Gram memo entry (act -> (Q^T Q, target)) whose arrays wait in memory-mapped files
     (calibration.SpilledArrays), removed with the entry. New entries (``_gptq_inputs`` adding acts) stay in memory."""
 
     def __init__(self, grams: dict):
         super().__init__()
-        flat: dict[str, np.ndarray] = {}
-        for i, (qq, target) in enumerate(grams.values()):
-            flat[f"{i}"] = qq
-            if isinstance(target, dict):
-                flat.update({f"{i}.{j}": t for j, t in enumerate(target.values())})
-            elif target is not None:
-                flat[f"{i}.t"] = target
         from .calibration import SpilledArrays
 
-        self.files = SpilledArrays(flat, prefix="vitexport-qgrams-")
+        self.files = SpilledArrays(_flat_grams(grams), prefix="vitexport-qgrams-")
         for i, (act, (_, target)) in enumerate(grams.items()):
             t = {lin: self.files[f"{i}.{j}"] for j, lin in enumerate(target)} if isinstance(target, dict) else None if target is None else self.files[f"{i}.t"]
             self[act] = (self.files[f"{i}"], t)
@@ -934,10 +943,7 @@ class SpilledQuantizedGrams(dict):
 def spill_quantized_grams(grams: dict, min_bytes: int) -> dict:
     """``grams`` (a quantized-gram memo entry) on disk when its arrays take at least ``min_bytes``; unchanged when
     smaller, already spilled, or the temporary folder cannot take them."""
-    if isinstance(grams, SpilledQuantizedGrams):
-        return grams
-    arrays = [a for qq, t in grams.values() for a in (qq, *(t.values() if isinstance(t, dict) else [t] if t is not None else []))]
-    if sum(a.nbytes for a in arrays) < min_bytes:
+    if isinstance(grams, SpilledQuantizedGrams) or sum(a.nbytes for a in _flat_grams(grams).values()) < min_bytes:
         return grams
     try:
         return SpilledQuantizedGrams(grams)
