@@ -89,7 +89,6 @@ class Calibration:
             store[key] = compute()
         return store[key]
 
-
     def spill_quantized_grams(self) -> None:
         """Once a recipe has its GPTQ codes, its quantized-input Gram matrices are read again only for codes the memo
         does not hold (OpenVINO's recipe reuses ONNX Runtime's): they wait on disk (SPILL_GRAM_BYTES and more) instead

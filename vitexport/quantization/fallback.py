@@ -38,16 +38,16 @@ def _session(model: onnx.ModelProto | bytes, threads: int, initializers: dict[st
 EXTERNAL_BYTES = 1 << 16  # weights this large travel as arrays, not in the serialised graph
 
 
-def light_model(model: onnx.ModelProto, arrays: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def light_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """A copy of ``model`` whose weights (initializers only read as a MatMul's B or by the gates' Where) of
-    EXTERNAL_BYTES or more are in-memory external references, and the arrays they refer to (added to ``arrays``).
+    EXTERNAL_BYTES or more are in-memory external references, and the arrays they refer to.
 
     Each block's session used to copy, gate and serialise the whole network (ViT-Base: 346 MB of weights, 1.2 s per
     block, and the copies stacked on the build's peak); now the graph is copied and serialised without its weights
     and onnxruntime copies the arrays straight in (``ort_session(initializers=...)``). Only weights go this way:
     onnxruntime skips a fusion whose small constant it cannot read (the position embeddings' SkipLayerNorm), and with
-    these references its results are the same bits (tests/test_int8.py)."""
-    arrays = {} if arrays is None else arrays
+    these references its results are the same bits (tests/test_calibration_shared.py)."""
+    arrays: dict[str, np.ndarray] = {}
     light = _copy_without_initializers(model, onnx.ModelProto())
     readers: dict[str, set[tuple[str, int]]] = {}
     for n in model.graph.node:
@@ -222,7 +222,7 @@ def _tail_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], start: 
         return None
     # gate the part's own linears (the Linear records point into the full model, gated_model matches them by output)
     gsub, gates = gated_model(sub, groups, act_qdq, weight_codes, arrays)
-    gsub, own = light_model(gsub, {})  # the block's quantized weights go the same way
+    gsub, own = light_model(gsub)  # the block's quantized weights go the same way
     refs = {t.name for t in gsub.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     sess = _session(gsub.SerializeToString(), threads, {n: own[n] if n in own else arrays[n] for n in refs})
     return sess, gates
