@@ -238,3 +238,28 @@ def _without_activation_qdq(model):
                 if name == dq.output[0]:
                     n.input[i] = source
     return m
+
+
+def test_onnxruntime_artifact_folds_every_bias_into_its_integer_matmul(tiny_onnx):
+    """The ONNX Runtime artifact's rewrite: one MatMulIntegerToFloat per quantized linear, no bias Add or weight DQ
+    left behind it, float fallback linears untouched, and the logits those of the QDQ model up to float rounding."""
+    from vitexport.backends.onnxruntime import fold_bias_into_integer_matmuls
+
+    q, summary = quantize_int8(tiny_onnx, _batches(), Int8Recipe(fallback_budget=0.3, fallback_images=4))
+    float_linears = len([f for f in summary["float"] if f["reason"] == "sensitivity fallback"])
+    fused = onnx.ModelProto()
+    fused.CopyFrom(q)
+    kernels = fold_bias_into_integer_matmuls(fused)
+    assert kernels["bias_folded_integer_matmuls"] == summary["counts"]["quantized"] > 0
+    nodes = fused.graph.node
+    assert not any(n.op_type == "DequantizeLinear" for n in nodes)  # every DQ fed a folded linear
+    mm = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"]
+    assert all(len(n.input) == 7 and n.domain == "com.microsoft" for n in mm)
+    weights = {i.name for i in fused.graph.initializer}
+    assert len([n for n in nodes if n.op_type == "MatMul" and n.input[1] in weights]) == float_linears > 0
+    x = next(_batches(8, 8, seed=5)())
+    ref, out = _run(q, x), _run(fused, x)
+    assert np.abs(ref - out).max() <= 1e-5 * max(1.0, float(np.abs(ref).max()))
+    again = onnx.ModelProto()
+    again.CopyFrom(fused)
+    assert fold_bias_into_integer_matmuls(again)["bias_folded_integer_matmuls"] == 0

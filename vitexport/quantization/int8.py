@@ -23,7 +23,8 @@ What it does, on a copy of the float model:
 5. weights: per-output-channel symmetric int8 (``reduce_range``: 7-bit, [-63, 63]), stored as int8 initializers
    behind DequantizeLinear;
 6. QuantizeLinear -> DequantizeLinear in front of each quantized linear's activation input (one Q per tensor,
-   one DQ per consumer) so onnxruntime fuses DQ+MatMul(+bias Add) into MatMulIntegerToFloat.
+   one DQ per consumer) so onnxruntime fuses DQ+MatMul into MatMulIntegerToFloat (its bias Add stays outside: the
+   ONNX Runtime backend folds it in, ``backends.onnxruntime.fold_bias_into_integer_matmuls``).
 """
 
 from __future__ import annotations
