@@ -263,3 +263,30 @@ def test_onnxruntime_artifact_folds_every_bias_into_its_integer_matmul(tiny_onnx
     again = onnx.ModelProto()
     again.CopyFrom(fused)
     assert fold_bias_into_integer_matmuls(again)["bias_folded_integer_matmuls"] == 0
+
+
+def test_blockwise_int8_fallback_replaces_only_the_kept_float_linears(tiny_onnx, reference, calibration, tmp_path):
+    """fallback_kernel = "blockwise_int8": the linears the search kept float become 8-bit MatMulNBits (bias folded,
+    int8 inputs at run time), every other node as the default build has it, and the logits stay near the default's."""
+    from vitexport.backends.onnxruntime import OnnxRuntimeBackend, int8_settings
+    from vitexport.errors import VitexportError
+
+    be = OnnxRuntimeBackend()
+    recipe = {"fallback_budget": 0.3, "fallback_images": 4}
+    plain = be.build(reference, calibration, "int8", {"onnxruntime": {"int8": {"recipe": recipe}}}, tmp_path / "plain")
+    blockwise = be.build(reference, calibration, "int8", {"onnxruntime": {"int8": {"recipe": recipe, "fallback_kernel": "blockwise_int8"}}}, tmp_path / "blockwise")
+    kept = {n for k in blockwise.manifest["recipe"]["sensitivity_fallback"]["kept_float"] for n in k["nodes"]}
+    assert kept and blockwise.manifest["recipe"]["kernels"]["fallback"]["linears"] == len(kept)
+    m = onnx.load(str(blockwise.path))
+    nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    assert {n.name.removesuffix("_w8") for n in nbits} == kept
+    assert all({a.name: a.i for a in n.attribute}["bits"] == 8 and {a.name: a.i for a in n.attribute}["accuracy_level"] == 4 and n.input[5] for n in nbits)
+    weights = {i.name for i in m.graph.initializer}
+    assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # no float linear left
+    x = next(_batches(8, 8, seed=5)())
+    a, b = _run(onnx.load(str(plain.path)), x), _run(m, x)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.995
+    for bad in ({"fallback_kernel": "int4"}, {"fallback_block_size": 24}, {"fallback_kernels": "float"}):
+        with pytest.raises(VitexportError, match="fallback"):
+            int8_settings({"onnxruntime": {"int8": bad}})
