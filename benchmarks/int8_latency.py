@@ -42,9 +42,21 @@ from vitexport.progress import Progress  # noqa: E402
 
 PAIRS = {
     "onnxruntime": ("onnxruntime-int8", "onnxruntime-int8-stock-dynamic"),
+    "onnxruntime (calibrated static ranges)": ("onnxruntime-int8-static", "onnxruntime-int8-stock-dynamic"),
     "openvino": ("openvino-int8", "openvino-int8-stock-nncf"),
     "openvino (latency first)": ("openvino-int8-latency-first", "openvino-int8-stock-nncf"),
 }
+
+
+def onnxruntime_static(reference, calibration, tmp: Path):
+    """vitexport's ONNX Runtime int8 with calibrated static activation ranges and the 10 % float fallback (the default
+    before issue 13 made the ranges dynamic), side by side with the default."""
+    from stock import relabel
+
+    from vitexport.backends.onnxruntime import OnnxRuntimeBackend
+
+    art = OnnxRuntimeBackend().build(reference, calibration, "int8", {"onnxruntime": {"int8": {"activations": "static"}}}, tmp / "onnxruntime-int8-static")
+    return relabel(art, "int8-static", "vitexport int8, static ranges: " + art.manifest["recipe"]["summary"])
 
 
 def openvino_latency_first(reference, calibration, tmp: Path):
@@ -62,7 +74,7 @@ def build(model: str, calib: Path, evals: Path, out: Path, threads: int, progres
     """ours (fp32 + int8 of both runtimes, and OpenVINO's latency-first int8) and the two stock int8 rows, evaluated
     on ``evals``; no timing yet."""
     opts = api.BuildOptions(model=model, backend="onnxruntime,openvino", precisions=("fp32", "int8"), calib=str(calib), eval=str(evals), out=str(out), force=True, threads=threads, latency=False)
-    return api.build(opts, progress, extra_builders=[stock_dynamic, stock_nncf_int8, openvino_latency_first])
+    return api.build(opts, progress, extra_builders=[stock_dynamic, stock_nncf_int8, openvino_latency_first, onnxruntime_static])
 
 
 def timings(report, evals: Path, threads: int, repeats: int, rounds: int, seconds: float) -> list[dict]:

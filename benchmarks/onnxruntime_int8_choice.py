@@ -3,6 +3,10 @@ CALIBRATION images only (never the evaluation split); issue 13.
 
     python benchmarks/onnxruntime_int8_choice.py                 # ~6 min on 2 shared cores
     python benchmarks/onnxruntime_int8_choice.py --repeats 5     # more interleaved timing runs
+    python benchmarks/onnxruntime_int8_choice.py --only "default (float fallback, budget 0.1)" "dynamic activations (budget 0)"
+
+Round 1 (static activations, the fallback as float or blockwise int8) is benchmarks/results/onnxruntime-int8-choice-round1.md;
+round 2 (dynamic activations) onnxruntime-int8-choice.md. Every row is evaluated one image per run (batch 1).
 
 The same split as benchmarks/openvino_int8_choice.py: of the 125 calibration images of benchmarks/run_matrix.py's
 split, 84 fit every candidate (ranges, SmoothQuant, GPTQ, fallback search) and onnxruntime's stock dynamic int8 is
@@ -43,6 +47,9 @@ CANDIDATES: dict[str, dict] = {
     "blockwise int8 fallback, budget 0.2": {"fallback_kernel": "blockwise_int8", "recipe": {"fallback_budget": 0.2}},
     "float fallback, budget 0.05": {"recipe": {"fallback_budget": 0.05}},
     "no fallback (budget 0)": {"recipe": {"fallback_budget": 0.0}},
+    "dynamic activations (budget 0)": {"activations": "dynamic"},
+    "dynamic activations, float fallback 0.1": {"activations": "dynamic", "recipe": {"fallback_budget": 0.1}},
+    "dynamic activations, float fallback 0.05": {"activations": "dynamic", "recipe": {"fallback_budget": 0.05}},
 }
 
 

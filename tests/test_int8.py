@@ -290,3 +290,37 @@ def test_blockwise_int8_fallback_replaces_only_the_kept_float_linears(tiny_onnx,
     for bad in ({"fallback_kernel": "int4"}, {"fallback_block_size": 24}, {"fallback_kernels": "float"}):
         with pytest.raises(VitexportError, match="fallback"):
             int8_settings({"onnxruntime": {"int8": bad}})
+
+
+def test_dynamic_activations_take_their_ranges_at_run_time_one_image_at_a_time(reference, calibration, tmp_path):
+    """activations = "dynamic" (the default): every quantized input gets a DynamicQuantizeLinear that its MatMulIntegerToFloat nodes
+    read scale and zero point from; no calibrated activation range and no float fallback linear is left; the runner
+    scores it one image per run (a batch-wide range would make an image's logits depend on its batch)."""
+    from vitexport.backends.onnxruntime import OnnxRuntimeBackend, runtime_ranges
+    from vitexport.errors import VitexportError
+
+    be = OnnxRuntimeBackend()
+    art = be.build(reference, calibration, "int8", {}, tmp_path / "dynamic")  # the default
+    static = be.build(reference, calibration, "int8", {"onnxruntime": {"int8": {"activations": "static"}}}, tmp_path / "static")
+    m = onnx.load(str(art.path))
+    ops = [n.op_type for n in m.graph.node]
+    produced = {o: n.op_type for n in m.graph.node for o in n.output}
+    assert "QuantizeLinear" not in ops and art.manifest["recipe"]["kernels"]["activations"]["quantized_inputs"] == ops.count("DynamicQuantizeLinear") > 0
+    mm = [n for n in m.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert mm and all(produced[n.input[i]] == "DynamicQuantizeLinear" for n in mm for i in (0, 2, 4))
+    weights = {i.name for i in m.graph.initializer}
+    assert not [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert art.manifest["recipe"]["sensitivity_fallback"]["budget"] == 0.0
+    assert runtime_ranges(art.path) and not runtime_ranges(static.path)
+    x = next(_batches(6, 6, seed=7)())
+    runner = be.runner(art)
+    together = runner.run(x)
+    alone = np.concatenate([runner.session.run(None, {runner.input_name: x[i : i + 1]})[0] for i in range(len(x))])
+    assert np.array_equal(together, alone)
+    ref = _run(onnx.load(str(reference.path)), x)
+    cos = (ref * together).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(together, axis=1)
+    assert cos.min() > 0.98
+    with pytest.raises(VitexportError, match="activations"):
+        int8_settings_bad = {"onnxruntime": {"int8": {"activations": "per-token"}}}
+        be.build(reference, calibration, "int8", int8_settings_bad, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.onnx").exists()

@@ -61,8 +61,12 @@ class MobileOptions:
 # of `fallback_block_size` along K and accuracy_level 4, so onnxruntime quantizes their inputs per row and block at run
 # time and multiplies in int8: finer than any static range, and on x86 about 1.7x faster than float. It needs
 # onnxruntime >= 1.22 on x86 and >= 1.23 on ARM64 CPUs with dot-product instructions (not a Raspberry Pi 4's A72).
-INT8_SETTINGS: dict[str, Any] = {"fallback_kernel": "float", "fallback_block_size": 32}
+INT8_SETTINGS: dict[str, Any] = {"activations": "dynamic", "fallback_kernel": "float", "fallback_block_size": 32}
 FALLBACK_KERNELS = ("float", "blockwise_int8")
+ACTIVATIONS = ("static", "dynamic")
+# the core recipe's defaults under each activation mode (a profile's `recipe = {...}` still overrides them). Dynamic
+# ranges need no float fallback: the search measures static ranges' damage, and a float linear costs 3-4 int8 ones
+INT8_RECIPE: dict[str, dict[str, Any]] = {"static": {}, "dynamic": {"fallback_budget": 0.0}}
 
 
 def int8_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -72,6 +76,8 @@ def int8_settings(options: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise VitexportError(f"unknown [options.onnxruntime.int8] option(s) {', '.join(sorted(unknown))}: known are recipe, {', '.join(INT8_SETTINGS)}")
     settings = {**INT8_SETTINGS, **mine}
+    if settings["activations"] not in ACTIVATIONS:
+        raise VitexportError(f"onnxruntime activations must be one of {', '.join(ACTIVATIONS)}, not {settings['activations']!r}")
     if settings["fallback_kernel"] not in FALLBACK_KERNELS:
         raise VitexportError(f"onnxruntime fallback_kernel must be one of {', '.join(FALLBACK_KERNELS)}, not {settings['fallback_kernel']!r}")
     b = settings["fallback_block_size"]
@@ -108,9 +114,12 @@ class OnnxRuntimeBackend:
             from ..quantization.int8 import Int8Recipe
 
             settings = int8_settings(options)
-            recipe_obj = recipe_from(Int8Recipe, recipe_overrides(options, self.name, "int8"))
+            recipe_obj = recipe_from(Int8Recipe, {**INT8_RECIPE[settings["activations"]], **recipe_overrides(options, self.name, "int8")})
             model, recipe = quantize_int8_shared(reference, require_calibration(calibration, precision), recipe_obj, stages)
             kernels = fold_bias_into_integer_matmuls(model)
+            if settings["activations"] == "dynamic":
+                kernels["activations"] = dynamic_activation_ranges(model)
+                recipe = {**recipe, "activations": "uint8 asymmetric, per-tensor range of each input at run time (DynamicQuantizeLinear)"}
             if settings["fallback_kernel"] == "blockwise_int8":
                 fallback = {n for k in recipe.get("sensitivity_fallback", {}).get("kept_float", []) for n in k["nodes"]}
                 kernels["fallback"] = blockwise_int8_fallback(model, fallback, settings["fallback_block_size"])
@@ -160,9 +169,28 @@ class OrtRunner:
         self.emulated = emulated
         self.runtime = f"onnxruntime {ort.__version__}"
         self.device = f"{cpu_name()} ({platform.machine()}), CPUExecutionProvider"
+        self.per_image = runtime_ranges(path)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.per_image and len(batch) > 1:
+            return np.concatenate([self.run(batch[i : i + 1]) for i in range(len(batch))])
         return self.session.run([self.output_name], {self.input_name: batch})[0]
+
+
+def runtime_ranges(path: Path) -> bool:
+    """Whether the model quantizes activations with ranges taken at run time (DynamicQuantizeLinear, onnxruntime's
+    DynamicQuantizeMatMul). Such a range spans the whole batch, so an image's logits would depend on the images
+    batched with it: these models are evaluated one image per run, as a batch-1 deployment runs them. Op types are
+    plain strings in the protobuf, so this needs no onnx (devices do not have it)."""
+    needle, tail = b"DynamicQuantize", b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)  # weights can be hundreds of MB: scan, do not load
+            if not chunk:
+                return False
+            if needle in tail + chunk:
+                return True
+            tail = chunk[-len(needle):]
 
 
 def describe(precision: str, recipe: Mapping[str, Any]) -> str:
@@ -171,7 +199,7 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
         fb = recipe.get("sensitivity_fallback", {}).get("kept_float", [])
         c = recipe.get("counts", {})
         return (
-            f"static int8 (MatMulIntegerToFloat, bias folded): {recipe.get('activations')} activations ({recipe.get('calibration', {}).get('method')} ranges), "
+            f"int8 (MatMulIntegerToFloat, bias folded): {recipe.get('activations')} activations ({recipe.get('calibration', {}).get('method')} ranges), "
             f"{recipe.get('weights')} weights with GPTQ rounding; {c.get('quantized')} linears int8, "
             f"{len(fb)} inputs left float by measured sensitivity ({100 * sum(k['mac_fraction'] for k in fb):.1f}% of linear MACs)"
         )
@@ -219,6 +247,38 @@ def fold_bias_into_integer_matmuls(model: onnx.ModelProto) -> dict[str, Any]:
     if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return {"bias_folded_integer_matmuls": len(fused), "op": "com.microsoft.MatMulIntegerToFloat"}
+
+
+def dynamic_activation_ranges(model: onnx.ModelProto) -> dict[str, Any]:
+    """Each activation ``QuantizeLinear`` whose readers are all folded ``MatMulIntegerToFloat`` nodes becomes a
+    ``DynamicQuantizeLinear`` (uint8, the input's own min/max at run time), in place; its readers take that scale and
+    zero point instead of the calibrated ones. The weights stay the recipe's (SmoothQuant, GPTQ). It is what
+    onnxruntime's stock dynamic int8 runs (the same kernels, so the same speed), with those weights."""
+    from onnx import TensorProto, helper
+
+    from ..quantization.graph import drop_unused_constants
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    done = 0
+    for pos, q in enumerate(list(g.node)):
+        users = readers.get(q.output[0], []) if q.op_type == "QuantizeLinear" else []
+        if not users or any(u.op_type != "MatMulIntegerToFloat" or u.input[0] != q.output[0] for u in users):
+            continue
+        zp = inits.get(q.input[2]) if len(q.input) > 2 else None
+        if zp is None or zp.data_type != TensorProto.UINT8:  # DynamicQuantizeLinear is uint8 only
+            continue
+        scale, zero = f"{q.output[0]}_dynamic_scale", f"{q.output[0]}_dynamic_zero_point"
+        g.node[pos].CopyFrom(helper.make_node("DynamicQuantizeLinear", [q.input[0]], [q.output[0], scale, zero], name=f"{q.name}_dynamic"))
+        for u in users:
+            u.input[2], u.input[4] = scale, zero
+        done += 1
+    drop_unused_constants(model)  # the calibrated scales and zero points
+    return {"mode": "dynamic", "op": "DynamicQuantizeLinear (uint8, per tensor)", "quantized_inputs": done}
 
 
 def blockwise_int8_fallback(model: onnx.ModelProto, nodes: set[str], block: int) -> dict[str, Any]:
