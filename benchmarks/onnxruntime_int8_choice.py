@@ -3,7 +3,7 @@ CALIBRATION images only (never the evaluation split); issue 13.
 
     python benchmarks/onnxruntime_int8_choice.py                 # ~6 min on 2 shared cores
     python benchmarks/onnxruntime_int8_choice.py --repeats 5     # more interleaved timing runs
-    python benchmarks/onnxruntime_int8_choice.py --only "default (float fallback, budget 0.1)" "dynamic activations (budget 0)"
+    python benchmarks/onnxruntime_int8_choice.py --only "static (float fallback, budget 0.1)" "dynamic activations (default: budget 0, GPTQ on float X^T X)"
 
 Round 1 (static activations, the fallback as float or blockwise int8) is benchmarks/results/onnxruntime-int8-choice-round1.md;
 round 2 (dynamic activations) onnxruntime-int8-choice.md. Every row is evaluated one image per run (batch 1).
@@ -41,15 +41,16 @@ from litert_choice import images  # noqa: E402  the same 84 fit / 41 held-out sp
 from openvino_int8_choice import fidelity, logits  # noqa: E402
 
 CANDIDATES: dict[str, dict] = {
-    "default (float fallback, budget 0.1)": {},
-    "blockwise int8 fallback, block 32": {"fallback_kernel": "blockwise_int8"},
-    "blockwise int8 fallback, block 64": {"fallback_kernel": "blockwise_int8", "fallback_block_size": 64},
-    "blockwise int8 fallback, budget 0.2": {"fallback_kernel": "blockwise_int8", "recipe": {"fallback_budget": 0.2}},
-    "float fallback, budget 0.05": {"recipe": {"fallback_budget": 0.05}},
-    "no fallback (budget 0)": {"recipe": {"fallback_budget": 0.0}},
-    "dynamic activations (budget 0)": {"activations": "dynamic"},
-    "dynamic activations, float fallback 0.1": {"activations": "dynamic", "recipe": {"fallback_budget": 0.1}},
-    "dynamic activations, float fallback 0.05": {"activations": "dynamic", "recipe": {"fallback_budget": 0.05}},
+    "static (float fallback, budget 0.1)": {"activations": "static"},
+    "static, blockwise int8 fallback, block 32": {"activations": "static", "fallback_kernel": "blockwise_int8"},
+    "static, blockwise int8 fallback, block 64": {"activations": "static", "fallback_kernel": "blockwise_int8", "fallback_block_size": 64},
+    "static, blockwise int8 fallback, budget 0.2": {"activations": "static", "fallback_kernel": "blockwise_int8", "recipe": {"fallback_budget": 0.2}},
+    "static, float fallback, budget 0.05": {"activations": "static", "recipe": {"fallback_budget": 0.05}},
+    "static, no fallback (budget 0)": {"activations": "static", "recipe": {"fallback_budget": 0.0}},
+    "dynamic activations (default: budget 0, GPTQ on float X^T X)": {"activations": "dynamic"},
+    "dynamic activations, GPTQ compensating static ranges": {"activations": "dynamic", "recipe": {"compensate_activations": True}},
+    "dynamic activations, float fallback 0.1": {"activations": "dynamic", "recipe": {"fallback_budget": 0.1, "compensate_activations": True}},
+    "dynamic activations, float fallback 0.05": {"activations": "dynamic", "recipe": {"fallback_budget": 0.05, "compensate_activations": True}},
 }
 
 

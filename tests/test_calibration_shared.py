@@ -218,6 +218,27 @@ def test_shared_statistics_give_the_same_int8_model(tiny_onnx):
     assert len(s_ov["sensitivity_fallback"]["kept_float"]) >= len(s_shared["sensitivity_fallback"]["kept_float"])
 
 
+def test_without_activation_compensation_gptq_reads_the_float_statistics(tiny_onnx):
+    """compensate_activations=False rounds against X^T X of the smoothed inputs: taken from the build's float
+    statistics (the reference's X^T X divided by s_i s_j), no pass; the same codes as streaming the smoothed model,
+    up to the rounding of the two sums (float64 there, float32 here)."""
+    from vitexport.progress import Stages
+
+    model = tiny_onnx.load()
+    recipe = Int8Recipe(fallback_budget=0.0, compensate_activations=False, smooth_outlier_ratio=1.0)
+    own, s_own = quantize_int8(model, _batches(), recipe)
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12)
+    st = Stages()
+    shared, s_shared = quantize_int8(model, _batches(), recipe, stats=stats, stages=st)
+    assert s_shared["calibration"]["passes"] == 0 and "quantized-input Gram matrices" not in [r["stage"] for r in st.records]
+    assert s_shared["smoothquant"]["tensors"]  # the scaled path is exercised
+    w = lambda m: {t.name: onnx.numpy_helper.to_array(t).astype(int) for t in m.graph.initializer if t.name.endswith("_weight_quantized")}  # noqa: E731
+    a, b = w(own), w(shared)
+    assert a.keys() == b.keys()
+    same = np.mean([np.mean(a[k] == b[k]) for k in a])
+    assert same > 0.97 and max(np.abs(a[k] - b[k]).max() for k in a) <= 1, same
+
+
 def test_float_stats_cache_round_trip(tiny_onnx, tmp_path):
     from vitexport.quantization.cache import entry_path, images_sha256, load_float_stats, save_float_stats
 
@@ -252,7 +273,7 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     stages = [s["stage"] for s in json.loads((tmp_path / "a" / "report.json").read_text())["stages"]]
     assert sum("float statistics" in s for s in stages) == 1, stages
-    assert any(s.startswith("onnxruntime int8: sensitivity search") for s in stages) and any(s.startswith("evaluation") for s in stages)
+    assert any(s.startswith("tensorrt int8: sensitivity search") for s in stages) and any(s.startswith("evaluation") for s in stages)
     assert "export and verification" in stages and "build tensorrt int8" in stages
     assert len(list((tmp_path / "cache").glob("float-stats-*.npz"))) == 1
     assert "Longest build stages" in (tmp_path / "a" / "report.md").read_text()

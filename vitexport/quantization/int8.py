@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
 
 import numpy as np
@@ -887,10 +888,40 @@ def _split_columns(target: np.ndarray, widths: list[tuple[str, int]]) -> dict[st
     return {name: target[:, e - w : e] for (name, w), e in zip(widths, ends)}
 
 
-def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches, memo: Memo, images: int, stages: "Stages", progress) -> _GptqInputs:
-    """The quantized-input Gram matrices: one pass for the inputs no recipe with the same ranges has streamed yet."""
+class _SmoothedGrams(Mapping):
+    """X^T X of the smoothed inputs, from the float statistics' X^T X of the reference's: SmoothQuant divides channel i
+    by s_i, so entry (i, j) divides by s_i s_j. One input at a time, on access (ViT-Base's are 1.1 GB in all)."""
+
+    def __init__(self, grams: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray], acts: list[str]):
+        self._grams, self._scales, self._acts = grams, scales, acts
+        self._last: tuple[str | None, np.ndarray | None] = (None, None)
+
+    def __getitem__(self, act: str) -> np.ndarray:
+        if act not in self._acts:
+            raise KeyError(act)
+        if self._last[0] != act:  # q, k and v read the same input one after the other
+            g = np.array(self._grams[act], np.float64)
+            s = self._scales.get(act)
+            self._last = (act, g if s is None else g / np.outer(s, s))
+        return self._last[1]
+
+    def __iter__(self):
+        return iter(self._acts)
+
+    def __len__(self) -> int:
+        return len(self._acts)
+
+
+def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches, memo: Memo, images: int, stages: "Stages", progress,
+                 stats: "FloatStats | None" = None, scales: Mapping[str, np.ndarray] | None = None) -> _GptqInputs:
+    """The quantized-input Gram matrices: one pass for the inputs no recipe with the same ranges has streamed yet.
+    Without activation compensation GPTQ rounds against the float inputs' X^T X, which the build's float statistics
+    already hold: no pass at all."""
     key = smoothing_key(recipe)
     acts = list(dict.fromkeys(l.activation for l in chosen))
+    if not recipe.compensate_activations and stats is not None and stats.gram is not None and all(a in stats.gram for a in acts):
+        return _GptqInputs(hessians=_SmoothedGrams(stats.gram, scales or {}, acts), targets=None,
+                           key=(key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, "float-stats"), passes=0)
     shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
     qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
     dynamic = recipe.compensate_activations and recipe.activation_quantizer == "dynamic_row"
@@ -1018,7 +1049,7 @@ def quantize_int8(
     fallback, kl_total = _fallback(work, sel, ranges, recipe, batches, memo, stages) if acts and recipe.fallback_budget > 0 else ([], 0.0)
     if fallback:
         sel = sel.without(fallback)
-    gptq = _gptq_inputs(work, sel.chosen, ranges, recipe, batches, memo, images, stages, progress) if recipe.weight_rounding == "gptq" and sel.acts else None
+    gptq = _gptq_inputs(work, sel.chosen, ranges, recipe, batches, memo, images, stages, progress, stats, {g.activation: g.scales for g in groups}) if recipe.weight_rounding == "gptq" and sel.acts else None
     passes += gptq.passes if gptq else 0
     with stages.stage("GPTQ and QDQ rewrite" if gptq else "QDQ rewrite", total=len(sel.chosen), unit="linear") as tick:
         code_memo = (lambda k, f, key=gptq.key: memo((key, k), f)) if gptq else None
