@@ -201,8 +201,10 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
     if precision == "int8":
         fb = recipe.get("sensitivity_fallback", {}).get("kept_float", [])
         c = recipe.get("counts", {})
+        dynamic = recipe.get("kernels", {}).get("activations", {}).get("mode") == "dynamic"
+        ranges = "" if dynamic else f" ({recipe.get('calibration', {}).get('method')} ranges)"
         return (
-            f"int8 (MatMulIntegerToFloat, bias folded): {recipe.get('activations')} activations ({recipe.get('calibration', {}).get('method')} ranges), "
+            f"int8 (MatMulIntegerToFloat, bias folded): {recipe.get('activations')} activations{ranges}, "
             f"{recipe.get('weights')} weights with GPTQ rounding; {c.get('quantized')} linears int8, "
             f"{len(fb)} inputs left float by measured sensitivity ({100 * sum(k['mac_fraction'] for k in fb):.1f}% of linear MACs)"
         )
