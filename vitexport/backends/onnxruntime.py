@@ -1,8 +1,10 @@
-"""ONNX Runtime target (x86/ARM CPU hosts, Raspberry Pi): fp32, static int8, int4 weight-only (MatMulNBits).
+"""ONNX Runtime target (x86/ARM CPU hosts, Raspberry Pi): fp32, int8, int4 weight-only (MatMulNBits).
 
-int8 is the shared QDQ recipe with each quantized linear and its bias written as the
-``com.microsoft.MatMulIntegerToFloat`` that onnxruntime would make of it at load time, bias included (onnxruntime
-leaves the bias ``Add`` outside; see ``fold_bias_into_integer_matmuls``).
+int8 is the shared recipe's weights (SmoothQuant, GPTQ) with each quantized linear and its bias written as the
+``com.microsoft.MatMulIntegerToFloat`` that onnxruntime would make of the QDQ pattern at load time, bias included
+(onnxruntime leaves the bias ``Add`` outside; see ``fold_bias_into_integer_matmuls``). By default its inputs are
+quantized with ranges taken at run time (``dynamic_activation_ranges``); ``activations = "static"`` keeps the
+calibrated ranges and the float fallback (``INT8_SETTINGS``).
 
 ``[options.onnxruntime] mobile = true`` (the android-ort profile) makes ONNX Runtime Mobile artifacts: the same
 model converted to the ``.ort`` format (which a minimal/mobile ONNX Runtime build loads), the operator config for a
@@ -59,7 +61,7 @@ class MobileOptions:
 # [options.onnxruntime.int8] besides `recipe`: how the linears the sensitivity search keeps out of static int8 run.
 # "float": float MatMuls (the default: the most faithful). "blockwise_int8": MatMulNBits with 8-bit weights per block
 # of `fallback_block_size` along K and accuracy_level 4, so onnxruntime quantizes their inputs per row and block at run
-# time and multiplies in int8: finer than any static range, and on x86 about 1.7x faster than float. It needs
+# time and multiplies in int8: finer than any static range, and on x86 1.4-1.7x faster than float (ViT-Base profile). It needs
 # onnxruntime >= 1.22 on x86 and >= 1.23 on ARM64 CPUs with dot-product instructions (not a Raspberry Pi 4's A72).
 INT8_SETTINGS: dict[str, Any] = {"activations": "dynamic", "fallback_kernel": "float", "fallback_block_size": 32}
 FALLBACK_KERNELS = ("float", "blockwise_int8")
@@ -225,32 +227,26 @@ def fold_bias_into_integer_matmuls(model: onnx.ModelProto) -> dict[str, Any]:
     """
     from onnx import helper
 
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
-    fused: dict[int, onnx.NodeProto] = {}
+    from ..quantization.graph import MS_DOMAIN, GraphIndex, ensure_ms_opset
+
+    idx = GraphIndex(model)
+    fused: dict[int, onnx.NodeProto] = {}  # the bias Add's place -> the fused node
     gone: set[int] = set()
-    for n in g.node:
-        parts = _integer_linear(n, producer, consumers, inits, outputs)
+    for n in idx.graph.node:
+        parts = _integer_linear(idx, n)
         if parts is None:
             continue
         dq_x, dq_w, add, bias = parts
         fused[id(add)] = helper.make_node(
             "MatMulIntegerToFloat", [dq_x.input[0], dq_w.input[0], dq_x.input[1], dq_w.input[1], dq_x.input[2], dq_w.input[2], bias],
-            [add.output[0]], name=f"{n.name}_bias_folded", domain="com.microsoft")
+            [add.output[0]], name=f"{n.name}_bias_folded", domain=MS_DOMAIN)
         gone.add(id(n))
-    nodes = [fused.get(id(n), n) for n in g.node if id(n) not in gone]
-    used = {i for n in nodes for i in n.input} | outputs
+    nodes = [fused.get(id(n), n) for n in idx.graph.node if id(n) not in gone]
+    used = {i for n in nodes for i in n.input} | idx.graph_outputs
     nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]  # the weights' and inputs' DQs now unread
-    del g.node[:]
-    g.node.extend(nodes)
-    if fused and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _replace_nodes(model, nodes)
+    if fused:
+        ensure_ms_opset(model)
     return {"bias_folded_integer_matmuls": len(fused), "op": "com.microsoft.MatMulIntegerToFloat"}
 
 
@@ -261,24 +257,19 @@ def dynamic_activation_ranges(model: onnx.ModelProto) -> dict[str, Any]:
     onnxruntime's stock dynamic int8 runs (the same kernels, so the same speed), with those weights."""
     from onnx import TensorProto, helper
 
-    from ..quantization.graph import drop_unused_constants
+    from ..quantization.graph import GraphIndex, drop_unused_constants
 
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    readers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    idx = GraphIndex(model)
     done = 0
-    for pos, q in enumerate(list(g.node)):
-        users = readers.get(q.output[0], []) if q.op_type == "QuantizeLinear" else []
+    for q in idx.graph.node:
+        users = idx.consumers.get(q.output[0], []) if q.op_type == "QuantizeLinear" else []
         if not users or any(u.op_type != "MatMulIntegerToFloat" or u.input[0] != q.output[0] for u in users):
             continue
-        zp = inits.get(q.input[2]) if len(q.input) > 2 else None
+        zp = idx.initializers.get(q.input[2]) if len(q.input) > 2 else None
         if zp is None or zp.data_type != TensorProto.UINT8:  # DynamicQuantizeLinear is uint8 only
             continue
         scale, zero = f"{q.output[0]}_dynamic_scale", f"{q.output[0]}_dynamic_zero_point"
-        g.node[pos].CopyFrom(helper.make_node("DynamicQuantizeLinear", [q.input[0]], [q.output[0], scale, zero], name=f"{q.name}_dynamic"))
+        q.CopyFrom(helper.make_node("DynamicQuantizeLinear", [q.input[0]], [q.output[0], scale, zero], name=f"{q.name}_dynamic"))
         for u in users:
             u.input[2], u.input[4] = scale, zero
         done += 1
@@ -293,18 +284,14 @@ def blockwise_int8_fallback(model: onnx.ModelProto, nodes: set[str], block: int)
     per row and block at run time)."""
     from onnx import helper, numpy_helper
 
-    from ..quantization.graph import drop_unused_constants
+    from ..quantization.graph import MS_DOMAIN, GraphIndex, drop_unused_constants, ensure_ms_opset
 
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    idx = GraphIndex(model)
+    g, inits = idx.graph, idx.initializers
     done: dict[int, onnx.NodeProto] = {}
     gone: set[int] = set()
     for n in g.node:
-        readers = consumers.get(n.output[0], [])
+        readers = idx.consumers.get(n.output[0], [])
         if n.name not in nodes or n.op_type != "MatMul" or n.input[1] not in inits or len(readers) != 1 or readers[0].op_type != "Add":
             continue
         add = readers[0]
@@ -320,30 +307,35 @@ def blockwise_int8_fallback(model: onnx.ModelProto, nodes: set[str], block: int)
         tag = f"{n.name}_w8"
         g.initializer.extend([numpy_helper.from_array(codes, tag + "_B"), numpy_helper.from_array(scale.reshape(-1), tag + "_scales")])
         done[id(add)] = helper.make_node("MatMulNBits", [n.input[0], tag + "_B", tag + "_scales", "", "", bias], [add.output[0]], name=tag,
-                                         domain="com.microsoft", K=k, N=cols, bits=8, block_size=block, accuracy_level=4)
+                                         domain=MS_DOMAIN, K=k, N=cols, bits=8, block_size=block, accuracy_level=4)
         gone.add(id(n))
-    kept = [done.get(id(n), n) for n in g.node if id(n) not in gone]
-    del g.node[:]
-    g.node.extend(kept)
+    _replace_nodes(model, [done.get(id(n), n) for n in g.node if id(n) not in gone])
     drop_unused_constants(model)
-    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if done:
+        ensure_ms_opset(model)
     return {"kernel": "blockwise_int8", "op": "com.microsoft.MatMulNBits (bits 8, accuracy_level 4)", "block_size": block, "linears": len(done)}
 
 
-def _integer_linear(n, producer, consumers, inits, outputs):
+def _replace_nodes(model: onnx.ModelProto, nodes: list) -> None:
+    g = model.graph
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def _integer_linear(idx, n):
     """(DQ of x, DQ of W, bias Add, bias name) when ``n`` is a quantized linear whose only reader adds a constant
     1-D bias, else None."""
-    if n.op_type != "MatMul" or n.output[0] in outputs:
+    inits = idx.initializers
+    if n.op_type != "MatMul" or n.output[0] in idx.graph_outputs:
         return None
-    dq_x, dq_w = producer.get(n.input[0]), producer.get(n.input[1])
+    dq_x, dq_w = idx.producer.get(n.input[0]), idx.producer.get(n.input[1])
     if dq_x is None or dq_w is None or dq_x.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear":
         return None
     if len(dq_x.input) < 3 or len(dq_w.input) < 3 or not all(i in inits for i in dq_w.input) or any(i not in inits for i in dq_x.input[1:]):
         return None
     if len(inits[dq_w.input[0]].dims) != 2 or len(inits[dq_x.input[1]].dims) != 0:  # per-tensor x, 2-D W: what the kernel takes
         return None
-    readers = consumers.get(n.output[0], [])
+    readers = idx.consumers.get(n.output[0], [])
     if len(readers) != 1 or readers[0].op_type != "Add":
         return None
     add = readers[0]

@@ -295,6 +295,15 @@ def _ln_feeds_block(idx: GraphIndex, ln: onnx.NodeProto, prelim) -> bool:
     return any(l is ln and role in ("qkv", "fc1") for *_, role, l in prelim)
 
 
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators (MatMulNBits, MatMulIntegerToFloat)
+
+
+def ensure_ms_opset(model: onnx.ModelProto) -> None:
+    """Import the com.microsoft opset, which nodes of that domain need."""
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
 def drop_unused_constants(model: onnx.ModelProto) -> None:
     """Remove initializers, Constant nodes and value_info nothing uses any more (rewrites leave the originals behind)."""
     g = model.graph

@@ -64,7 +64,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import stream_activations
 from .gptq import upper_cholesky_of_inverse
-from .graph import ROLES, Linear, const_array, drop_unused_constants, find_linears, kept_float, weight_nk
+from .graph import MS_DOMAIN, ROLES, Linear, const_array, drop_unused_constants, ensure_ms_opset, find_linears, kept_float, weight_nk
 
 if TYPE_CHECKING:
     from .calibration import FloatStats
@@ -72,7 +72,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -414,11 +413,6 @@ def _rewrite(model: onnx.ModelProto, l: Linear, qw: QuantizedWeight, recipe: Int
         del g.node[apos]
 
 
-def _ensure_ms_opset(model: onnx.ModelProto) -> None:
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # entry point
 
@@ -543,5 +537,5 @@ def quantize_int4(
             count += 1
         quant_s += time.perf_counter() - tq
     drop_unused_constants(work)
-    _ensure_ms_opset(work)
+    ensure_ms_opset(work)
     return work, _int4_summary(recipe, stages, kept, layers, images, calib_s, quant_s, t0)
