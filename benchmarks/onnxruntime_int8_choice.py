@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from vitexport.backends.onnxruntime import INT8_SETTINGS, OnnxRuntimeBackend  # 
 from vitexport.harness.report import cpu_name  # noqa: E402
 
 from litert_choice import images  # noqa: E402  the same 84 fit / 41 held-out split of the calibration images
-from openvino_int8_choice import fidelity, logits  # noqa: E402
+from openvino_int8_choice import held_out_rows  # noqa: E402
 
 CANDIDATES: dict[str, dict] = {
     "static (float fallback, budget 0.1)": {"activations": "static"},
@@ -82,21 +81,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=1.0)
     args = ap.parse_args()
-    from vitexport.harness.latency import compare
-
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     spec, fit, held = images(Path(args.shared), work)
     names = args.only or list(CANDIDATES)
     runners, recipes = build_all(spec, fit, work, names, args.threads)
-    ref = logits(runners["fp32"], held)
-    rows = {n: fidelity(logits(r, held), ref) for n, r in runners.items() if n != "fp32"}
-    runs = [compare({n: r for n, r in runners.items() if n != "fp32"}, held[:1], rounds=args.rounds, seconds=args.seconds) for _ in range(args.repeats)]
+    rows = held_out_rows(runners, recipes, held, "stock dynamic", "stock", "fallback_mac_fraction", args)
     for n, row in rows.items():
-        row["latency_vs_stock"] = [round(run[n]["p50_ms"] / run["stock dynamic"]["p50_ms"], 3) for run in runs]
-        row["latency_vs_stock_median"] = statistics.median(row["latency_vs_stock"])
-        fb = recipes[n].get("sensitivity_fallback", {}).get("kept_float", [])
-        row["fallback_mac_fraction"] = round(sum(k["mac_fraction"] for k in fb), 4)
         row["settings"] = CANDIDATES.get(n, "onnxruntime.quantization.quantize_dynamic, int8 weights")
     result = {"command": "python " + " ".join(["benchmarks/onnxruntime_int8_choice.py", *sys.argv[1:]]), "fit_images": len(fit), "held_out_images": len(held),
               "threads": args.threads, "defaults": INT8_SETTINGS, "host": cpu_name(), "rows": rows,

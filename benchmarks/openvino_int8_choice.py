@@ -93,6 +93,22 @@ def build_all(spec, fit: np.ndarray, work: Path, names: list[str], threads: int)
     return runners, {n: a.manifest.get("recipe", {}) for n, a in arts.items()}
 
 
+def held_out_rows(runners: dict, recipes: dict, held: np.ndarray, stock: str, key: str, mac_key: str, args) -> dict:
+    """Every row but fp32 against fp32's logits on ``held``, its latency / ``stock``'s per interleaved run
+    (``latency_vs_<key>``, ``args.repeats`` runs) and the share of linear MACs its fallback kept (``mac_key``)."""
+    from vitexport.harness.latency import compare
+
+    ref = logits(runners["fp32"], held)
+    rows = {n: fidelity(logits(r, held), ref) for n, r in runners.items() if n != "fp32"}
+    runs = [compare({n: r for n, r in runners.items() if n != "fp32"}, held[:1], rounds=args.rounds, seconds=args.seconds) for _ in range(args.repeats)]
+    for n, row in rows.items():
+        row[f"latency_vs_{key}"] = [round(run[n]["p50_ms"] / run[stock]["p50_ms"], 3) for run in runs]
+        row[f"latency_vs_{key}_median"] = statistics.median(row[f"latency_vs_{key}"])
+        fb = recipes[n].get("sensitivity_fallback", {}).get("kept_float", [])
+        row[mac_key] = round(sum(k["mac_fraction"] for k in fb), 4)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
@@ -104,21 +120,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=1.0)
     args = ap.parse_args()
-    from vitexport.harness.latency import compare
-
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     spec, fit, held = images(Path(args.shared), work)
     names = args.only or list(CANDIDATES)
     runners, recipes = build_all(spec, fit, work, names, args.threads)
-    ref = logits(runners["fp32"], held)
-    rows = {n: fidelity(logits(r, held), ref) for n, r in runners.items() if n != "fp32"}
-    runs = [compare({n: r for n, r in runners.items() if n != "fp32"}, held[:1], rounds=args.rounds, seconds=args.seconds) for _ in range(args.repeats)]
+    rows = held_out_rows(runners, recipes, held, "nncf stock", "nncf", "float_mac_fraction", args)
     for n, row in rows.items():
-        row["latency_vs_nncf"] = [round(run[n]["p50_ms"] / run["nncf stock"]["p50_ms"], 3) for run in runs]
-        row["latency_vs_nncf_median"] = statistics.median(row["latency_vs_nncf"])
-        fb = recipes[n].get("sensitivity_fallback", {}).get("kept_float", [])
-        row["float_mac_fraction"] = round(sum(k["mac_fraction"] for k in fb), 4)
         row["settings"] = CANDIDATES.get(n, "nncf.quantize, model_type=TRANSFORMER, defaults")
     result = {"command": "python " + " ".join(["benchmarks/openvino_int8_choice.py", *sys.argv[1:]]), "fit_images": len(fit), "held_out_images": len(held), "threads": args.threads, "defaults": INT8_DEFAULTS, "rows": rows,
               "note": "held-out calibration images only; latency interleaved on a shared host: compare ratios"}
