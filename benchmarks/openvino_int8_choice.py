@@ -56,6 +56,10 @@ CANDIDATES: dict[str, dict] = {
     "LATENCY_FIRST, two digits 0.06, fc2 only": {**LATENCY_FIRST, "two_digit_budget": 0.06, "two_digit_roles": ("fc2",)},
     "LATENCY_FIRST, two digits 0.03 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.03, "two_digit_images": 16},
     "LATENCY_FIRST, two digits 0.06 (16 images)": {**LATENCY_FIRST, "two_digit_budget": 0.06, "two_digit_images": 16},
+    # build time (issue 13): GPTQ against the float statistics' X^T X, no quantized-input pass; a search on 8 images
+    "default, float Grams": {"recipe": {"fallback_budget": 0.2, "compensate_activations": False}},
+    "default, 8 search images": {"recipe": {"fallback_budget": 0.2, "fallback_images": 8}},
+    "default, float Grams, 8 search images": {"recipe": {"fallback_budget": 0.2, "compensate_activations": False, "fallback_images": 8}},
 }
 
 
@@ -106,6 +110,7 @@ def held_out_rows(runners: dict, recipes: dict, held: np.ndarray, stock: str, ke
         row[f"latency_vs_{key}_median"] = statistics.median(row[f"latency_vs_{key}"])
         fb = recipes[n].get("sensitivity_fallback", {}).get("kept_float", [])
         row[mac_key] = round(sum(k["mac_fraction"] for k in fb), 4)
+        row["kept_float"] = sorted(k["activation"] for k in fb)
     return rows
 
 

@@ -57,6 +57,10 @@ VARIANTS: dict[str, dict] = {
     "fallback-images-32+alpha-0.6": {"fallback_images": 32, "smoothquant_alpha": 0.6},
     "fallback-images-32+smooth-attn-out": {"fallback_images": 32, "smooth_attn_out": True},
     "fallback-images-32+alpha-0.6+smooth-attn-out": {"fallback_images": 32, "smoothquant_alpha": 0.6, "smooth_attn_out": True},
+    # issue 13, build time: GPTQ against the float statistics' X^T X (no quantized-input pass), a search on fewer images
+    "float-grams": {"compensate_activations": False},
+    "fallback-images-8": {"fallback_images": 8},
+    "float-grams+fallback-images-8": {"compensate_activations": False, "fallback_images": 8},
 }
 
 
@@ -120,10 +124,11 @@ def main() -> int:
             t0 = time.time()
             for k in (0, 1):
                 cal = centre[k]
-                model, _ = quantize_int8(ref.load(), lambda cal=cal: (cal[i : i + 16] for i in range(0, len(cal), 16)), recipe)
+                model, summary = quantize_int8(ref.load(), lambda cal=cal: (cal[i : i + 16] for i in range(0, len(cal), 16)), recipe)
                 path = Path(tmp) / f"{name}-{k}.onnx"
                 save_onnx(model, path, {})
-                row["folds"].append(metrics(ref_out[1 - k], run(EmulationRunner(path, float16=float16), views[1 - k])))
+                kept = sorted(a["activation"] for a in summary["sensitivity_fallback"]["kept_float"])
+                row["folds"].append({**metrics(ref_out[1 - k], run(EmulationRunner(path, float16=float16), views[1 - k])), "kept_float": kept})
             f = row["folds"]
             n = sum(x["n"] for x in f)
             row.update(
