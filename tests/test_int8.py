@@ -112,6 +112,34 @@ def test_gptq_lowers_output_error_against_round_to_nearest():
     assert err(codes.T * s) < 0.8 * err(q_rtn * s_rtn)
 
 
+def test_gptq_round_is_the_textbook_column_loop_bit_for_bit():
+    """The in-place, transposed lazy blocks of gptq_round give exactly the codes of the plain loop (Frantar et al.,
+    Algorithm 1 with lazy batches): the published figures were made with the plain one."""
+    from vitexport.quantization.gptq import damped_inverse_factor, gptq_round
+
+    x, w = _layer(2, k=96, n=40)
+    u, _ = damped_inverse_factor(x.T @ x, 0.01)
+    wt = w.T.copy()
+    scale = np.abs(wt).max(axis=1) / 127
+    rnd = lambda v, _c: np.clip(np.round(v / scale), -127, 127) * scale  # noqa: E731
+
+    def textbook(w, lazy):
+        w, q = w.copy(), np.empty_like(w)
+        for i1 in range(0, w.shape[1], lazy):
+            i2 = min(i1 + lazy, w.shape[1])
+            w1, err, u1 = w[:, i1:i2].copy(), np.zeros((w.shape[0], i2 - i1)), u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                q[:, i1 + i] = rnd(w1[:, i], i1 + i)
+                err[:, i] = (w1[:, i] - q[:, i1 + i]) / u1[i, i]
+                w1[:, i:] -= np.outer(err[:, i], u1[i, i:])
+            w[:, i2:] -= err @ u[i1:i2, i2:]
+        return q
+
+    for lazy in (32, 128):
+        q, _ = gptq_round(wt, u, rnd, lazy)
+        assert np.array_equal(q, textbook(wt, lazy))
+
+
 def test_compensation_absorbs_deterministic_activation_error():
     x, w = _layer(1)
     x = np.where(x > 0, x, 0.05 * x)  # a GELU-like kink: coarse levels on one side are a function of x

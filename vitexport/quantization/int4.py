@@ -247,23 +247,26 @@ def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, recipe: Int
     scales = np.empty((n, nb), np.float32)
     zps = np.empty((n, nb), np.uint8)
     lazy = max(block, -(-recipe.lazy_columns // block) * block)
+    scratch = np.empty((lazy, n))
     for i1 in range(0, kp, lazy):
         i2 = min(i1 + lazy, kp)
-        w1 = w[:, i1:i2].copy()
-        err1 = np.zeros_like(w1)
+        w1 = np.ascontiguousarray(w[:, i1:i2].T)  # a column per contiguous row, updated in place (gptq.gptq_round)
+        err1 = np.zeros((n, i2 - i1))
         u1 = u[i1:i2, i1:i2]
         scale = zp = None
         for i in range(i2 - i1):
             col = i1 + i
             if col % block == 0:  # block start: its columns in w1 already carry every earlier column's update
-                scale, zp = _search_params(w1[:, i : i + block], hdiag[col : col + block], recipe)
+                scale, zp = _search_params(np.ascontiguousarray(w1[i : i + block].T), hdiag[col : col + block], recipe)
                 scale = scale.astype(np.float32).astype(np.float64)
                 scales[:, col // block], zps[:, col // block] = scale, zp
-            x = w1[:, i]
+            x = w1[i]
             q, deq = _fake_quant(x, scale, zp)
             codes[:, col] = q
             e = (x - deq) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
+            rest = scratch[: i2 - i1 - i]
+            np.multiply.outer(u1[i, i:], e, out=rest)
+            w1[i:] -= rest
             err1[:, i] = e
         if i2 < kp:
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
