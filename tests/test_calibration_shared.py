@@ -239,6 +239,32 @@ def test_without_activation_compensation_gptq_reads_the_float_statistics(tiny_on
     assert same > 0.97 and max(np.abs(a[k] - b[k]).max() for k in a) <= 1, same
 
 
+def test_recipes_with_other_smoothing_share_the_codes_of_layers_they_leave_alone(tiny_onnx, monkeypatch):
+    """Rounded against float X^T X, a layer's codes depend on its weight and its input's smoothing only: a second
+    recipe with another SmoothQuant alpha (TensorRT's against the core's) rounds only the layers it smooths, and the
+    codes it reuses are the ones it would have computed."""
+    import vitexport.quantization.int8 as int8
+
+    model = tiny_onnx.load()
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12)
+    store: dict = {}
+    memo = lambda k, f: store[k] if k in store else store.setdefault(k, f())  # noqa: E731
+    calls: list = []
+    real = int8.gptq_weight
+    monkeypatch.setattr(int8, "gptq_weight", lambda w, *a, **k: calls.append(w.shape) or real(w, *a, **k))
+    first = Int8Recipe(fallback_budget=0.0, compensate_activations=False, reduce_range=False, smooth_outlier_ratio=1.0)
+    quantize_int8(model, _batches(), first, stats=stats, memo=memo)
+    n_first = len(calls)
+    other = dataclasses.replace(first, smoothquant_alpha=0.8, symmetric_activations=True, center_activations=True)
+    shared, summary = quantize_int8(model, _batches(), other, stats=stats, memo=memo)
+    smoothed = {c for t in summary["smoothquant"]["tensors"] for c in t["consumers"]}
+    assert smoothed and len(calls) - n_first == len(smoothed) < summary["counts"]["quantized"]
+    alone, _ = quantize_int8(model, _batches(), other, stats=stats)
+    w = lambda m: {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.name.endswith("_weight_quantized")}  # noqa: E731
+    a, b = w(shared), w(alone)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_float_stats_cache_round_trip(tiny_onnx, tmp_path):
     from vitexport.quantization.cache import entry_path, images_sha256, load_float_stats, save_float_stats
 

@@ -30,6 +30,7 @@ What it does, on a copy of the float model:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
@@ -370,6 +371,15 @@ def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp:
     return np.round(q / scale[:, None]).astype(np.int8), scale.astype(np.float32)
 
 
+def float_gram_codes_key(node: str, act: str, w_nk: np.ndarray, scales: np.ndarray | None, reduce_range: bool, damp: float) -> tuple:
+    """The memo key of per-channel GPTQ codes rounded against the float inputs' X^T X: what they depend on, by content
+    (the weight as rounded, the input's SmoothQuant scales or None). So recipes whose smoothing, ranges or centring
+    differ but leave a layer alone share its codes: TensorRT's and CoreML's full 8-bit fc2 and attention output
+    projections, which no recipe smooths."""
+    digest = lambda a: None if a is None else hashlib.blake2b(np.ascontiguousarray(a, np.float32).tobytes(), digest_size=16).hexdigest()  # noqa: E731
+    return ("float-gram-gptq", node, act, digest(w_nk), digest(scales), reduce_range, float(damp))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # graph rewriting
 
@@ -471,7 +481,11 @@ def _weight_codes(
         return gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
 
     # the codes depend on the layer, its weight and its input statistics only: same key, same codes
-    codes, ws = memo((l.node.name, act, float(np.float32(ranges[act][0])), float(np.float32(ranges[act][1]))), rounded) if memo else rounded()
+    if isinstance(hessians, _SmoothedGrams):  # float X^T X: the ranges do not enter, the smoothing does
+        key = float_gram_codes_key(l.node.name, act, w_nk, hessians.scales(act), recipe.reduce_range, recipe.gptq_damp)
+    else:
+        key = (l.node.name, act, float(np.float32(ranges[act][0])), float(np.float32(ranges[act][1])))
+    codes, ws = memo(key, rounded) if memo else rounded()
     return (codes if l.trans_b else np.ascontiguousarray(codes.T)), ws
 
 
@@ -905,6 +919,9 @@ class _SmoothedGrams(Mapping):
             self._last = (act, g if s is None else g / np.outer(s, s))
         return self._last[1]
 
+    def scales(self, act: str) -> np.ndarray | None:
+        return self._scales.get(act)
+
     def __iter__(self):
         return iter(self._acts)
 
@@ -920,8 +937,7 @@ def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, 
     key = smoothing_key(recipe)
     acts = list(dict.fromkeys(l.activation for l in chosen))
     if not recipe.compensate_activations and stats is not None and stats.gram is not None and all(a in stats.gram for a in acts):
-        return _GptqInputs(hessians=_SmoothedGrams(stats.gram, scales or {}, acts), targets=None,
-                           key=(key, "gptq", recipe.reduce_range, recipe.per_channel, recipe.gptq_damp, "float-stats"), passes=0)
+        return _GptqInputs(hessians=_SmoothedGrams(stats.gram, scales or {}, acts), targets=None, key="codes", passes=0)  # float_gram_codes_key
     shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
     qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
     dynamic = recipe.compensate_activations and recipe.activation_quantizer == "dynamic_row"

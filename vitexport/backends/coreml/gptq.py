@@ -46,14 +46,18 @@ def _attach_gptq_int8(head, reference, calibration, stages=None) -> dict[str, An
     import torch
 
     from ...quantization.graph import weight_nk
-    from ...quantization.int8 import gptq_weight
+    from ...quantization.int8 import float_gram_codes_key, gptq_weight
+    from .. import recipe_memo
 
     t0 = time.perf_counter()
     model, linears, hessians, names = _linear_hessians(head, reference, calibration, stages)
     params = dict(head.named_parameters())
+    memo = recipe_memo(reference, calibration)  # TensorRT's recipe rounds the same unsmoothed layers the same way
     for l in linears:
         tname, _ = names[l.weight]
-        codes, scale = gptq_weight(weight_nk(model, l), hessians[l.activation], reduce_range=False)
+        w = weight_nk(model, l)
+        key = ("codes", float_gram_codes_key(l.node.name, l.activation, w, None, False, 0.01))
+        codes, scale = memo(key, lambda w=w, act=l.activation: gptq_weight(w, hessians[act], reduce_range=False, damp=0.01))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
             params[tname].copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
