@@ -58,6 +58,28 @@ def test_percentile_from_tails_is_the_histogram_answer():
             assert got == pytest.approx(want, abs=1e-9), (pct, scale is None)
 
 
+def test_whole_tensor_tails_give_the_same_unscaled_percentiles():
+    """fc2's inputs keep one tail of the whole tensor: the same ranges as per-channel tails and as the histogram,
+    and no answer (so a histogram pass) when someone asks for them scaled per channel."""
+    from vitexport.quantization.calibration import FloatStatsObserver
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_t(2, size=(40, 50, 24)) * rng.uniform(0.2, 5, 24)).astype(np.float32)
+    got = {}
+    for whole in ((), ("t",)):
+        obs = FloatStatsObserver(images=len(x), whole_tensor_tails=whole)
+        for i in range(0, len(x), 8):
+            obs("t", x[i : i + 8])
+        stats = obs.result()
+        got[whole] = [percentile_range_from_tails(stats, "t", p, 2048) for p in (99.999, 99.9995, 100.0)]
+    assert stats.top["t"].shape[1] == 1 and None not in got[("t",)]
+    assert got[()] == got[("t",)]
+    hist = HistogramObserver({"t": (float(x.min()), float(x.max()))}, bins=2048)
+    hist("t", x)
+    assert got[("t",)][0] == pytest.approx(hist.percentile_range("t", 99.999), abs=1e-9)
+    assert percentile_range_from_tails(stats, "t", 99.999, 2048, np.ones(24, np.float32)) is None
+
+
 def test_percentile_beyond_the_tails_asks_for_a_pass():
     from vitexport.quantization.calibration import FloatStatsObserver
 

@@ -180,15 +180,16 @@ def float_stats(reference, calibration: "Calibration", stages=None):
         from ..quantization.cache import load_float_stats, save_float_stats
         from ..ort_session import release_freed_memory
         from ..quantization.calibration import collect_float_stats, spill_grams
-        from ..quantization.graph import find_linears
+        from ..quantization.graph import find_linears, unscaled_inputs
 
         model = reference.load()
-        acts = sorted({l.activation for l in find_linears(model) if l.role in FLOAT_STATS_ROLES})
+        linears = [l for l in find_linears(model) if l.role in FLOAT_STATS_ROLES]
+        acts = sorted({l.activation for l in linears})
         cached = load_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts) if calibration.cache_dir else None
         if cached is not None:
             return spill_grams(cached, SPILL_GRAM_BYTES)
         with stages_of(stages).stage("float statistics (one pass, shared by every recipe)", total=calibration.count) as tick:
-            stats = collect_float_stats(model, acts, calibration.batches, calibration.count, progress=tick)
+            stats = collect_float_stats(model, acts, calibration.batches, calibration.count, progress=tick, whole_tensor_tails=unscaled_inputs(linears))
         if calibration.cache_dir:
             save_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts, stats)
         stats = spill_grams(stats, SPILL_GRAM_BYTES)

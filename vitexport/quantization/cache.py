@@ -23,7 +23,7 @@ from .calibration import FloatStats
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when FloatStats or its collection changes meaning
+FORMAT = 2  # bump when FloatStats or its collection changes meaning (2: fc2 inputs keep whole-tensor tails)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -335,6 +335,13 @@ def const_array(model: onnx.ModelProto, name: str) -> np.ndarray:
     raise KeyError(f"{name} is not a constant of the model")
 
 
+def unscaled_inputs(linears: list[Linear]) -> set[str]:
+    """The linear inputs read by fc2 layers only: GELU outputs, which no SmoothQuant scale can fold into, so their
+    percentiles are only ever taken unscaled (calibration.FloatStatsObserver keeps one tail of the whole tensor)."""
+    others = {l.activation for l in linears if l.role != "fc2"}
+    return {l.activation for l in linears if l.role == "fc2"} - others
+
+
 def weight_nk(model: onnx.ModelProto, l: Linear) -> np.ndarray:
     """A linear's weight as [N, K] (rows = output channels, torch.nn.Linear's layout), float32."""
     w = const_array(model, l.weight).astype(np.float32)

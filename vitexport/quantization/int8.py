@@ -43,7 +43,7 @@ from ..ort_session import ort_session
 from .calibration import GramSums, HistogramObserver, stream_activations
 from .divergence import kl_divergence as _kl
 from .gptq import damped_inverse_factor, gptq_round
-from .graph import GraphIndex, Linear, drop_unused_constants, find_linears, kept_float
+from .graph import GraphIndex, Linear, drop_unused_constants, find_linears, kept_float, unscaled_inputs
 
 if TYPE_CHECKING:
     from ..progress import Stages
@@ -816,7 +816,8 @@ def _own_float_stats(work: onnx.ModelProto, acts: list[str], batches, recipe: In
         return stats
     images_hint = sum(len(x) for x in batches()) if stats is None else stats.images
     with stages.stage("float statistics", total=images_hint) as tick:
-        return collect_float_stats(work, acts, batches, images_hint, gram=False, threads=recipe.calibration_threads, progress=_both(tick, progress))
+        return collect_float_stats(work, acts, batches, images_hint, gram=False, threads=recipe.calibration_threads, progress=_both(tick, progress),
+                                   whole_tensor_tails=unscaled_inputs(find_linears(work)))
 
 
 def _smooth(work: onnx.ModelProto, sel: _Selection, stats: "FloatStats", recipe: Int8Recipe) -> list[SmoothGroup]:
