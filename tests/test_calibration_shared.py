@@ -287,6 +287,30 @@ def test_recipes_with_other_smoothing_share_the_codes_of_layers_they_leave_alone
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_inverse_factors_are_computed_once_per_build_and_wait_on_disk(tiny_onnx, monkeypatch):
+    """Every recipe rounding against an unscaled X^T X (int8, CoreML int8, palettes, int4) asks the float statistics
+    for its damped inverse factor: one factorisation per input and damping, spilled to a file when large, the
+    same numbers as computing it in place."""
+    import vitexport.quantization.calibration as calibration
+    import vitexport.quantization.gptq as gptq
+
+    model = tiny_onnx.load()
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12)
+    monkeypatch.setattr(calibration, "FACTOR_SPILL_BYTES", 0)
+    calls: list = []
+    real = gptq.damped_inverse_factor
+    monkeypatch.setattr(gptq, "damped_inverse_factor", lambda h, d: calls.append(d) or real(h, d))
+    act = _acts(model)[0]
+    u1, dead1 = stats.inverse_factor(act, 0.01)
+    u2, _ = stats.inverse_factor(act, 0.01)
+    assert len(calls) == 1 and isinstance(u1, np.memmap) and not u1.flags.writeable
+    want, dead = real(stats.gram[act], 0.01)
+    np.testing.assert_array_equal(u2, want)
+    np.testing.assert_array_equal(dead1, dead)
+    stats.inverse_factor(act, 0.1)
+    assert len(calls) == 2
+
+
 def test_float_stats_cache_round_trip(tiny_onnx, tmp_path):
     from vitexport.quantization.cache import entry_path, images_sha256, load_float_stats, save_float_stats
 

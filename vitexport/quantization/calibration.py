@@ -219,6 +219,8 @@ def _quant_mse(x: np.ndarray, counts: np.ndarray, a: float, b: float, levels: in
 # ----------------------------------------------------------------------------------------------------------------
 # one float pass for every recipe of a build
 
+FACTOR_SPILL_BYTES = 32 << 20  # FloatStats.inverse_factor: larger factors wait on disk
+
 # The float statistics keep each channel's most extreme values down to this percentile (symmetric tails) so that
 # percentile ranges >= it come out exactly, for any positive per-channel scaling (SmoothQuant), without a second pass.
 TAIL_PERCENTILE = 99.999
@@ -241,9 +243,29 @@ class FloatStats:
     bottom: dict[str, np.ndarray]
     elements: dict[str, int]
     images: int
+    _factors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def absmax(self) -> dict[str, np.ndarray]:
         return {n: np.maximum(np.abs(self.min[n]), np.abs(self.max[n])) for n in self.min}
+
+    def inverse_factor(self, name: str, damp: float) -> tuple[np.ndarray, np.ndarray]:
+        """gptq.damped_inverse_factor of ``gram[name]``, computed once for every recipe that rounds against the
+        unscaled X^T X (int8 on inputs no SmoothQuant touches, CoreML int8, palettes, int4): on ViT-Base each fc2
+        factor took 0.5 s and was computed four times. Factors of FACTOR_SPILL_BYTES or more wait in a memory-mapped
+        file (the twelve fc2 ones are 0.9 GB of float64). Raises ``np.linalg.LinAlgError`` as the function does."""
+        from .gptq import damped_inverse_factor
+
+        key = (name, float(damp))
+        if key not in self._factors:
+            u, dead = damped_inverse_factor(self.gram[name], damp)
+            if u.nbytes >= FACTOR_SPILL_BYTES:
+                try:
+                    u = SpilledArrays({"u": u}, prefix="vitexport-factor-")
+                except OSError:  # no room in the temporary folder: keep it in memory
+                    pass
+            self._factors[key] = (u, dead)
+        u, dead = self._factors[key]
+        return (u["u"] if isinstance(u, SpilledArrays) else u), dead
 
     def nbytes(self) -> int:
         return sum(a.nbytes for d in (self.min, self.max, self.gram, self.top, self.bottom) for a in d.values())

@@ -216,11 +216,23 @@ def quantize_rtn(w_nk: np.ndarray, block: int, recipe: Int4Recipe = Int4Recipe()
     return QuantizedWeight(codes, scales, zps, k, block)
 
 
-def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, recipe: Int4Recipe = Int4Recipe()) -> QuantizedWeight:
-    """GPTQ with per-block (group) scales, act-order off. ``hessian`` is X^T X over the calibration rows, [K, K]."""
+def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, recipe: Int4Recipe = Int4Recipe(), factor=None) -> QuantizedWeight:
+    """GPTQ with per-block (group) scales, act-order off. ``hessian`` is X^T X over the calibration rows, [K, K];
+    ``factor()``: gptq.damped_inverse_factor of it at ``recipe.damp``, computed elsewhere (FloatStats.inverse_factor)."""
     k = w_nk.shape[1]
     w = _pad_k(np.array(w_nk, dtype=np.float64), block)
     n, kp = w.shape
+    if factor is not None and kp == k:
+        try:
+            u, dead = factor()
+        except np.linalg.LinAlgError:
+            pass  # the retries below
+        else:
+            hdiag = np.array(np.diag(hessian), np.float64)  # what the damped H's diagonal would be
+            hdiag[dead] = 1.0
+            hdiag += recipe.damp * float(np.mean(hdiag))
+            w[:, dead] = 0.0
+            return _gptq_blocks(w, u, hdiag, k, block, recipe)
     h = np.zeros((kp, kp))
     h[:k, :k] = hessian
     dead = np.diag(h) <= 0
@@ -241,7 +253,12 @@ def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, recipe: Int
     else:  # pragma: no cover - degenerate statistics: fall back to RTN
         log.warning("GPTQ: Hessian not positive definite, falling back to round-to-nearest")
         return quantize_rtn(w_nk, block, recipe)
+    return _gptq_blocks(w, u, hdiag, k, block, recipe)
 
+
+def _gptq_blocks(w: np.ndarray, u: np.ndarray, hdiag: np.ndarray, k: int, block: int, recipe: Int4Recipe) -> QuantizedWeight:
+    """The GPTQ column loop of ``quantize_gptq`` on the padded [N, Kp] weight, U (H^-1 = U^T U) and H's diagonal."""
+    n, kp = w.shape
     nb = kp // block
     codes = np.empty((n, kp), np.uint8)
     scales = np.empty((n, nb), np.float32)
@@ -438,7 +455,7 @@ def _stage_hessians(
     if recipe.method != "gptq":
         return {}, None, 0.0
     if not recipe.sequential and stats is not None and all(l.activation in stats.gram for l in stage):
-        return {l.activation: stats.gram[l.activation] for l in stage}, stats.images, 0.0
+        return _StatsHessians(stats, recipe.damp), stats.images, 0.0
     counted = [0]
 
     def tick(n: int) -> None:
@@ -454,6 +471,20 @@ def _stage_hessians(
     return obs.h, counted[0], time.perf_counter() - tc
 
 
+class _StatsHessians(dict):
+    """The build's float statistics' X^T X by input, with their shared inverse factors (FloatStats.inverse_factor)."""
+
+    def __init__(self, stats: "FloatStats", damp: float):
+        super().__init__()
+        self.stats, self.damp = stats, damp
+
+    def __missing__(self, act: str) -> np.ndarray:
+        return self.stats.gram[act]
+
+    def factor(self, act: str):
+        return lambda: self.stats.inverse_factor(act, self.damp)
+
+
 def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Linear], hessians: dict[str, np.ndarray], recipe: Int4Recipe) -> list[tuple[Linear, QuantizedWeight, dict]]:
     """Each linear's int4 weight and its record (role and block as ``metas``, found on the float graph, say)."""
     done = []
@@ -461,7 +492,8 @@ def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Line
         w = weight_nk(work, l)
         n_out, k = w.shape
         block = choose_block_size(k, recipe.block_sizes)
-        qw = quantize_gptq(w, hessians[l.activation], block, recipe) if recipe.method == "gptq" else quantize_rtn(w, block, recipe)
+        factor = hessians.factor(l.activation) if isinstance(hessians, _StatsHessians) else None
+        qw = quantize_gptq(w, hessians[l.activation], block, recipe, factor) if recipe.method == "gptq" else quantize_rtn(w, block, recipe)
         done.append((l, qw, {"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": block,
                              "rel_weight_error": round(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-30)), 5)}))
     return done

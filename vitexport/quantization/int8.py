@@ -349,20 +349,22 @@ def compensate(w_nk: np.ndarray, qq: np.ndarray, qx: np.ndarray | None, damp: fl
     return (w_kn + torch.cholesky_solve(torch.from_numpy(rhs), l).numpy()).T
 
 
-def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp: float = 0.01, lazy: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp: float = 0.01, lazy: int = 128,
+                factor: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) with fixed symmetric per-output-channel scales. ``w_nk`` is [N, K] (rows = output
     channels), ``hessian`` is X^T X [K, K] of this layer's calibration inputs. Returns (int8 codes [N, K], scales [N]).
 
     Each column's rounding error is spread over the columns not yet rounded, through the Cholesky factor of the
     damped inverse Hessian, so the layer's *output* error on real inputs is what gets minimised, not the weights'.
     That is what lets 7-bit weights (needed against int16 saturation on AVX2) keep 8-bit accuracy.
+    ``factor()``: that factorisation of ``hessian`` from elsewhere (FloatStats.inverse_factor, computed once).
     """
     qmax = 63.0 if reduce_range else 127.0
     w = np.array(w_nk, dtype=np.float64)
     scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / qmax
     scale = scale.astype(np.float32).astype(np.float64)  # round against the scale that is stored
     try:
-        u, dead = damped_inverse_factor(hessian, damp)
+        u, dead = factor() if factor is not None else damped_inverse_factor(hessian, damp)
     except np.linalg.LinAlgError:
         q, sc = quantize_weight(np.asarray(w_nk).T, 1, reduce_range)
         return q.T, sc
@@ -478,7 +480,8 @@ def _weight_codes(
         if targets and act in targets:
             t = targets[act]  # Q^T X, or {linear: Q^T (X - Q) W} (_QuantizedGramObserver's ``right``)
             w_nk = compensate(w_nk, hessians[act], None, recipe.gptq_damp, t[l.node.name]) if isinstance(t, dict) else compensate(w_nk, hessians[act], t, recipe.gptq_damp)
-        return gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
+        shared = hessians.factor(act, recipe.gptq_damp) if isinstance(hessians, _SmoothedGrams) else None
+        return gptq_weight(w_nk, hessians[act] if shared is None else None, recipe.reduce_range, recipe.gptq_damp, factor=shared)
 
     # the codes depend on the layer, its weight and its input statistics only: same key, same codes
     if isinstance(hessians, _SmoothedGrams):  # float X^T X: the ranges do not enter, the smoothing does
@@ -907,9 +910,15 @@ class _SmoothedGrams(Mapping):
     """X^T X of the smoothed inputs, from the float statistics' X^T X of the reference's: SmoothQuant divides channel i
     by s_i, so entry (i, j) divides by s_i s_j. One input at a time, on access (ViT-Base's are 1.1 GB in all)."""
 
-    def __init__(self, grams: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray], acts: list[str]):
-        self._grams, self._scales, self._acts = grams, scales, acts
+    def __init__(self, grams: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray], acts: list[str], stats: "FloatStats | None" = None):
+        self._grams, self._scales, self._acts, self._stats = grams, scales, acts, stats
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
+
+    def factor(self, act: str, damp: float) -> Callable[[], tuple[np.ndarray, np.ndarray]] | None:
+        """The build's shared inverse factor of an unscaled input (FloatStats.inverse_factor), else None."""
+        if self._stats is None or self._scales.get(act) is not None:
+            return None
+        return lambda: self._stats.inverse_factor(act, damp)
 
     def __getitem__(self, act: str) -> np.ndarray:
         if act not in self._acts:
@@ -938,7 +947,7 @@ def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, 
     key = smoothing_key(recipe)
     acts = list(dict.fromkeys(l.activation for l in chosen))
     if not recipe.compensate_activations and stats is not None and stats.gram is not None and all(a in stats.gram for a in acts):
-        return _GptqInputs(hessians=_SmoothedGrams(stats.gram, scales or {}, acts), targets=None, key="codes", passes=0)  # float_gram_codes_key
+        return _GptqInputs(hessians=_SmoothedGrams(stats.gram, scales or {}, acts, stats), targets=None, key="codes", passes=0)  # float_gram_codes_key
     shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
     qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
     dynamic = recipe.compensate_activations and recipe.activation_quantizer == "dynamic_row"

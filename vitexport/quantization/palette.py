@@ -75,8 +75,9 @@ def _nearest(x: np.ndarray, lut_rows: np.ndarray, mids_rows: np.ndarray) -> np.n
     return lut_rows[np.arange(len(x)), idx]
 
 
-def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe = PaletteRecipe()) -> tuple[np.ndarray, np.ndarray]:
-    """Palettize ``w_nk`` [N, K] (rows = output channels) given H = X^T X [K, K] of its inputs.
+def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe = PaletteRecipe(), factor=None) -> tuple[np.ndarray, np.ndarray]:
+    """Palettize ``w_nk`` [N, K] (rows = output channels) given H = X^T X [K, K] of its inputs (``factor()``: its
+    damped inverse factor computed elsewhere, FloatStats.inverse_factor).
 
     Returns (weight [N, K] float32 whose every value is an entry of its row group's palette, palettes
     [N // group_size, 2**bits] float32).
@@ -88,7 +89,7 @@ def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe 
         raise ValueError(f"{n} output channels are not a multiple of the palette group size {g}")
     entries = 2**recipe.bits
     try:
-        u, dead = damped_inverse_factor(hessian, recipe.damp)
+        u, dead = factor() if factor is not None else damped_inverse_factor(hessian, recipe.damp)
     except np.linalg.LinAlgError:  # pragma: no cover - degenerate statistics: plain nearest-entry rounding
         log.warning("palette GPTQ: Hessian not positive definite, rounding to nearest")
         u, dead = np.eye(k), np.zeros(k, bool)

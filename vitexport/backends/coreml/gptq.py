@@ -22,9 +22,10 @@ def _torch_weight_names(head, reference) -> dict[str, tuple[str, bool]]:
     return match_initializers(head.state_dict(), onnx.load(str(reference.path)), reference.path.parent)
 
 
-def _linear_hessians(head, reference, calibration, stages=None) -> tuple[Any, list, dict[str, np.ndarray], dict[str, tuple[str, bool]]]:
-    """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, X^T X of each linear's input over the calibration
-    images (the build's shared float statistics), reference initializer -> torch parameter name)."""
+def _linear_hessians(head, reference, calibration, stages=None) -> tuple[Any, list, Any, dict[str, tuple[str, bool]]]:
+    """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, the build's shared float statistics (X^T X of each
+    linear's input over the calibration images, and its inverse factors), reference initializer -> torch parameter
+    name)."""
     from ...quantization.graph import find_linears
     from .. import float_stats
 
@@ -36,7 +37,7 @@ def _linear_hessians(head, reference, calibration, stages=None) -> tuple[Any, li
     missing = [l.node.name for l in linears if l.weight not in names]
     if missing:
         raise VitexportError(f"coreml: cannot map {missing[0]} back to a torch weight")
-    return model, linears, stats.gram, names
+    return model, linears, stats, names
 
 
 def _attach_gptq_int8(head, reference, calibration, stages=None) -> dict[str, Any]:
@@ -50,14 +51,14 @@ def _attach_gptq_int8(head, reference, calibration, stages=None) -> dict[str, An
     from .. import recipe_memo
 
     t0 = time.perf_counter()
-    model, linears, hessians, names = _linear_hessians(head, reference, calibration, stages)
+    model, linears, stats, names = _linear_hessians(head, reference, calibration, stages)
     params = dict(head.named_parameters())
     memo = recipe_memo(reference, calibration)  # TensorRT's recipe rounds the same unsmoothed layers the same way
     for l in linears:
         tname, _ = names[l.weight]
         w = weight_nk(model, l)
         key = ("codes", float_gram_codes_key(l.node.name, l.activation, w, None, False, 0.01))
-        codes, scale = memo(key, lambda w=w, act=l.activation: gptq_weight(w, hessians[act], reduce_range=False, damp=0.01))
+        codes, scale = memo(key, lambda w=w, act=l.activation: gptq_weight(w, None, reduce_range=False, damp=0.01, factor=lambda: stats.inverse_factor(act, 0.01)))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
             params[tname].copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
@@ -84,13 +85,13 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, stag
 
     t0 = time.perf_counter()
     recipe = PaletteRecipe(group_size=opts.palette_group_size)
-    model, linears, hessians, names = _linear_hessians(head, reference, calibration, stages)
+    model, linears, stats, names = _linear_hessians(head, reference, calibration, stages)
     params = dict(head.named_parameters())
     errors = []
     for l in linears:
         tname, _ = names[l.weight]
         w = weight_nk(model, l)  # [N, K]: torch Linear's own layout
-        q, lut = palettize_gptq(w, hessians[l.activation], recipe)
+        q, lut = palettize_gptq(w, stats.gram[l.activation], recipe, factor=lambda act=l.activation: stats.inverse_factor(act, recipe.damp))
         errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
