@@ -220,7 +220,7 @@ def quantize_gptq(w_nk: np.ndarray, hessian: np.ndarray, block: int, recipe: Int
     """GPTQ with per-block (group) scales, act-order off. ``hessian`` is X^T X over the calibration rows, [K, K];
     ``factor()``: gptq.damped_inverse_factor of it at ``recipe.damp``, computed elsewhere (FloatStats.inverse_factor)."""
     k = w_nk.shape[1]
-    w = _pad_k(np.array(w_nk, dtype=np.float64), block)
+    w = _pad_k(np.array(w_nk, dtype=np.float64, order="C"), block)
     n, kp = w.shape
     if factor is not None and kp == k:
         try:

@@ -360,7 +360,7 @@ def gptq_weight(w_nk: np.ndarray, hessian: np.ndarray, reduce_range: bool, damp:
     ``factor()``: that factorisation of ``hessian`` from elsewhere (FloatStats.inverse_factor, computed once).
     """
     qmax = 63.0 if reduce_range else 127.0
-    w = np.array(w_nk, dtype=np.float64)
+    w = np.array(w_nk, dtype=np.float64, order="C")
     scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / qmax
     scale = scale.astype(np.float32).astype(np.float64)  # round against the scale that is stored
     try:

@@ -82,7 +82,7 @@ def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe 
     Returns (weight [N, K] float32 whose every value is an entry of its row group's palette, palettes
     [N // group_size, 2**bits] float32).
     """
-    w = np.asarray(w_nk, dtype=np.float64)
+    w = np.asarray(w_nk, dtype=np.float64, order="C")
     n, k = w.shape
     g = recipe.group_size
     if n % g:
