@@ -913,12 +913,20 @@ class _SmoothedGrams(Mapping):
     def __init__(self, grams: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray], acts: list[str], stats: "FloatStats | None" = None):
         self._grams, self._scales, self._acts, self._stats = grams, scales, acts, stats
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
+        self._last_factor: tuple = (None, None)
 
-    def factor(self, act: str, damp: float) -> Callable[[], tuple[np.ndarray, np.ndarray]] | None:
-        """The build's shared inverse factor of an unscaled input (FloatStats.inverse_factor), else None."""
-        if self._stats is None or self._scales.get(act) is not None:
-            return None
-        return lambda: self._stats.inverse_factor(act, damp)
+    def factor(self, act: str, damp: float) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+        """The inverse factor of ``act``'s X^T X: the build's shared one for an unscaled input
+        (FloatStats.inverse_factor), else this recipe's own, kept while q, k and v (one after the other) read it."""
+        if self._stats is not None and self._scales.get(act) is None:
+            return lambda: self._stats.inverse_factor(act, damp)
+
+        def own() -> tuple[np.ndarray, np.ndarray]:
+            if self._last_factor[0] != (act, damp):
+                self._last_factor = ((act, damp), damped_inverse_factor(self[act], damp))
+            return self._last_factor[1]
+
+        return own
 
     def __getitem__(self, act: str) -> np.ndarray:
         if act not in self._acts:
