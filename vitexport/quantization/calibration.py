@@ -219,7 +219,7 @@ def _quant_mse(x: np.ndarray, counts: np.ndarray, a: float, b: float, levels: in
 # ----------------------------------------------------------------------------------------------------------------
 # one float pass for every recipe of a build
 
-FACTOR_SPILL_BYTES = 32 << 20  # FloatStats.inverse_factor: larger factors wait on disk
+FACTOR_SPILL_BYTES = 1 << 20  # FloatStats.inverse_factor: larger factors wait on disk (ViT-Base's 768-wide ones held 0.17 GB)
 
 # The float statistics keep each channel's most extreme values down to this percentile (symmetric tails) so that
 # percentile ranges >= it come out exactly, for any positive per-channel scaling (SmoothQuant), without a second pass.
@@ -251,8 +251,8 @@ class FloatStats:
     def inverse_factor(self, name: str, damp: float) -> tuple[np.ndarray, np.ndarray]:
         """gptq.damped_inverse_factor of ``gram[name]``, computed once for every recipe that rounds against the
         unscaled X^T X (int8 on inputs no SmoothQuant touches, CoreML int8, palettes, int4): on ViT-Base each fc2
-        factor took 0.5 s and was computed four times. Factors of FACTOR_SPILL_BYTES or more wait in a memory-mapped
-        file (the twelve fc2 ones are 0.9 GB of float64). Raises ``np.linalg.LinAlgError`` as the function does."""
+        factor took 0.5 s and was computed four times. Factors of FACTOR_SPILL_BYTES or more wait in memory-mapped
+        files (ViT-Base's are 1.1 GB of float64). Raises ``np.linalg.LinAlgError`` as the function does."""
         from .gptq import damped_inverse_factor
 
         key = (name, float(damp))

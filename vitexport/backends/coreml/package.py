@@ -14,7 +14,6 @@ from typing import Any, Mapping
 import numpy as np
 
 from ...errors import VitexportError
-from ..torch_weights import match_initializers
 from .settings import EMBEDDING_OUTPUT, EMULATION_DIR, INPUT_NAME, INSTALL_HINT, PACKAGE, SKELETON, WEIGHT_MAP
 
 
@@ -115,13 +114,13 @@ def _card_fields(source: str) -> tuple[str | None, str | None]:
     return author, licence
 
 
-def _write_emulation(out_dir: Path, reference, original: Mapping[str, Any]) -> None:
-    """emulation/graph.onnx: the reference graph with its weights removed; weights.json: which package weight fills each."""
+def _write_emulation(out_dir: Path, reference, matched: Mapping[str, tuple[str, bool]]) -> None:
+    """emulation/graph.onnx: the reference graph with its weights removed; weights.json: which package weight fills
+    each (``matched``: reference initializer -> (torch name, transposed?), torch_weights.match_initializers)."""
     import onnx
 
     pkg = PackageReader(out_dir / PACKAGE)
     model = onnx.load(str(reference.path))
-    matched = match_initializers(original, model, reference.path.parent)
     consumed = pkg.consumed_weights()
     mapping = {}
     keep = []
