@@ -181,11 +181,11 @@ def _write_package(reference, calibration: Calibration | None, precision: str, o
             "app_framing": app_framing(spec.preprocessing),
         }
         if precision == "int4" and opts.int4_method == "gptq":
-            recipe["int4"] = _attach_gptq_int4(module, head, reference, calibration, options, opts, stages)
+            recipe["int4"] = _attach_gptq_int4(module, head, reference, calibration, options, opts, matched, stages)
         if precision == "int8" and opts.int8_method == "gptq":
-            recipe["int8"] = _attach_gptq_int8(head, reference, calibration, stages)
+            recipe["int8"] = _attach_gptq_int8(head, reference, calibration, matched, stages)
         if precision == "palette4" and opts.palette_method == "gptq":
-            recipe["palette"] = _attach_gptq_palette(head, reference, calibration, opts, stages)
+            recipe["palette"] = _attach_gptq_palette(head, reference, calibration, opts, matched, stages)
         mlmodel, timing = convert(ct, module, spec, folded, precision, target)
         recipe.update(timing)
         tq = time.perf_counter()

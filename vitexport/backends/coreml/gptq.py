@@ -11,21 +11,13 @@ import numpy as np
 
 from ...errors import VitexportError
 from .. import recipe_from, recipe_overrides, shared_int4
-from ..torch_weights import match_initializers
 from .settings import CoreMLOptions
 
 
-def _torch_weight_names(head, reference) -> dict[str, tuple[str, bool]]:
-    """Reference ONNX initializer -> (torch parameter name, transposed?), matched by value (the exporter renames them)."""
-    import onnx
-
-    return match_initializers(head.state_dict(), onnx.load(str(reference.path)), reference.path.parent)
-
-
-def _linear_hessians(head, reference, calibration, stages=None) -> tuple[Any, list, Any, dict[str, tuple[str, bool]]]:
-    """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, the build's shared float statistics (X^T X of each
-    linear's input over the calibration images, and its inverse factors), reference initializer -> torch parameter
-    name)."""
+def _linear_hessians(reference, calibration, names: dict[str, tuple[str, bool]], stages=None) -> tuple[Any, list, Any]:
+    """(reference ONNX, its q/k/v/attn-out/fc1/fc2 linears, the build's shared float statistics: X^T X of each
+    linear's input over the calibration images, and its inverse factors). ``names``: reference initializer -> torch
+    parameter name (torch_weights.match_initializers, matched once per package)."""
     from ...quantization.graph import find_linears
     from .. import float_stats
 
@@ -33,14 +25,13 @@ def _linear_hessians(head, reference, calibration, stages=None) -> tuple[Any, li
     linears = [l for l in find_linears(model) if l.role in ("qkv", "attn_out", "fc1", "fc2")]
     # the build's one float pass already holds X^T X of every linear input (int4 and the int8 recipes use it too)
     stats = float_stats(reference, calibration, stages)
-    names = _torch_weight_names(head, reference)
     missing = [l.node.name for l in linears if l.weight not in names]
     if missing:
         raise VitexportError(f"coreml: cannot map {missing[0]} back to a torch weight")
-    return model, linears, stats, names
+    return model, linears, stats
 
 
-def _attach_gptq_int8(head, reference, calibration, stages=None) -> dict[str, Any]:
+def _attach_gptq_int8(head, reference, calibration, names: dict[str, tuple[str, bool]], stages=None) -> dict[str, Any]:
     """GPTQ-rounded symmetric per-channel int8 codes (the core int8 recipe's gptq_weight, full 8 bits: CoreML
     dequantizes weights, there is no integer accumulation to saturate), handed to coremltools exactly through
     ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, 8 bits, scale [N, 1], no zero point)."""
@@ -51,7 +42,7 @@ def _attach_gptq_int8(head, reference, calibration, stages=None) -> dict[str, An
     from .. import recipe_memo
 
     t0 = time.perf_counter()
-    model, linears, stats, names = _linear_hessians(head, reference, calibration, stages)
+    model, linears, stats = _linear_hessians(reference, calibration, names, stages)
     params = dict(head.named_parameters())
     memo = recipe_memo(reference, calibration)  # TensorRT's recipe rounds the same unsmoothed layers the same way
     for l in linears:
@@ -71,7 +62,7 @@ def _attach_gptq_int8(head, reference, calibration, stages=None) -> dict[str, An
             "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr dequantize", "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, stages=None) -> dict[str, Any]:
+def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, names: dict[str, tuple[str, bool]], stages=None) -> dict[str, Any]:
     """Palettize the linears with vitexport.quantization.palette and hand coremltools the exact palettes.
 
     coremltools' torch frontend turns ``_COREML_/weight/*`` buffers (compression_type 2 = palettization, ``lut``
@@ -85,7 +76,7 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, stag
 
     t0 = time.perf_counter()
     recipe = PaletteRecipe(group_size=opts.palette_group_size)
-    model, linears, stats, names = _linear_hessians(head, reference, calibration, stages)
+    model, linears, stats = _linear_hessians(reference, calibration, names, stages)
     params = dict(head.named_parameters())
     errors = []
     for l in linears:
@@ -104,7 +95,7 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, stag
             "calibration_images": calibration.count, "written_as": "torch compression metadata -> constexpr_lut_to_dense", "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreMLOptions, stages=None) -> dict[str, Any]:
+def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreMLOptions, names: dict[str, tuple[str, bool]], stages=None) -> dict[str, Any]:
     """Run the core's GPTQ int4 recipe on the reference ONNX and hand its exact codes to coremltools.
 
     coremltools' torch frontend turns ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, n_bits,
@@ -121,7 +112,6 @@ def _attach_gptq_int4(module, head, reference, calibration, options, opts: CoreM
     recipe = recipe_from(Int4Recipe, raw)
     linears = {l.node.name: l for l in find_linears(reference.load())}
     qmodel, summary = shared_int4(reference, calibration, recipe, stages=stages)
-    names = _torch_weight_names(head, reference)
     inits = {t.name: t for t in qmodel.graph.initializer}
     params = dict(head.named_parameters())
     done = 0
