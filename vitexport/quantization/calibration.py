@@ -243,7 +243,7 @@ class FloatStats:
     bottom: dict[str, np.ndarray]
     elements: dict[str, int]
     images: int
-    _factors: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    _factors: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     def absmax(self) -> dict[str, np.ndarray]:
         return {n: np.maximum(np.abs(self.min[n]), np.abs(self.max[n])) for n in self.min}
@@ -432,18 +432,17 @@ class _WholeTail:
 
     def __init__(self, n: int, k: int, largest: bool):
         self.n, self.largest, self.fill = n, largest, (-np.inf if largest else np.inf)
-        self.tail = np.full(n, self.fill, np.float32)
-        self.edge = self.fill
+        self.tail = np.empty(0, np.float32)
+        self.edge = self.fill  # what a value must be beyond to enter: the tail's last value once it is full
 
     def add(self, x: np.ndarray, extreme: float) -> None:
         if not (extreme > self.edge if self.largest else extreme < self.edge):
             return
         both = np.concatenate([self.tail, x[x > self.edge] if self.largest else x[x < self.edge]])
-        if len(both) > self.n:
+        if len(both) >= self.n:
             both = np.partition(both, len(both) - self.n)[-self.n :] if self.largest else np.partition(both, self.n - 1)[: self.n]
-        self.tail = both
-        if len(both) == self.n:
             self.edge = both.min() if self.largest else both.max()
+        self.tail = both
 
     def values(self) -> np.ndarray:
         """[n, 1]: the tail as one channel, padded with the fill value while fewer than ``n`` values were seen."""

@@ -480,8 +480,9 @@ def _weight_codes(
         if targets and act in targets:
             t = targets[act]  # Q^T X, or {linear: Q^T (X - Q) W} (_QuantizedGramObserver's ``right``)
             w_nk = compensate(w_nk, hessians[act], None, recipe.gptq_damp, t[l.node.name]) if isinstance(t, dict) else compensate(w_nk, hessians[act], t, recipe.gptq_damp)
-        shared = hessians.factor(act, recipe.gptq_damp) if isinstance(hessians, _SmoothedGrams) else None
-        return gptq_weight(w_nk, hessians[act] if shared is None else None, recipe.reduce_range, recipe.gptq_damp, factor=shared)
+        if isinstance(hessians, _SmoothedGrams):  # its factors are shared or kept for q, k and v
+            return gptq_weight(w_nk, None, recipe.reduce_range, recipe.gptq_damp, factor=hessians.factor(act, recipe.gptq_damp))
+        return gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
 
     # the codes depend on the layer, its weight and its input statistics only: same key, same codes
     if isinstance(hessians, _SmoothedGrams):  # float X^T X: the ranges do not enter, the smoothing does
@@ -910,15 +911,15 @@ class _SmoothedGrams(Mapping):
     """X^T X of the smoothed inputs, from the float statistics' X^T X of the reference's: SmoothQuant divides channel i
     by s_i, so entry (i, j) divides by s_i s_j. One input at a time, on access (ViT-Base's are 1.1 GB in all)."""
 
-    def __init__(self, grams: Mapping[str, np.ndarray], scales: Mapping[str, np.ndarray], acts: list[str], stats: "FloatStats | None" = None):
-        self._grams, self._scales, self._acts, self._stats = grams, scales, acts, stats
+    def __init__(self, stats: "FloatStats", scales: Mapping[str, np.ndarray], acts: list[str]):
+        self._grams, self._scales, self._acts, self._stats = stats.gram, scales, acts, stats
         self._last: tuple[str | None, np.ndarray | None] = (None, None)
         self._last_factor: tuple = (None, None)
 
     def factor(self, act: str, damp: float) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         """The inverse factor of ``act``'s X^T X: the build's shared one for an unscaled input
         (FloatStats.inverse_factor), else this recipe's own, kept while q, k and v (one after the other) read it."""
-        if self._stats is not None and self._scales.get(act) is None:
+        if self._scales.get(act) is None:
             return lambda: self._stats.inverse_factor(act, damp)
 
         def own() -> tuple[np.ndarray, np.ndarray]:
@@ -955,7 +956,7 @@ def _gptq_inputs(work: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, 
     key = smoothing_key(recipe)
     acts = list(dict.fromkeys(l.activation for l in chosen))
     if not recipe.compensate_activations and stats is not None and stats.gram is not None and all(a in stats.gram for a in acts):
-        return _GptqInputs(hessians=_SmoothedGrams(stats.gram, scales or {}, acts, stats), targets=None, key="codes", passes=0)  # float_gram_codes_key
+        return _GptqInputs(hessians=_SmoothedGrams(stats, scales or {}, acts), targets=None, key="codes", passes=0)  # float_gram_codes_key
     shifts = {a: activation_shift(*ranges[a], recipe) for a in acts}
     qparams = {a: activation_qparams(ranges[a][0] - shifts[a], ranges[a][1] - shifts[a], recipe.symmetric_activations) for a in acts}
     dynamic = recipe.compensate_activations and recipe.activation_quantizer == "dynamic_row"
