@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import sys
@@ -133,7 +134,7 @@ def main() -> int:
     rows = held_out_rows(runners, recipes, held, "nncf stock", "nncf", "float_mac_fraction", args)
     for n, row in rows.items():
         row["settings"] = CANDIDATES.get(n, "nncf.quantize, model_type=TRANSFORMER, defaults")
-    result = {"command": "python " + " ".join(["benchmarks/openvino_int8_choice.py", *sys.argv[1:]]), "fit_images": len(fit), "held_out_images": len(held), "threads": args.threads, "defaults": INT8_DEFAULTS, "rows": rows,
+    result = {"command": "python " + shlex.join(["benchmarks/openvino_int8_choice.py", *sys.argv[1:]]), "fit_images": len(fit), "held_out_images": len(held), "threads": args.threads, "defaults": INT8_DEFAULTS, "rows": rows,
               "note": "held-out calibration images only; latency interleaved on a shared host: compare ratios"}
     out = Path(args.out)
     (out / "openvino-int8-choice.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
