@@ -61,6 +61,13 @@ CANDIDATES: dict[str, dict] = {
     "default, float Grams": {"recipe": {"fallback_budget": 0.2, "compensate_activations": False}},
     "default, 8 search images": {"recipe": {"fallback_budget": 0.2, "fallback_images": 8}},
     "default, float Grams, 8 search images": {"recipe": {"fallback_budget": 0.2, "compensate_activations": False, "fallback_images": 8}},
+    # with float Grams, the attention's int8 MHA kernel and a smaller budget (issue 13, latency round 2)
+    "float Grams, 0.2, 7-bit, attention": {"recipe": {"fallback_budget": 0.2, "compensate_activations": False}, "quantize_attention": True},
+    "float Grams, 0.1, 7-bit, attention": {"recipe": {"fallback_budget": 0.1, "compensate_activations": False}, "quantize_attention": True},
+    "float Grams, 0.1, 7-bit": {"recipe": {"fallback_budget": 0.1, "compensate_activations": False}},
+    "float Grams, 0.1, 8-bit, attention": {"recipe": {**FAST, "fallback_budget": 0.1, "compensate_activations": False}, "quantize_attention": True},
+    "float Grams, 0.05, 8-bit, attention": {"recipe": {**FAST, "fallback_budget": 0.05, "compensate_activations": False}, "quantize_attention": True},
+    "float Grams, LATENCY_FIRST": {**LATENCY_FIRST, "recipe": {**LATENCY_FIRST["recipe"], "compensate_activations": False}},
 }
 
 

@@ -158,12 +158,13 @@ def test_int8_quantizes_attention_query_and_key(built, reference, calibration, t
     import onnxruntime as ort
 
     be = OpenVinoBackend()
-    q = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "qa")
+    q = be.build(reference, calibration, "int8", {"openvino": {"int8": {"recipe": {"fallback_budget": 0.0}}}}, tmp_path / "qa")  # on by default
     hi = _attention_fq_ranges(q.path)
     rec = q.manifest["recipe"]["attention"]
     assert len(hi) == 4 and rec["quantized_inputs"] == 4 and np.allclose(hi, rec["max_abs"], rtol=1e-3)
-    assert "attention" not in built["int8"].manifest["recipe"]  # the default leaves attention float
-    assert _op_types(q.path)["FakeQuantize"] == _op_types(built["int8"].path)["FakeQuantize"] + 4
+    off = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": False, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "off")
+    assert "attention" in built["int8"].manifest["recipe"] and "attention" not in off.manifest["recipe"]
+    assert _op_types(q.path)["FakeQuantize"] == _op_types(off.path)["FakeQuantize"] + 4
     # "minmax" (percentile 100) with only the classifier head int8, so nothing upstream of the attentions is
     # quantized: each range is then exactly the largest |q| or |k| over the calibration images
     exact = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0, "calibration": "minmax", "roles": ["head"]}}}}, tmp_path / "mm")
@@ -285,7 +286,7 @@ def test_latency_first_settings_are_a_valid_recipe():
 
     settings = _settings(INT8_DEFAULTS, LATENCY_FIRST, "int8")
     recipe = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **settings["recipe"]})
-    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"] and not INT8_DEFAULTS["quantize_attention"]
+    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and not recipe.reduce_range and settings["quantize_attention"]
 
 
 def _executed(xml: Path, x: np.ndarray) -> dict[str, str]:
