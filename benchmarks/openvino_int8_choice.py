@@ -68,6 +68,9 @@ CANDIDATES: dict[str, dict] = {
     "float Grams, 0.1, 8-bit, attention": {"recipe": {**FAST, "fallback_budget": 0.1, "compensate_activations": False}, "quantize_attention": True},
     "float Grams, 0.05, 8-bit, attention": {"recipe": {**FAST, "fallback_budget": 0.05, "compensate_activations": False}, "quantize_attention": True},
     "float Grams, LATENCY_FIRST": {**LATENCY_FIRST, "recipe": {**LATENCY_FIRST["recipe"], "compensate_activations": False}},
+    # the linears kept float run as int8 with per-token ranges taken at run time (fallback_kernel, issue 13)
+    "dynamic int8 fallback": {"fallback_kernel": "dynamic_int8"},
+    "dynamic int8 fallback, attention": {"fallback_kernel": "dynamic_int8", "quantize_attention": True},
 }
 
 

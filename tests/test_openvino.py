@@ -158,13 +158,12 @@ def test_int8_quantizes_attention_query_and_key(built, reference, calibration, t
     import onnxruntime as ort
 
     be = OpenVinoBackend()
-    q = be.build(reference, calibration, "int8", {"openvino": {"int8": {"recipe": {"fallback_budget": 0.0}}}}, tmp_path / "qa")  # on by default
+    q = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "qa")
     hi = _attention_fq_ranges(q.path)
     rec = q.manifest["recipe"]["attention"]
     assert len(hi) == 4 and rec["quantized_inputs"] == 4 and np.allclose(hi, rec["max_abs"], rtol=1e-3)
-    off = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": False, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "off")
-    assert "attention" in built["int8"].manifest["recipe"] and "attention" not in off.manifest["recipe"]
-    assert _op_types(q.path)["FakeQuantize"] == _op_types(off.path)["FakeQuantize"] + 4
+    assert "attention" not in built["int8"].manifest["recipe"]  # the default leaves attention float
+    assert _op_types(q.path)["FakeQuantize"] == _op_types(built["int8"].path)["FakeQuantize"] + 4
     # "minmax" (percentile 100) with only the classifier head int8, so nothing upstream of the attentions is
     # quantized: each range is then exactly the largest |q| or |k| over the calibration images
     exact = be.build(reference, calibration, "int8", {"openvino": {"int8": {"quantize_attention": True, "recipe": {"fallback_budget": 0.0, "calibration": "minmax", "roles": ["head"]}}}}, tmp_path / "mm")
@@ -180,6 +179,38 @@ def test_int8_quantizes_attention_query_and_key(built, reference, calibration, t
     out = be.runner(q).run(inputs)
     assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
 
+
+def test_int8_fallback_linears_as_dynamic_int8(reference, calibration, tmp_path, inputs, ref_out):
+    """fallback_kernel = "dynamic_int8": exactly the linears the search kept float get int8 weight constants
+    (Convert -> Multiply into the MatMul), the IR carries the dynamic-quantization group (the smallest input size
+    among them) that compile_model then applies, the head stays f32; a bad value is one clear error."""
+    be = OpenVinoBackend()
+    opts = {"openvino": {"int8": {"fallback_kernel": "dynamic_int8", "recipe": {"fallback_budget": 0.6}}}}
+    art = be.build(reference, calibration, "int8", opts, tmp_path / "dq")
+    rec = art.manifest["recipe"]
+    kept = {n for k in rec["sensitivity_fallback"]["kept_float"] for n in k["nodes"]}
+    assert kept and rec["fallback_kernel"]["linears"] == len(kept)
+    model = ov.Core().read_model(str(art.path))
+    weight_of = {op.get_friendly_name(): op.input_value(1).get_node() for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"}
+
+    def from_int8(w) -> bool:  # Constant(i8) -> Convert -> Multiply(scale) [-> Convert f32]: NNCF's decompression chain
+        for _ in range(4):
+            if w.get_type_name() == "Constant":
+                return w.get_element_type().get_type_name() == "i8"
+            w = w.input_value(0).get_node()
+        return False
+
+    compressed = {n for n, w in weight_of.items() if w.get_type_name() != "Constant" and from_int8(w)}
+    float_weights = {n for n, w in weight_of.items() if w.get_type_name() == "Constant" and w.get_element_type().get_type_name() == "f32"}
+    assert kept <= compressed and not kept & float_weights and float_weights  # the head (and nothing the search kept) stays f32
+    group = rec["fallback_kernel"]["group_size"]
+    assert group == 32 and read_rt_info(art.path) is not None  # the tiny ViT's hidden size
+    assert model.get_rt_info(["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"]).astype(str) == str(group)
+    assert int(ov.Core().compile_model(model, "CPU").get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == group
+    out = be.runner(art).run(inputs)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
+    with pytest.raises(VitexportError, match="fallback_kernel"):
+        be.build(reference, calibration, "int8", {"openvino": {"int8": {"fallback_kernel": "fp8"}}}, tmp_path / "bad")
 
 def test_rt_info_carries_preprocessing_and_labels(built):
     info = read_rt_info(built["int8"].path)
@@ -286,7 +317,7 @@ def test_latency_first_settings_are_a_valid_recipe():
 
     settings = _settings(INT8_DEFAULTS, LATENCY_FIRST, "int8")
     recipe = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **settings["recipe"]})
-    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and not recipe.reduce_range and settings["quantize_attention"]
+    assert recipe.fallback_budget < INT8_DEFAULTS["recipe"]["fallback_budget"] and settings["quantize_attention"] and not INT8_DEFAULTS["quantize_attention"]
 
 
 def _executed(xml: Path, x: np.ndarray) -> dict[str, str]:

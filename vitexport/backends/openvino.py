@@ -18,7 +18,7 @@ Precisions (names as in ``--precision``):
   the most sensitive ~10% of linear MACs kept float, 7-bit weights against int16 saturation on AVX2 without VNNI)
   writes a QDQ ONNX, and ``openvino.convert_model`` turns each Q/DQ pair into FakeQuantize and each int8 weight
   behind DequantizeLinear into an int8 constant: the CPU plugin's low-precision transformations run those
-  MatMuls in int8. With ``quantize_attention`` (on by default), the query and key inputs of every attention
+  MatMuls in int8. With ``quantize_attention`` (in ``LATENCY_FIRST``), the query and key inputs of every attention
   get a per-tensor int8 FakeQuantize (NNCF's placement), so Q.K^T and Softmax run as the plugin's int8 MHA kernel
   and the q/k projections write int8 (the f32 MHA kernel was the largest per-op gap to NNCF's row). With
   ``two_digit_budget``, inputs get a second int8 digit instead of staying float (``two_digit_inputs``): x ~ q1 + q2,
@@ -98,11 +98,17 @@ INT8_DEFAULTS: dict[str, Any] = {
     # 7-bit weights), so OpenVINO rounds nothing of its own. Held-out (benchmarks/results/openvino-int8-choice-build-time.md):
     # KL 0.0025 -> 0.0021, agreement and the search's float inputs unchanged; a search on 8 images raised KL (0.0029)
     "recipe": {"fallback_budget": 0.2, "compensate_activations": False},
-    # "qdq" only: int8 query/key inputs of every attention (quantize_attention). On since GPTQ rounds against the float
-    # X^T X: held-out (benchmarks/results/openvino-int8-choice-attention.md, 3 interleaved runs) KL 0.0021 -> 0.0018,
-    # 1 -> 0 of 41 images differing, latency / NNCF stock 1.34 -> 1.20; with the compensating GPTQ before, the
-    # evaluation split had been read instead and it stayed off. 8-bit weights or a 10% budget on top: 0.0019 at 1.11x
-    "quantize_attention": True,
+    # "qdq" only: int8 query/key inputs of every attention (quantize_attention). With GPTQ against the float X^T X it
+    # costs DeiT-tiny no fidelity on held-out images (benchmarks/results/openvino-int8-choice-attention.md: KL 0.0021 ->
+    # 0.0018, latency / NNCF stock 1.34 -> 1.20), but on the ViT-Base config it bought nothing (1.78 -> 1.74, one
+    # interleaved run: the float fallback dominates there) for a pass of the int8 model over every calibration
+    # image (+22 s, and +2.7 GB of peak at batch 16; batches of 4 now): off by default
+    "quantize_attention": False,
+    # "qdq" only: how the linears the sensitivity search keeps out of static int8 run. "float": f32 MatMuls.
+    # "dynamic_int8": int8 weights (symmetric, per output channel, round to nearest; nncf.compress_weights) whose
+    # inputs the CPU plugin quantizes per token at run time (dynamic quantization, one group per hidden-size slice,
+    # set in the IR's runtime_options): finer than any static range, and an int8 FullyConnected (dynamic_fallback)
+    "fallback_kernel": "float",
     "quantize_patch_embed": False,  # "qdq" only: int8 patch-embedding convolution (quantize_patch_embed)
     # "qdq" only: up to this fraction of linear MACs, the int8 inputs where a second int8 digit measurably gains most
     # per MAC get one (two_digit_inputs)
@@ -176,6 +182,8 @@ class OpenVinoBackend:
         elif precision == "int8":
             settings = _settings(INT8_DEFAULTS, mine.get("int8"), "int8")
             calib = require_calibration(calibration, f"openvino {precision}")
+            if settings["fallback_kernel"] not in FALLBACK_KERNELS:
+                raise VitexportError(f"openvino int8 fallback_kernel must be one of {', '.join(FALLBACK_KERNELS)}, not {settings['fallback_kernel']!r}")
             if settings["method"] == "qdq":
                 model, recipe = _int8_qdq(ov, reference, calib, settings, stages)
             elif settings["method"] == "nncf":
@@ -282,7 +290,39 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
         summary["two_digit"] = two_digit_inputs(ov, model, reference, calibration, summary, float(settings["two_digit_budget"]), int(settings["two_digit_images"]), stages, tuple(settings["two_digit_roles"]))
     if settings.get("quantize_patch_embed"):
         summary["patch_embed"] = quantize_patch_embed(ov, model, calibration, recipe_obj.reduce_range)
+    if settings.get("fallback_kernel", "float") != "float":
+        kept = {n for k in summary.get("sensitivity_fallback", {}).get("kept_float", []) for n in k["nodes"]}
+        model, summary["fallback_kernel"] = dynamic_fallback(model, kept)
     return model, summary
+
+
+FALLBACK_KERNELS = ("float", "dynamic_int8")
+
+
+def dynamic_fallback(model, names: set[str]) -> tuple[Any, dict[str, Any]]:
+    """The MatMuls ``names`` (the linears kept float) with int8 weights, symmetric per output channel
+    (nncf.compress_weights INT8_SYM, round to nearest), which the CPU plugin runs as FullyConnected with dynamic
+    quantization: each token's input quantized to int8 at run time in groups of the smallest input size among them
+    (the hidden size: one scale per token, fc2's wider input in hidden-size slices). The group size travels in the
+    IR's rt_info ``runtime_options``, which compile_model applies unless its config sets it. Where the plugin has no
+    dynamic quantization, they run as f32 with int8 weights. Ad hoc on the ViT-Base config (AMX host, int8 attention on,
+    one interleaved run): 1.74 -> 1.31x NNCF's stock int8 latency; the plugin's own default group (32) 1.43x."""
+    nncf = _nncf()
+    matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]
+    targets = [op for op in matmuls if op.get_friendly_name() in names]
+    if not targets:
+        return model, {"kernel": "dynamic_int8", "linears": 0}
+    ks = []
+    for op in targets:
+        shape = list(op.input_value(1).get_partial_shape().to_shape())
+        ks.append(int(shape[-1] if op.get_attributes().get("transpose_b") else shape[-2]))
+    others = [op.get_friendly_name() for op in matmuls if op.get_friendly_name() not in names]
+    with _quiet_stdout():
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM, ignored_scope=nncf.IgnoredScope(names=others, validate=False))
+    group = min(ks)
+    model.set_rt_info(str(group), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
+    return model, {"kernel": "dynamic_int8", "linears": len(targets), "weights": "int8 symmetric per output channel (nncf.compress_weights INT8_SYM)",
+                   "activations": f"int8 per token at run time, groups of {group} (DYNAMIC_QUANTIZATION_GROUP_SIZE in the IR's runtime_options)", "group_size": group}
 
 
 def _patch_convolutions(model) -> list[Any]:
@@ -432,6 +472,9 @@ def _fq_site(value):
     return value
 
 
+ATTENTION_BATCH = 4  # images per run of the range pass: ViT-Base at 16 peaked 0.55 GB higher and ran 1.5x slower
+
+
 def _attention_ranges(ov, model, calibration: Calibration, percentile: float) -> list[float]:
     """The percentile of |x| of each attention query/key input over the calibration images (the int8 model itself
     computes them, so upstream quantization is in the statistics). Keeps only each batch's largest values."""
@@ -442,7 +485,7 @@ def _attention_ranges(ov, model, calibration: Calibration, percentile: float) ->
     compiled = ov.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     tops: list[list[np.ndarray]] = [[] for _ in sites]
     totals = [0] * len(sites)
-    for x in calibration.batches():
+    for x in (b[i : i + ATTENTION_BATCH] for b in calibration.batches() for i in range(0, len(b), ATTENTION_BATCH)):
         res = compiled({0: np.ascontiguousarray(x, dtype=np.float32)})
         for j in range(len(sites)):
             a = np.abs(res[compiled.outputs[first + j]]).ravel()
@@ -631,6 +674,8 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
                 f"static int8 via the core ViT-aware QDQ recipe -> FakeQuantize: {recipe.get('activations')} activations "
                 f"({recipe.get('calibration', {}).get('method')} ranges), GPTQ-rounded {recipe.get('weights')} weights; {c.get('quantized')} linears int8, "
                 f"{len(fb)} inputs left float by measured sensitivity ({100 * sum(k['mac_fraction'] for k in fb):.1f}% of linear MACs)"
+                + ("; attention query/key inputs int8" if recipe.get("attention", {}).get("quantized_inputs") else "")
+                + ("; those run as int8 with per-token run-time ranges" if recipe.get("fallback_kernel", {}).get("linears") else "")
             )
         c = recipe.get("counts", {})
         return f"static int8 via nncf.quantize (transformer, ignored scope = all but linear MatMuls): {c.get('quantized')} linears int8, {c.get('kept_float')} kept float"
