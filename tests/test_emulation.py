@@ -73,3 +73,17 @@ def test_dequantized_tensors_and_scales_stay_float32():
     cast_inputs = {n.input[0] for n in model.graph.node if n.op_type == "Cast"}
     assert "wf__fp32" not in cast_inputs and "m__fp32" in cast_inputs and "y__fp32" in cast_inputs
     onnx.checker.check_model(model)
+
+
+def test_shape_inference_without_weight_bytes_infers_the_same(reference, monkeypatch):
+    """inferred_value_info (large initializers as typed inputs) gives every tensor the type and shape that
+    onnx.shape_inference.infer_shapes gives it on the whole model, the Reshape shapes included."""
+    from vitexport.quantization import graph
+
+    model = onnx.load(str(reference.path))
+    full = onnx.shape_inference.infer_shapes(model)
+    want = {v.name: v.type for v in list(full.graph.value_info) + list(full.graph.output)}
+    monkeypatch.setattr(graph, "SHAPE_ONLY_BYTES", 1024)  # the tiny ViT's 32x32 weights are 4 kB: strip them
+    assert len(graph._shapes_only(model).graph.input) >= len(model.graph.input) + 12  # each block's six weight matrices
+    got = {v.name: v.type for v in graph.inferred_value_info(model)}
+    assert want and all(got.get(name) == t for name, t in want.items())

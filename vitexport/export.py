@@ -252,11 +252,9 @@ def drop_all_visible_attention_mask(model) -> int:
 
 
 def _ranks(model) -> dict[str, int]:
-    import onnx
+    from .quantization.graph import inferred_value_info
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    values = list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
-    return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in inferred_value_info(model) if v.type.tensor_type.HasField("shape")}
 
 
 def _drop_dead_nodes(model) -> None:

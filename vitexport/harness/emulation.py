@@ -37,8 +37,9 @@ def round_to_float16(model: onnx.ModelProto, exact_ops: Iterable[str] = (), weig
             if t.data_type == onnx.TensorProto.FLOAT and t.name not in scales:
                 a = np.clip(numpy_helper.to_array(t), -_FP16_MAX, _FP16_MAX)  # as TensorRT clamps out-of-range weights
                 g.initializer[k].CopyFrom(numpy_helper.from_array(a.astype(np.float16).astype(np.float32), t.name))
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types_ = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    from ..quantization.graph import inferred_value_info
+
+    types_ = {v.name: v.type.tensor_type.elem_type for v in inferred_value_info(model)}
     nodes = []
     for n in g.node:
         extra = []

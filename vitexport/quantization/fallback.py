@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ort_session import ort_session, release_freed_memory
 from .divergence import kl_divergence as _kl
-from .graph import GraphIndex, Linear
+from .graph import GraphIndex, Linear, copy_without_initializers
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def light_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.n
     onnxruntime skips a fusion whose small constant it cannot read (the position embeddings' SkipLayerNorm), and with
     these references its results are the same bits (tests/test_calibration_shared.py)."""
     arrays: dict[str, np.ndarray] = {}
-    light = _copy_without_initializers(model, onnx.ModelProto())
+    light = copy_without_initializers(model, onnx.ModelProto())
     readers: dict[str, set[tuple[str, int]]] = {}
     for n in model.graph.node:
         for i, name in enumerate(n.input):
@@ -66,19 +66,6 @@ def light_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.n
 
 def _is_heavy(t: onnx.TensorProto) -> bool:
     return t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= EXTERNAL_BYTES
-
-
-def _copy_without_initializers(model: onnx.ModelProto, out: onnx.ModelProto) -> onnx.ModelProto:
-    g = model.graph
-    out.ir_version, out.producer_name = model.ir_version, model.producer_name
-    out.opset_import.extend(model.opset_import)
-    out.graph.name = g.name
-    out.graph.node.extend(g.node)
-    out.graph.input.extend(g.input)
-    out.graph.output.extend(g.output)
-    out.graph.value_info.extend(g.value_info)
-    out.functions.extend(model.functions)
-    return out
 
 
 def _reference(t: onnx.TensorProto) -> onnx.TensorProto:

@@ -55,7 +55,7 @@ def kmeans_1d(x: np.ndarray, weights: np.ndarray, k: int, iters: int = 30) -> np
     ws = np.take_along_axis(np.asarray(weights, np.float64), order, axis=1)
     cw = np.concatenate([np.zeros((g, 1)), np.cumsum(ws, axis=1)], axis=1)
     cwx = np.concatenate([np.zeros((g, 1)), np.cumsum(ws * xs, axis=1)], axis=1)
-    c = np.quantile(x, (np.arange(k) + 0.5) / k, axis=1).T.astype(np.float64)  # [G, k], sorted
+    c = np.quantile(xs, (np.arange(k) + 0.5) / k, axis=1).T.astype(np.float64)  # [G, k], sorted (xs: the same order statistics, cheaper to select)
     rows = np.arange(g)[:, None]
     for _ in range(iters):
         cuts = np.stack([np.searchsorted(xs[i], (c[i, 1:] + c[i, :-1]) / 2) for i in range(g)])  # [G, k-1]
