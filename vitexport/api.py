@@ -417,10 +417,11 @@ def measure_artifacts(
     timed: dict[str, Any] = {}  # runners kept for the interleaved timing after every accuracy pass
     for art in sorted(artifacts, key=lambda a: not is_reference(a)):
         acc = mem = None
-        runner, notes = _open_runner(art, opts.threads, strict)
+        # loading is part of evaluating (a compile, or an emulation's graph): inside the stage and the memory peak
+        with PeakMemory() as pm, evaluation.stage(art.name, total=len(inputs)) as tick:
+            runner, notes = _open_runner(art, opts.threads, strict)
+            outputs = _accuracy.run_all(runner, inputs, opts.batch_size, tick) if runner is not None else None
         if runner is not None:
-            with PeakMemory() as pm, evaluation.stage(art.name, total=len(inputs)) as tick:
-                outputs = _accuracy.run_all(runner, inputs, opts.batch_size, tick)
             if ref_out is None and is_reference(art):
                 ref_out = outputs
             acc = _accuracy.score(outputs, labels, ref_out, classifier, runner.emulated).to_dict()
