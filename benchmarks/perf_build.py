@@ -71,8 +71,7 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     stages = [dict(s) for s in report.stages]
     excluded = [s for s in stages if _is_excluded(s["stage"])]
-    # top-level stages only (the "build X" stage holds its sub-stages, "X: ..." records), so nothing counts twice
-    top = [s for s in stages if ": " not in s["stage"] or s["stage"].startswith("evaluation")]
+    top = _top_stages(stages)
     ex_wall = sum(s["seconds"] for s in excluded if s in top)
     ex_cpu = sum(s["cpu_seconds"] for s in excluded if s in top)
     peak = max((r.build or {}).get("process_peak_mb") or 0 for r in report.rows)
@@ -109,6 +108,15 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
     }
 
 
+def _top_stages(stages: list[dict]) -> list[dict]:
+    """Top-level stages only (a "build X" stage holds its "X: ..." sub-stages), so nothing counts twice."""
+    return [s for s in stages if ": " not in s["stage"] or s["stage"].startswith("evaluation")]
+
+
+def _outside_stages(r: dict) -> float:
+    return r["wall_s_total"] - sum(s["seconds"] for s in _top_stages(r["stages"]))
+
+
 def markdown(results: dict) -> str:
     lines = ["# Build performance (benchmarks/perf_build.py)", "", f"Command: `{results['command']}`. Host: {results['host']}. Each model's load average before and after "
              "says whether other jobs shared the cores: where it is well above the core count, wall seconds include waiting "
@@ -120,6 +128,7 @@ def markdown(results: dict) -> str:
         lines += [f"## {r['model']}", "", r["command"], "",
                   f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
+                  f"- outside every stage (loading the checkpoint, first-use imports, writing the report; counted as build): {_outside_stages(r):.0f} s",
                   f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
                   "| stage | wall s | CPU s | RSS at its end, MB | peak since its artifact began, MB |", "|---|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s.get('rss_mb', float('nan')):.0f} | {s.get('peak_mb', float('nan')):.0f} |"
