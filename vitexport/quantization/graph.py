@@ -384,4 +384,3 @@ def _shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
         elif t.name not in inputs:
             light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return light
-
