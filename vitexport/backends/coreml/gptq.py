@@ -38,10 +38,10 @@ def _attach_gptq_int8(head, reference, calibration, names: dict[str, tuple[str, 
     import torch
 
     from ...quantization.graph import weight_nk
-    from ...quantization.int8 import float_gram_codes_key, gptq_weight
+    from ...quantization.int8 import Int8Recipe, float_gram_codes_key, gptq_weight
     from .. import recipe_memo
 
-    DAMP = 0.01  # the core int8 recipe's gptq_damp
+    damp = Int8Recipe.gptq_damp  # the core int8 recipe's: the memo key matches TensorRT's codes
     t0 = time.perf_counter()
     model, linears, stats = _linear_hessians(reference, calibration, names, stages)
     params = dict(head.named_parameters())
@@ -49,8 +49,8 @@ def _attach_gptq_int8(head, reference, calibration, names: dict[str, tuple[str, 
     for l in linears:
         tname, _ = names[l.weight]
         w = weight_nk(model, l)
-        key = ("codes", float_gram_codes_key(l.node.name, l.activation, w, None, False, DAMP))
-        codes, scale = memo(key, lambda w=w, act=l.activation: gptq_weight(w, None, reduce_range=False, damp=DAMP, factor=lambda: stats.inverse_factor(act, DAMP)))
+        key = ("codes", float_gram_codes_key(l.node.name, l.activation, w, None, False, damp))
+        codes, scale = memo(key, lambda w=w, act=l.activation: gptq_weight(w, None, reduce_range=False, damp=damp, factor=lambda: stats.inverse_factor(act, damp)))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
             params[tname].copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
