@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from vitexport import backends as B  # noqa: E402
-from vitexport.backends.openvino import INT8_DEFAULTS, LATENCY_FIRST, OpenVinoBackend  # noqa: E402
+from vitexport.backends.openvino import INT8_DEFAULTS, LATENCY_FIRST, OpenVinoBackend, OpenVinoRunner  # noqa: E402
 
 from litert_choice import images  # noqa: E402  the same 84 fit / 41 held-out split of the calibration images
 
@@ -71,7 +71,12 @@ CANDIDATES: dict[str, dict] = {
     # the linears kept float run as int8 with per-token ranges taken at run time (fallback_kernel, issue 13)
     "dynamic int8 fallback": {"fallback_kernel": "dynamic_int8"},
     "dynamic int8 fallback, attention": {"fallback_kernel": "dynamic_int8", "quantize_attention": True},
+    # the linears kept float and the attention in bf16 on AMX / AVX512-BF16 CPUs, the rest pinned to f32 (issue 13)
+    "float fallback (the default before bf16)": {"fallback_kernel": "float"},
+    "bf16 fallback": {"fallback_kernel": "bf16"},
+    "bf16 fallback, budget 0.3": {"fallback_kernel": "bf16", "recipe": {"fallback_budget": 0.3}},
 }
+STOCK_BF16 = "nncf stock, bf16 (OpenVINO's default on AMX / AVX512-BF16 CPUs)"
 
 
 def logits(runner, x: np.ndarray) -> np.ndarray:
@@ -105,7 +110,10 @@ def build_all(spec, fit: np.ndarray, work: Path, names: list[str], threads: int)
         arts[name] = be.build(ref, cal, "int8", {"openvino": {"int8": CANDIDATES[name]}}, work / f"c{len(arts)}")
         print(f"built {name} in {time.time() - t:.0f} s", file=sys.stderr)
     runners = {n: be.runner(a, threads) for n, a in arts.items()}
-    return runners, {n: a.manifest.get("recipe", {}) for n, a in arts.items()}
+    # NNCF's IR says nothing about precision: plain compile_model computes it in bf16 on such CPUs (f32 elsewhere)
+    runners[STOCK_BF16] = OpenVinoRunner(arts["nncf stock"].path, threads, precision="bf16")
+    recipes = {n: a.manifest.get("recipe", {}) for n, a in arts.items()}
+    return runners, {**recipes, STOCK_BF16: recipes["nncf stock"]}
 
 
 def held_out_rows(runners: dict, recipes: dict, held: np.ndarray, stock: str, key: str, mac_key: str, args) -> dict:
@@ -155,7 +163,7 @@ def main() -> int:
 
 def markdown(result: dict) -> str:
     lines = [f"Produced by `{result['command']}`: {result['fit_images']} calibration images fit every candidate, {result['held_out_images']} held-out calibration images "
-             "choose (never the evaluation split). DeiT-tiny, OpenVINO CPU, f32 compute, batch 1, "
+             "choose (never the evaluation split). DeiT-tiny, OpenVINO CPU, f32 compute (where a row says bf16, its bf16 ops in bf16), batch 1, "
              f"{result['threads']} threads; latency / NNCF stock int8 per interleaved run (shared host: ratios only).", "",
              "| candidate | float MACs | agreement % (disagree) | cosine | KL nats | latency / NNCF stock per run | median |", "|---|---|---|---|---|---|---|"]
     for n, r in result["rows"].items():

@@ -212,6 +212,37 @@ def test_int8_fallback_linears_as_dynamic_int8(reference, calibration, tmp_path,
     with pytest.raises(VitexportError, match="fallback_kernel"):
         be.build(reference, calibration, "int8", {"openvino": {"int8": {"fallback_kernel": "fp8"}}}, tmp_path / "bad")
 
+def test_int8_fallback_linears_in_bf16(reference, calibration, tmp_path, inputs, ref_out):
+    """fallback_kernel = "bf16": in the saved IR every computing layer but the kept linears, the attention and the
+    Reshape/Transpose between them is pinned to f32 (rt_info that read_model restores), the IR and the manifest say
+    it is to be compiled with a bf16 hint, and the runner does so. Where the CPU has bf16 units (AMX, AVX512-BF16),
+    the compiled model computes exactly the kept linears in bf16 and the LayerNorms in f32; elsewhere all in f32."""
+    import xml.etree.ElementTree as ET
+
+    be = OpenVinoBackend()
+    opts = {"openvino": {"int8": {"fallback_kernel": "bf16", "recipe": {"fallback_budget": 0.6}}}}
+    art = be.build(reference, calibration, "int8", opts, tmp_path / "bf")
+    rec = art.manifest["recipe"]
+    kept = {n for k in rec["sensitivity_fallback"]["kept_float"] for n in k["nodes"]}
+    free = set(rec["fallback_kernel"]["bf16_ops"])
+    assert kept and kept <= free and rec["fallback_kernel"]["linears"] == len(kept)
+    layers = {l.get("name"): l for l in ET.parse(art.path).getroot().iter("layer")}
+    pinned = {n for n, l in layers.items() if l.find("rt_info/attribute[@name='DisablePrecisionConversion']") is not None}
+    computing = {n for n, l in layers.items() if l.get("type") not in ("Const", "Parameter", "Result")}
+    assert pinned == computing - free and rec["fallback_kernel"]["pinned_f32"] == len(pinned)
+    types = {layers[n].get("type") for n in free}
+    assert types <= {"MatMul", "ScaledDotProductAttention", "Softmax", "Reshape", "Transpose"} and {"MVN", "Add", "Gelu"} <= {layers[n].get("type") for n in pinned}
+    assert read_rt_info(art.path)["inference_precision_hint"] == "bf16" and rec["inference_precision_hint"] == "bf16"
+    runner = be.runner(art)
+    assert runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() in ("bf16", "f32")  # f32: no bf16 units
+    if runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16":
+        rt = {op.get_friendly_name(): (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str)) for op in runner.compiled.get_runtime_model().get_ordered_ops()}
+        assert {p for n, (t, p) in rt.items() if n in kept} == {"bf16"}
+        assert {p for t, p in rt.values() if t == "MVN"} == {"f32"}
+    out = runner.run(inputs)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
+
+
 def test_rt_info_carries_preprocessing_and_labels(built):
     info = read_rt_info(built["int8"].path)
     assert info["preprocessing"]["resize"] == [32, 32] and info["labels"][1] == "dog, doggy"

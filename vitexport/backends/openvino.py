@@ -68,6 +68,11 @@ MEASURED_PRECISION_HOW = (
     "the figures hold for f32 compute: core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'}); "
     "without it a CPU with AVX512-BF16 or AMX computes in bf16 (faster, less exact)"
 )
+BF16_HOW = (
+    "the figures hold for core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': 'bf16'}) (OpenVINO's default on "
+    "CPUs with AMX or AVX512-BF16): the linears kept out of int8 and the attention compute in bf16 there, every other op "
+    "is pinned to f32 in the IR; a CPU without bf16 computes all of it in f32"
+)
 XML = "model.xml"
 
 # Defaults of each precision's recipe; override per build with options {"openvino": {"int8": {...}, "int4": {...}}}
@@ -108,7 +113,12 @@ INT8_DEFAULTS: dict[str, Any] = {
     # "dynamic_int8": int8 weights (symmetric, per output channel, round to nearest; nncf.compress_weights) whose
     # inputs the CPU plugin quantizes per token at run time (dynamic quantization, one group per hidden-size slice,
     # set in the IR's runtime_options): finer than any static range, and an int8 FullyConnected (dynamic_fallback)
-    "fallback_kernel": "float",
+    # "bf16": they (and the attention) compute in bf16 on CPUs with AMX or AVX512-BF16, every other op pinned to f32
+    # in the IR, f32 throughout elsewhere (bf16_fallback). The default since issue 13, chosen on held-out calibration
+    # images (benchmarks/results/openvino-int8-choice-bf16.md, DeiT-tiny, AMX host, 3 interleaved runs): KL 0.0021 ->
+    # 0.0019, latency / NNCF stock 1.31-1.34x -> 0.98-1.01x (NNCF's IR compiled as OpenVINO does by default on such a
+    # CPU, in bf16: 0.90-0.91x). On a CPU without bf16 units nothing changes.
+    "fallback_kernel": "bf16",
     "quantize_patch_embed": False,  # "qdq" only: int8 patch-embedding convolution (quantize_patch_embed)
     # "qdq" only: up to this fraction of linear MACs, the int8 inputs where a second int8 digit measurably gains most
     # per MAC get one (two_digit_inputs)
@@ -205,13 +215,15 @@ class OpenVinoBackend:
                     model, recipe = _int4(ov, reference, calibration, settings)
             else:
                 raise VitexportError(f"openvino int4 method must be 'gptq' or 'nncf', not {settings['method']!r}")
-        _embed_rt_info(model, reference, precision)
+        hint, how = precision_hint(recipe)
+        _embed_rt_info(model, reference, precision, hint, how)
         ov.save_model(model, str(target), compress_to_fp16=precision == "fp16")
+        if "bf16_ops" in recipe.get("fallback_kernel", {}):
+            recipe["fallback_kernel"]["pinned_f32"] = pin_f32(target, set(recipe["fallback_kernel"]["bf16_ops"]))
         if calibration is not None and precision in ("int8", "int4"):
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
         recipe["device"] = mine.get("device", "CPU")
-        recipe["inference_precision_hint"] = MEASURED_PRECISION
-        recipe["inference_precision_how"] = MEASURED_PRECISION_HOW
+        recipe["inference_precision_hint"], recipe["inference_precision_how"] = hint, how
         recipe["summary"] = describe(precision, recipe)
         art = write_manifest(out_dir, backend=self.name, precision=precision, main=target.name, recipe=recipe, extra_tools=("openvino", "nncf"), **reference.manifest_fields())
         return with_ir_size(art)
@@ -239,18 +251,19 @@ class OpenVinoRunner:
 
     emulated = False
 
-    def __init__(self, path: Path, threads: int | None = None, device: str = "CPU"):
+    def __init__(self, path: Path, threads: int | None = None, device: str = "CPU", precision: str | None = None):
         ov = _openvino()
         core = ov.Core()
         if device.split(":")[0].split(".")[0] not in ("AUTO", "MULTI", "HETERO") and device.split(".")[0] not in core.available_devices:
             raise VitexportError(f"OpenVINO device {device} is not on this host (available: {', '.join(core.available_devices)}); set {DEVICE_ENV}=CPU to run it on the CPU")
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if device.startswith("CPU"):
-            config["INFERENCE_PRECISION_HINT"] = os.environ.get(PRECISION_ENV) or "f32"
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = int(threads)
         try:
-            self.compiled = core.compile_model(str(path), device, config)
+            model = core.read_model(str(path))
+            if device.startswith("CPU"):
+                config["INFERENCE_PRECISION_HINT"] = precision or os.environ.get(PRECISION_ENV) or _declared_hint(model)
+                if threads:
+                    config["INFERENCE_NUM_THREADS"] = int(threads)
+            self.compiled = core.compile_model(model, device, config)
         except Exception as e:  # openvino raises RuntimeError subclasses with multi-line messages
             raise VitexportError(f"openvino cannot load {path} on {device}: {str(e).strip().splitlines()[0][:200]} (rebuild the artifact)") from None
         self.request = self.compiled.create_infer_request()
@@ -261,11 +274,19 @@ class OpenVinoRunner:
             exec_precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         except Exception:
             exec_precision = "?"
+        if exec_precision == "bf16" and _declared_hint(model) == "bf16":  # an IR whose other ops are pinned to f32
+            exec_precision = "f32 and bf16 (kept linears, attention)"
         name = cpu_name() if device.startswith("CPU") else core.get_property(device.split(".")[0], "FULL_DEVICE_NAME")
         self.device = f"{name} ({platform.machine()}), OpenVINO {device}, {exec_precision} compute"
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})[0].copy()
+
+
+def _declared_hint(model) -> str:
+    """The compute precision the artifact's figures hold for (its rt_info), f32 for IRs that do not say."""
+    key = ["vitexport", "inference_precision_hint"]
+    return model.get_rt_info(key).astype(str) if model.has_rt_info(key) else MEASURED_PRECISION
 
 
 # ---------------------------------------------------------------- int8
@@ -290,13 +311,16 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
         summary["two_digit"] = two_digit_inputs(ov, model, reference, calibration, summary, float(settings["two_digit_budget"]), int(settings["two_digit_images"]), stages, tuple(settings["two_digit_roles"]))
     if settings.get("quantize_patch_embed"):
         summary["patch_embed"] = quantize_patch_embed(ov, model, calibration, recipe_obj.reduce_range)
-    if settings.get("fallback_kernel", "float") != "float":
-        kept = {n for k in summary.get("sensitivity_fallback", {}).get("kept_float", []) for n in k["nodes"]}
+    kernel = settings.get("fallback_kernel", "float")
+    kept = {n for k in summary.get("sensitivity_fallback", {}).get("kept_float", []) for n in k["nodes"]}
+    if kernel == "dynamic_int8":
         model, summary["fallback_kernel"] = dynamic_fallback(model, kept)
+    elif kernel == "bf16":
+        summary["fallback_kernel"] = bf16_fallback(model, kept)
     return model, summary
 
 
-FALLBACK_KERNELS = ("float", "dynamic_int8")
+FALLBACK_KERNELS = ("float", "dynamic_int8", "bf16")
 
 
 def dynamic_fallback(model, names: set[str]) -> tuple[Any, dict[str, Any]]:
@@ -323,6 +347,84 @@ def dynamic_fallback(model, names: set[str]) -> tuple[Any, dict[str, Any]]:
     model.set_rt_info(str(group), ["runtime_options", "DYNAMIC_QUANTIZATION_GROUP_SIZE"])
     return model, {"kernel": "dynamic_int8", "linears": len(targets), "weights": "int8 symmetric per output channel (nncf.compress_weights INT8_SYM)",
                    "activations": f"int8 per token at run time, groups of {group} (DYNAMIC_QUANTIZATION_GROUP_SIZE in the IR's runtime_options)", "group_size": group}
+
+
+# ops that only move data: free when they carry the attention's inputs or output (they round nothing new)
+_MOVES = ("Reshape", "Transpose")
+_NOTHING_TO_COMPUTE = ("Const", "Parameter", "Result")  # IR layer types
+PIN_F32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
+
+
+def bf16_fallback(model, names: set[str]) -> dict[str, Any]:
+    """The ops allowed to compute in bf16: the MatMuls ``names`` (the linears kept out of int8), every attention
+    (ScaledDotProductAttention, or its Softmax and activation-by-activation MatMuls where OpenVINO did not fuse it)
+    and the Reshape/Transpose chains between those and the linears. ``pin_f32`` marks every other op of the IR
+    f32-only, so compile_model with INFERENCE_PRECISION_HINT bf16 (OpenVINO's default on CPUs with AMX or
+    AVX512-BF16) computes the kept linears on the bf16 units and the LayerNorms, residual and bias adds, GELU,
+    patch embedding and classifier head in f32; a CPU without bf16 computes everything in f32 (the "float" kernel).
+
+    Why: on an AMX host an f32 linear costs ~10 int8 ones, so the 20% of MACs kept float made this row 1.3x
+    (DeiT-tiny) to 1.8x (ViT-Base) slower than NNCF's stock int8; in bf16 they cost ~2 int8 ones, and bf16's 8-bit
+    mantissa with f32 accumulation rounds each input ~1000x finer than the int8 step the search kept them from.
+    The plugin's MHA kernel ignores the f32 marks (measured: it computes in the hint's precision), hence attention
+    is listed as free rather than left to chance."""
+    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    free = {n for n in names if n in ops}
+    const = _const_derived(model)
+    for op in ops.values():
+        t = op.get_type_name()
+        attention = t in ("ScaledDotProductAttention", "Softmax") or (t == "MatMul" and not any(const[id(op.input_value(i).get_node())] for i in range(2)))
+        if attention:
+            free.add(op.get_friendly_name())
+            free |= _move_chain(op)
+    return {"kernel": "bf16", "linears": len(names & set(ops)), "bf16_ops": sorted(free),
+            "compute": "bf16 on CPUs with AMX or AVX512-BF16 (INFERENCE_PRECISION_HINT bf16), f32 elsewhere; every other op pinned to f32 in the IR"}
+
+
+def _const_derived(model) -> dict[int, bool]:
+    """id(node) -> whether the node's value depends on constants only (weights and their dequantization)."""
+    out: dict[int, bool] = {}
+    for op in model.get_ordered_ops():  # topological order: inputs first
+        t = op.get_type_name()
+        out[id(op)] = t == "Constant" or (t not in ("Parameter", "ReadValue") and op.get_input_size() > 0 and all(out.get(id(op.input_value(i).get_node()), False) for i in range(op.get_input_size())))
+    return out
+
+
+def _move_chain(op) -> set[str]:
+    """Names of the Reshape/Transpose ops reached from ``op`` through Reshape/Transpose only, up and down."""
+    found: set[str] = set()
+    todo = [op.input_value(i).get_node() for i in range(op.get_input_size())] + [t.get_node() for o in op.outputs() for t in o.get_target_inputs()]
+    while todo:
+        n = todo.pop()
+        if n.get_type_name() not in _MOVES or n.get_friendly_name() in found:
+            continue
+        found.add(n.get_friendly_name())
+        todo += [n.input_value(0).get_node()] + [t.get_node() for t in n.output(0).get_target_inputs()]
+    return found
+
+
+def pin_f32(xml: Path, free: set[str]) -> int:
+    """Mark every computing layer of the saved IR ``xml`` except ``free`` f32-only (rt_info DisablePrecisionConversion
+    to f16: the CPU plugin then keeps it in f32 under a bf16 or f16 hint; the GPU plugin too). Written into the .xml
+    because OpenVINO's Python API cannot create that typed runtime attribute; read_model restores it. Returns the
+    number of layers pinned."""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(xml)
+    pinned = 0
+    for layer in tree.getroot().iter("layer"):
+        if layer.get("type") in _NOTHING_TO_COMPUTE or layer.get("name") in free:
+            continue
+        rt = layer.find("rt_info")
+        if rt is None:
+            rt = ET.Element("rt_info")
+            children = list(layer)
+            at = next((i for i, c in enumerate(children) if c.tag in ("input", "output")), len(children))
+            layer.insert(at, rt)
+        ET.SubElement(rt, "attribute", PIN_F32)
+        pinned += 1
+    tree.write(xml, encoding="utf-8", xml_declaration=True)
+    return pinned
 
 
 def _patch_convolutions(model) -> list[Any]:
@@ -675,7 +777,7 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
                 f"({recipe.get('calibration', {}).get('method')} ranges), GPTQ-rounded {recipe.get('weights')} weights; {c.get('quantized')} linears int8, "
                 f"{len(fb)} inputs left float by measured sensitivity ({100 * sum(k['mac_fraction'] for k in fb):.1f}% of linear MACs)"
                 + ("; attention query/key inputs int8" if recipe.get("attention", {}).get("quantized_inputs") else "")
-                + ("; those run as int8 with per-token run-time ranges" if recipe.get("fallback_kernel", {}).get("linears") else "")
+                + {"dynamic_int8": "; those run as int8 with per-token run-time ranges", "bf16": "; those and the attention compute in bf16 on CPUs with AMX or AVX512-BF16, the rest pinned to f32"}.get(recipe.get("fallback_kernel", {}).get("kernel"), "")
             )
         c = recipe.get("counts", {})
         return f"static int8 via nncf.quantize (transformer, ignored scope = all but linear MatMuls): {c.get('quantized')} linears int8, {c.get('kept_float')} kept float"
@@ -684,14 +786,21 @@ def describe(precision: str, recipe: Mapping[str, Any]) -> str:
     return f"int4 weight-only: {recipe.get('method')}, {recipe.get('weight_type')}, group size {recipe.get('block_size')}"
 
 
-def _embed_rt_info(model, reference, precision: str) -> None:
-    """Preprocessing, labels and task travel inside the .xml (rt_info), so the IR alone says how to feed it."""
+def precision_hint(recipe: Mapping[str, Any]) -> tuple[str, str]:
+    """(the INFERENCE_PRECISION_HINT the artifact's figures hold for, how to compile it so)."""
+    if recipe.get("fallback_kernel", {}).get("kernel") == "bf16":
+        return "bf16", BF16_HOW
+    return MEASURED_PRECISION, MEASURED_PRECISION_HOW
+
+
+def _embed_rt_info(model, reference, precision: str, hint: str, how: str) -> None:
+    """Preprocessing, labels, task and compute precision travel inside the .xml (rt_info), so the IR alone says how to
+    feed and compile it."""
     for key, value in reference.metadata().items():
         model.set_rt_info(value if isinstance(value, str) else json.dumps(value), ["vitexport", key.removeprefix("vitexport.")])
     model.set_rt_info(precision, ["vitexport", "precision"])
-    # plain compile_model computes in bf16 on CPUs with AVX512-BF16/AMX; vitexport's figures are f32 compute
-    model.set_rt_info(MEASURED_PRECISION, ["vitexport", "inference_precision_hint"])
-    model.set_rt_info(MEASURED_PRECISION_HOW, ["vitexport", "inference_precision_how"])
+    model.set_rt_info(hint, ["vitexport", "inference_precision_hint"])
+    model.set_rt_info(how, ["vitexport", "inference_precision_how"])
 
 
 def read_rt_info(xml: str | Path) -> dict[str, Any]:
