@@ -155,6 +155,7 @@ def main() -> int:
     result = {"command": "python " + shlex.join(["benchmarks/openvino_int8_choice.py", *sys.argv[1:]]), "fit_images": len(fit), "held_out_images": len(held), "threads": args.threads, "defaults": INT8_DEFAULTS, "rows": rows,
               "note": "held-out calibration images only; latency interleaved on a shared host: compare ratios"}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "openvino-int8-choice.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "openvino-int8-choice.md").write_text(markdown(result))
     print((out / "openvino-int8-choice.md").read_text())

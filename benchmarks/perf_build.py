@@ -129,7 +129,7 @@ def markdown(results: dict) -> str:
                   f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
                   f"- outside every stage (loading the checkpoint, first-use imports, writing the report; counted as build): {_outside_stages(r):.0f} s",
-                  f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
+                  f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB (process peak {r['peak_mb_above_start'] + r.get('rss_mb_at_start', 0):.0f} MB, {r.get('rss_mb_at_start', 0):.0f} MB at the start: more where this process first wrote the ViT-Base checkpoint)", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
                   "| stage | wall s | CPU s | RSS at its end, MB | peak since its artifact began, MB |", "|---|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s.get('rss_mb', float('nan')):.0f} | {s.get('peak_mb', float('nan')):.0f} |"
                   for s in r["stages"] if s["seconds"] >= 0.5]

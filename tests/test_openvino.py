@@ -241,6 +241,10 @@ def test_int8_fallback_linears_in_bf16(reference, calibration, tmp_path, inputs,
         assert {p for t, p in rt.values() if t == "MVN"} == {"f32"}
     out = runner.run(inputs)
     assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
+    from vitexport.remote import device_runner
+
+    on_device = device_runner.OpenVinoRunner(str(art.directory), art.manifest, None)  # what `--remote` runs
+    assert np.array_equal(on_device.run(inputs[:2]), runner.run(inputs[:2]))  # compiled with the same declared hint
 
 
 def test_rt_info_carries_preprocessing_and_labels(built):

@@ -18,7 +18,8 @@ Precisions (names as in ``--precision``):
   the most sensitive ~10% of linear MACs kept float, 7-bit weights against int16 saturation on AVX2 without VNNI)
   writes a QDQ ONNX, and ``openvino.convert_model`` turns each Q/DQ pair into FakeQuantize and each int8 weight
   behind DequantizeLinear into an int8 constant: the CPU plugin's low-precision transformations run those
-  MatMuls in int8. With ``quantize_attention`` (in ``LATENCY_FIRST``), the query and key inputs of every attention
+  MatMuls in int8. The linears kept float and the attention compute in bf16 on CPUs with AMX or AVX512-BF16, every
+  other op pinned to f32 in the IR (``fallback_kernel = "bf16"``, ``bf16_fallback``; f32 throughout elsewhere). With ``quantize_attention`` (in ``LATENCY_FIRST``), the query and key inputs of every attention
   get a per-tensor int8 FakeQuantize (NNCF's placement), so Q.K^T and Softmax run as the plugin's int8 MHA kernel
   and the q/k projections write int8 (the f32 MHA kernel was the largest per-op gap to NNCF's row). With
   ``two_digit_budget``, inputs get a second int8 digit instead of staying float (``two_digit_inputs``): x ~ q1 + q2,
@@ -116,8 +117,8 @@ INT8_DEFAULTS: dict[str, Any] = {
     # "bf16": they (and the attention) compute in bf16 on CPUs with AMX or AVX512-BF16, every other op pinned to f32
     # in the IR, f32 throughout elsewhere (bf16_fallback). The default since issue 13, chosen on held-out calibration
     # images (benchmarks/results/openvino-int8-choice-bf16.md, DeiT-tiny, AMX host, 3 interleaved runs): KL 0.0021 ->
-    # 0.0019, latency / NNCF stock 1.31-1.34x -> 0.98-1.01x (NNCF's IR compiled as OpenVINO does by default on such a
-    # CPU, in bf16: 0.90-0.91x). On a CPU without bf16 units nothing changes.
+    # 0.0019, latency / NNCF stock 1.27-1.32x -> 1.00-1.01x (NNCF's IR compiled as OpenVINO does by default on such a
+    # CPU, all in bf16: 0.88-0.89x). On a CPU without bf16 units nothing changes.
     "fallback_kernel": "bf16",
     "quantize_patch_embed": False,  # "qdq" only: int8 patch-embedding convolution (quantize_patch_embed)
     # "qdq" only: up to this fraction of linear MACs, the int8 inputs where a second int8 digit measurably gains most
