@@ -92,12 +92,15 @@ def test_float_stats_hold_the_gptq_hessians(tiny_onnx):
     model = tiny_onnx.load()
     acts = _acts(model)
     stats = collect_float_stats(model, acts, _batches(), images=12)
+    from_path = collect_float_stats(tiny_onnx.path, acts, _batches(), images=12)  # as the build runs it
     obs = HessianObserver()
     stream_activations(model, acts, _batches(), obs)
     assert stats.images == 12
     for a in acts:
         # the same float32 summation as int4's own pass (numpy's): identical, not just close
         np.testing.assert_array_equal(stats.gram[a], obs.h[a])
+        np.testing.assert_array_equal(from_path.gram[a], stats.gram[a])
+        np.testing.assert_array_equal(from_path.top[a], stats.top[a])
         assert stats.min[a].shape == stats.max[a].shape == (stats.gram[a].shape[0],)
     # int4 GPTQ from the shared statistics gives the codes of its own pass
     own, _ = quantize_int4(model, _batches(), Int4Recipe())

@@ -188,8 +188,10 @@ def float_stats(reference, calibration: "Calibration", stages=None):
         cached = load_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts) if calibration.cache_dir else None
         if cached is not None:
             return spill_grams(cached, SPILL_GRAM_BYTES)
+        unscaled = unscaled_inputs(linears)
+        del model, linears  # the pass loads its own copy and drops it once serialized
         with stages_of(stages).stage("float statistics (one pass, shared by every recipe)", total=calibration.count) as tick:
-            stats = collect_float_stats(model, acts, calibration.batches, calibration.count, progress=tick, whole_tensor_tails=unscaled_inputs(linears))
+            stats = collect_float_stats(reference.path, acts, calibration.batches, calibration.count, progress=tick, whole_tensor_tails=unscaled)
         if calibration.cache_dir:
             save_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts, stats)
         stats = spill_grams(stats, SPILL_GRAM_BYTES)
