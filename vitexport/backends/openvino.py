@@ -70,9 +70,10 @@ MEASURED_PRECISION_HOW = (
     "without it a CPU with AVX512-BF16 or AMX computes in bf16 (faster, less exact)"
 )
 BF16_HOW = (
-    "the figures hold for core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': 'bf16'}) (OpenVINO's default on "
-    "CPUs with AMX or AVX512-BF16): the linears kept out of int8 and the attention compute in bf16 there, every other op "
-    "is pinned to f32 in the IR; a CPU without bf16 computes all of it in f32"
+    "the figures hold for core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': 'bf16'}) (pass it: OpenVINO's "
+    "default is bf16 on most CPUs with AMX or AVX512-BF16 but f16 on those with AMX-FP16): the linears kept out of int8 "
+    "and the attention compute in bf16 there, every other op is pinned to f32 in the IR; a CPU without bf16 computes "
+    "all of it in f32"
 )
 XML = "model.xml"
 
@@ -358,37 +359,23 @@ PIN_F32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynam
 
 def bf16_fallback(model, names: set[str]) -> dict[str, Any]:
     """The ops allowed to compute in bf16: the MatMuls ``names`` (the linears kept out of int8), every attention
-    (ScaledDotProductAttention, or its Softmax and activation-by-activation MatMuls where OpenVINO did not fuse it)
-    and the Reshape/Transpose chains between those and the linears. ``pin_f32`` marks every other op of the IR
-    f32-only, so compile_model with INFERENCE_PRECISION_HINT bf16 (OpenVINO's default on CPUs with AMX or
-    AVX512-BF16) computes the kept linears on the bf16 units and the LayerNorms, residual and bias adds, GELU,
-    patch embedding and classifier head in f32; a CPU without bf16 computes everything in f32 (the "float" kernel).
+    (ScaledDotProductAttention) and the Reshape/Transpose chains between those and the linears. ``pin_f32`` marks
+    every other op of the IR f32-only, so compile_model with INFERENCE_PRECISION_HINT bf16 computes the kept linears
+    on the bf16 units of CPUs with AMX or AVX512-BF16 and the LayerNorms, residual and bias adds, GELU, patch embedding
+    and classifier head in f32; a CPU without bf16 computes everything in f32 (the "float" kernel). An attention that
+    OpenVINO left unfused stays pinned: f32, slower, as before.
 
     Why: on an AMX host an f32 linear costs ~10 int8 ones, so the 20% of MACs kept float made this row 1.3x
     (DeiT-tiny) to 1.8x (ViT-Base) slower than NNCF's stock int8; in bf16 they cost ~2 int8 ones, and bf16's 8-bit
     mantissa with f32 accumulation rounds each input ~1000x finer than the int8 step the search kept them from.
     The plugin's MHA kernel ignores the f32 marks (measured: it computes in the hint's precision), hence attention
     is listed as free rather than left to chance."""
-    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
-    free = {n for n in names if n in ops}
-    const = _const_derived(model)
-    for op in ops.values():
-        t = op.get_type_name()
-        attention = t in ("ScaledDotProductAttention", "Softmax") or (t == "MatMul" and not any(const[id(op.input_value(i).get_node())] for i in range(2)))
-        if attention:
-            free.add(op.get_friendly_name())
-            free |= _move_chain(op)
-    return {"kernel": "bf16", "linears": len(names & set(ops)), "bf16_ops": sorted(free),
+    linears = {op.get_friendly_name() for op in model.get_ordered_ops()} & names
+    free = set(linears)
+    for op in {op for op, _ in _attention_sites(model)}:
+        free |= {op.get_friendly_name()} | _move_chain(op)
+    return {"kernel": "bf16", "linears": len(linears), "bf16_ops": sorted(free),
             "compute": "bf16 on CPUs with AMX or AVX512-BF16 (INFERENCE_PRECISION_HINT bf16), f32 elsewhere; every other op pinned to f32 in the IR"}
-
-
-def _const_derived(model) -> dict[int, bool]:
-    """id(node) -> whether the node's value depends on constants only (weights and their dequantization)."""
-    out: dict[int, bool] = {}
-    for op in model.get_ordered_ops():  # topological order: inputs first
-        t = op.get_type_name()
-        out[id(op)] = t == "Constant" or (t not in ("Parameter", "ReadValue") and op.get_input_size() > 0 and all(out.get(id(op.input_value(i).get_node()), False) for i in range(op.get_input_size())))
-    return out
 
 
 def _move_chain(op) -> set[str]:
