@@ -352,3 +352,16 @@ def test_dynamic_activations_take_their_ranges_at_run_time_one_image_at_a_time(r
         int8_settings_bad = {"onnxruntime": {"int8": {"activations": "per-token"}}}
         be.build(reference, calibration, "int8", int8_settings_bad, tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.onnx").exists()
+
+
+def test_select_fallback_budget_and_kl_floor():
+    """Most KL per MAC first, within the MAC budget; an input under the KL floor stays int8 even with budget left."""
+    from vitexport.quantization.int8 import select_fallback
+
+    scores = {"a": 1e-3, "b": 4e-5, "c": 2e-4, "d": 1e-5}
+    macs = {"a": 10, "b": 1, "c": 20, "d": 1}  # per MAC: a 1e-4, b 4e-5, c 1e-5, d 1e-5
+    assert select_fallback(scores, macs, 0.4) == ["a", "b", "d"]  # c does not fit in 0.4 x 32 MACs, the smaller d after it does
+    assert select_fallback(scores, macs, 1.0) == ["a", "b", "c", "d"]
+    assert select_fallback(scores, macs, 0.4, min_kl=3e-5) == ["a", "b"]
+    assert select_fallback(scores, macs, 1.0, min_kl=3e-5) == ["a", "b", "c"]
+    assert select_fallback(scores, macs, 1.0, min_kl=1e-2) == []

@@ -185,7 +185,7 @@ def test_int8_fallback_linears_as_dynamic_int8(reference, calibration, tmp_path,
     (Convert -> Multiply into the MatMul), the IR carries the dynamic-quantization group (the smallest input size
     among them) that compile_model then applies, the head stays f32; a bad value is one clear error."""
     be = OpenVinoBackend()
-    opts = {"openvino": {"int8": {"fallback_kernel": "dynamic_int8", "recipe": {"fallback_budget": 0.6}}}}
+    opts = {"openvino": {"int8": {"fallback_kernel": "dynamic_int8", "recipe": {"fallback_budget": 0.6, "fallback_min_kl": 0.0}}}}
     art = be.build(reference, calibration, "int8", opts, tmp_path / "dq")
     rec = art.manifest["recipe"]
     kept = {n for k in rec["sensitivity_fallback"]["kept_float"] for n in k["nodes"]}
@@ -220,7 +220,7 @@ def test_int8_fallback_linears_in_bf16(reference, calibration, tmp_path, inputs,
     import xml.etree.ElementTree as ET
 
     be = OpenVinoBackend()
-    opts = {"openvino": {"int8": {"fallback_kernel": "bf16", "recipe": {"fallback_budget": 0.6}}}}
+    opts = {"openvino": {"int8": {"fallback_kernel": "bf16", "bf16_scope": "fallback", "recipe": {"fallback_budget": 0.6, "fallback_min_kl": 0.0}}}}
     art = be.build(reference, calibration, "int8", opts, tmp_path / "bf")
     rec = art.manifest["recipe"]
     kept = {n for k in rec["sensitivity_fallback"]["kept_float"] for n in k["nodes"]}
@@ -245,6 +245,28 @@ def test_int8_fallback_linears_in_bf16(reference, calibration, tmp_path, inputs,
 
     on_device = device_runner.OpenVinoRunner(str(art.directory), art.manifest, None)  # what `--remote` runs
     assert np.array_equal(on_device.run(inputs[:2]), runner.run(inputs[:2]))  # compiled with the same declared hint
+
+
+def test_int8_bf16_everywhere_outside_int8(reference, calibration, tmp_path, inputs, ref_out):
+    """bf16_scope = "all" (the default): nothing is pinned, the IR declares a bf16 hint, and on a CPU with bf16 units
+    the kept linears and the LayerNorms both compute in bf16 while the quantized linears stay int8."""
+    import xml.etree.ElementTree as ET
+
+    be = OpenVinoBackend()
+    art = be.build(reference, calibration, "int8", {"openvino": {"int8": {"recipe": {"fallback_budget": 0.6, "fallback_min_kl": 0.0}}}}, tmp_path / "all")
+    rec = art.manifest["recipe"]
+    kept = {n for k in rec["sensitivity_fallback"]["kept_float"] for n in k["nodes"]}
+    assert kept and rec["fallback_kernel"]["scope"] == "all" and "bf16_ops" not in rec["fallback_kernel"]
+    assert not list(ET.parse(art.path).getroot().iter("attribute"))  # no DisablePrecisionConversion anywhere
+    assert read_rt_info(art.path)["inference_precision_hint"] == "bf16" and "every op outside int8" in rec["inference_precision_how"]
+    runner = be.runner(art)
+    if runner.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16":
+        rt = {op.get_friendly_name(): (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["runtimePrecision"].astype(str)) for op in runner.compiled.get_runtime_model().get_ordered_ops()}
+        assert {p for n, (t, p) in rt.items() if n in kept} == {"bf16"} and {p for t, p in rt.values() if t == "MVN"} == {"bf16"}
+        assert "int8 and bf16" in runner.device
+    assert np.abs(runner.run(inputs) - ref_out).max() / np.abs(ref_out).max() < 0.2
+    with pytest.raises(VitexportError, match="bf16_scope"):
+        be.build(reference, calibration, "int8", {"openvino": {"int8": {"bf16_scope": "some"}}}, tmp_path / "bad")
 
 
 def test_rt_info_carries_preprocessing_and_labels(built):
@@ -390,7 +412,7 @@ def test_int8_two_digit_inputs_replace_float_fallback(reference, calibration, tm
     of the residual and a second MatMul on the same int8 weights, which the CPU plugin runs as int8 kernels; the
     output is closer to the float reference than the same recipe's with one digit."""
     be = OpenVinoBackend()
-    one = {"recipe": {"fallback_budget": 0.0, "reduce_range": False}}
+    one = {"recipe": {"fallback_budget": 0.0, "reduce_range": False}, "fallback_kernel": "float"}  # f32: bf16 rounding would hide the gain
     a = be.build(reference, calibration, "int8", {"openvino": {"int8": one}}, tmp_path / "one")
     b = be.build(reference, calibration, "int8", {"openvino": {"int8": {**one, "two_digit_budget": 1.0}}}, tmp_path / "two")
     rec = b.manifest["recipe"]["two_digit"]

@@ -75,6 +75,9 @@ class Int8Recipe:
     weight_rounding: str = "gptq"  # "gptq": error-compensating rounding from calibration X^T X; "rtn": round to nearest
     gptq_damp: float = 0.01  # GPTQ: fraction of mean(diag(X^T X)) added to the diagonal
     fallback_budget: float = 0.1  # at most this fraction of quantizable linear MACs may stay float, most sensitive first
+    # and only inputs that alone cost at least this KL (nats, mean per search image): where quantizing an input barely
+    # moves the logits, keeping it float buys nothing and costs a float kernel
+    fallback_min_kl: float = 0.0
     fallback_images: int = 16  # calibration images used to measure each input's sensitivity
     compensate_activations: bool = True  # GPTQ target is the float output X W from quantized inputs Q(X), not Q(X) W
     # the Q of that compensation (and of GPTQ's Hessian Q^T Q): "static", this recipe's ranges (the QDQ model's own);
@@ -749,25 +752,25 @@ def sensitivity_fallback(
     if recipe.fallback_budget <= 0:
         return [], 0.0
     scores = sensitivity_scores(model, chosen, ranges, recipe, batches)
-    return select_fallback_model(model, chosen, scores, recipe.fallback_budget), float(sum(scores.values()))
+    return select_fallback_model(model, chosen, scores, recipe.fallback_budget, recipe.fallback_min_kl), float(sum(scores.values()))
 
 
-def select_fallback_model(model: onnx.ModelProto, chosen: list[Linear], scores: dict[str, float], budget: float) -> list[dict]:
+def select_fallback_model(model: onnx.ModelProto, chosen: list[Linear], scores: dict[str, float], budget: float, min_kl: float = 0.0) -> list[dict]:
     """``select_fallback`` with MACs counted from ``model``'s weights."""
     index = GraphIndex(model)
     groups = _fallback_groups(chosen)
     macs = {act: sum(int(np.prod(index.const_shape(l.node.input[1]) or ())) for l in ls) for act, ls in groups.items()}
     total_macs = sum(macs.values())
     return [{"activation": act, "nodes": sorted(l.node.name for l in groups[act]), "kl_alone": round(scores[act], 6), "mac_fraction": round(macs[act] / total_macs, 4)}
-            for act in select_fallback(scores, macs, budget)]
+            for act in select_fallback(scores, macs, budget, min_kl)]
 
 
-def select_fallback(scores: dict[str, float], macs: dict[str, int], budget: float) -> list[str]:
+def select_fallback(scores: dict[str, float], macs: dict[str, int], budget: float, min_kl: float = 0.0) -> list[str]:
     """The inputs left float, most KL per multiply-accumulate first, while they fit in ``budget`` of all the MACs
-    (one that does not fit is skipped, a smaller one after it may still fit)."""
+    (one that does not fit is skipped, a smaller one after it may still fit); none that alone costs under ``min_kl``."""
     total, used, kept = sum(macs.values()), 0, []
     for act in sorted(macs, key=lambda a: scores[a] / macs[a], reverse=True):
-        if used + macs[act] <= budget * total:
+        if used + macs[act] <= budget * total and scores[act] >= min_kl:
             used += macs[act]
             kept.append(act)
     return kept
@@ -877,7 +880,7 @@ def _fallback(work: onnx.ModelProto, sel: _Selection, ranges: dict[str, tuple[fl
     fb_key = (smoothing_key(recipe), "fallback", recipe.fallback_images, recipe.reduce_range, recipe.per_channel)
     with stages.stage("sensitivity search", total=len(sel.acts), unit="input") as tick:
         scores = memo(fb_key, lambda: sensitivity_scores(work, sel.chosen, ranges, recipe, batches, progress=tick))
-    return select_fallback_model(work, sel.chosen, scores, recipe.fallback_budget), float(sum(scores.values()))
+    return select_fallback_model(work, sel.chosen, scores, recipe.fallback_budget, recipe.fallback_min_kl), float(sum(scores.values()))
 
 
 @dataclass(frozen=True)
@@ -1030,7 +1033,7 @@ def _summary(recipe: Int8Recipe, sel: _Selection, records: list[dict], groups: l
             "alpha": recipe.smoothquant_alpha if groups else None,
             "tensors": [{"activation": g.activation, "via": g.kind, "consumers": [l.node.name for l in g.consumers]} for g in groups],
         },
-        "sensitivity_fallback": {"budget": recipe.fallback_budget, "images": recipe.fallback_images, "kl_all_inputs": round(kl_total, 6), "kept_float": fallback},
+        "sensitivity_fallback": {"budget": recipe.fallback_budget, "min_kl": recipe.fallback_min_kl, "images": recipe.fallback_images, "kl_all_inputs": round(kl_total, 6), "kept_float": fallback},
         "quantized": records,
         "float": sel.skipped,
         "counts": {"linears": len(sel.linears), "quantized": len(records), "float": len(sel.skipped)},

@@ -174,7 +174,7 @@ class OpenVinoRunner:
         device = os.environ.get("VITEXPORT_OPENVINO_DEVICE") or manifest.get("recipe", {}).get("device") or "CPU"
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if device.startswith("CPU"):
-            # the precision the artifact's figures hold for (bf16 for an IR whose other ops are pinned to f32)
+            # the precision the artifact's figures hold for (bf16 for an int8 IR with bf16 outside int8)
             config["INFERENCE_PRECISION_HINT"] = os.environ.get("VITEXPORT_OPENVINO_INFERENCE_PRECISION") or manifest.get("recipe", {}).get("inference_precision_hint") or "f32"
             if threads:
                 config["INFERENCE_NUM_THREADS"] = int(threads)
