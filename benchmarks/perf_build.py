@@ -124,6 +124,44 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
     }
 
 
+PAIRS = (("onnxruntime-int8", "onnxruntime-int8-stock-dynamic"), ("openvino-int8", NNCF_DEFAULT), ("openvino-int8", "openvino-int8-stock-nncf"))
+
+
+def latency_only(work: Path, models: list[str], threads: int | None, rounds: int, seconds: float) -> dict:
+    """Time the rows an earlier run built under ``work`` again, longer: per interleaved round, each int8 row's median
+    over its stock row's median in the same round (pairs in ``PAIRS``), so drift between rounds cancels."""
+    from vitexport import backends
+    from vitexport.harness.latency import _interleaved
+
+    out = {}
+    for key in models:
+        report = json.loads((work / key / "report.json").read_text())
+        runners = {}
+        for r in report["rows"]:
+            if r["name"] in LATENCY_ROWS:
+                runners[r["name"]] = backends.get(r["backend"]).runner(Artifact.load(Path(r["path"]).parent), threads)
+            if r["name"] == "openvino-int8-stock-nncf":
+                runners[NNCF_DEFAULT] = stock_nncf_default_runner(Path(r["path"]), threads)
+        pre = Preprocessing.from_dict(report["evaluation"]["preprocessing"])
+        sample = ImageSet.from_folder(work / ("split" if key == "deit-tiny" else "split-vb") / "eval", pre, limit=1).load(0)[None]
+        per_round = {n: [float(np.median(x)) * 1e3 for x in v] for n, v in _interleaved(runners, sample, rounds, seconds, 0.5).items()}
+        ratios = {f"{a} / {b}": [x / y for x, y in zip(per_round[a], per_round[b])] for a, b in PAIRS if a in per_round and b in per_round}
+        out[key] = {"rounds": rounds, "seconds_per_round": seconds, "p50_ms_per_round": per_round,
+                    "ratios": {k: {"median": float(np.median(v)), "q25": float(np.percentile(v, 25)), "q75": float(np.percentile(v, 75)), "min": min(v), "max": max(v)} for k, v in ratios.items()}}
+    return out
+
+
+def latency_markdown(command: str, host: str, res: dict) -> str:
+    lines = ["# int8 latency against each runtime's stock int8, rows of an earlier perf_build.py run timed again (benchmarks/perf_build.py --latency-only)", "",
+             f"Command: `{command}`. Host: {host}. Batch 1; per interleaved round, our row's median over the stock row's median in the same round; "
+             f"`{NNCF_DEFAULT}` is NNCF's IR compiled as OpenVINO does by default on this host (bf16 on AMX / AVX512-BF16 CPUs), `openvino-int8-stock-nncf` the same IR forced to f32.", ""]
+    for key, r in res.items():
+        lines += [f"## {key} ({r['rounds']} rounds of {r['seconds_per_round']:.1f} s per row)", "", "| ours / stock | median | interquartile | range |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['median']:.3f} | {v['q25']:.2f}-{v['q75']:.2f} | {v['min']:.2f}-{v['max']:.2f} |" for k, v in r["ratios"].items()]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def _top_stages(stages: list[dict]) -> list[dict]:
     """Top-level stages only (a "build X" stage holds its "X: ..." sub-stages), so nothing counts twice."""
     return [s for s in stages if ": " not in s["stage"] or s["stage"].startswith("evaluation")]
@@ -177,9 +215,22 @@ def main() -> int:
     ap.add_argument("--only-vit-base", action="store_true")
     ap.add_argument("--vit-base-calib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--latency-only", action="store_true", help="only time the int8 rows an earlier run left in --work, against their stock rows")
+    ap.add_argument("--seconds", type=float, default=1.0, help="seconds per row per round (--latency-only)")
     args = ap.parse_args()
     shared, out, work = Path(args.shared), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
+    if args.latency_only:
+        from vitexport.harness.report import host_info
+
+        h = host_info()
+        models = [k for k in ("deit-tiny", "vit-base") if (work / k / "report.json").exists() and not (k == "deit-tiny" and args.only_vit_base) and not (k == "vit-base" and args.skip_vit_base)]
+        command = "python " + " ".join(["benchmarks/perf_build.py", *sys.argv[1:]])
+        res = latency_only(work, models, args.threads, args.rounds, args.seconds)
+        (out / "perf-build-latency.json").write_text(json.dumps({"command": command, "host": h, "models": res}, indent=2) + "\n")
+        (out / "perf-build-latency.md").write_text(latency_markdown(command, f"{h['cpu']}, {h['cores']} cores", res))
+        print((out / "perf-build-latency.md").read_text())
+        return 0
     from openvino_baselines import stock_nncf_int8
     from vitexport.harness.report import host_info
 
