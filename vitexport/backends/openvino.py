@@ -121,9 +121,10 @@ INT8_DEFAULTS: dict[str, Any] = {
     # "qdq" only: how the linears the sensitivity search keeps out of static int8 run. "float": f32 MatMuls.
     # "dynamic_int8": int8 weights (symmetric, per output channel, round to nearest; nncf.compress_weights) whose
     # inputs the CPU plugin quantizes per token at run time (dynamic quantization, one group per hidden-size slice,
-    # set in the IR's runtime_options): finer than any static range, and an int8 FullyConnected (dynamic_fallback)
-    # "bf16": they (and the attention) compute in bf16 on CPUs with AMX or AVX512-BF16, every other op pinned to f32
-    # in the IR, f32 throughout elsewhere (bf16_fallback). The default since issue 13, chosen on held-out calibration
+    # set in the IR's runtime_options): finer than any static range, and an int8 FullyConnected (dynamic_fallback;
+    # OpenVINO 2026.4 no longer applies the run-time quantization to them: int8 weights, float activations).
+    # "bf16": they compute in bf16 on CPUs with AMX or AVX512-BF16, with what else bf16_scope says, f32 throughout
+    # elsewhere (bf16_fallback). The default since issue 13, chosen on held-out calibration
     # images (benchmarks/results/openvino-int8-choice-bf16.md, DeiT-tiny, AMX host, 3 interleaved runs): KL 0.0021 ->
     # 0.0019, latency / NNCF stock 1.27-1.32x -> 1.00-1.01x (NNCF's IR compiled as OpenVINO does by default on such a
     # CPU, all in bf16: 0.88-0.89x). On a CPU without bf16 units nothing changes.
