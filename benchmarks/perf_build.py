@@ -67,6 +67,20 @@ def stock_nncf_default_runner(path: Path, threads: int | None):
     return OpenVinoRunner(path, threads, precision=default.get_type_name() if hasattr(default, "get_type_name") else str(default))
 
 
+def timed_runners(rows: list[tuple[str, str, str]], threads: int | None) -> dict:
+    """Runners of the (name, backend, artifact path) rows in LATENCY_ROWS, and NNCF's IR once more as a user runs it:
+    plain compile_model (bf16 on AMX CPUs)."""
+    from vitexport import backends
+
+    runners = {}
+    for name, backend, path in rows:
+        if name in LATENCY_ROWS:
+            runners[name] = backends.get(backend).runner(Artifact.load(Path(path).parent), threads)
+        if name == "openvino-int8-stock-nncf":
+            runners[NNCF_DEFAULT] = stock_nncf_default_runner(Path(path), threads)
+    return runners
+
+
 def _is_excluded(stage: str) -> bool:
     """Stages that are not the build itself: measuring the rows, and building the stock comparison rows."""
     return stage.startswith("evaluation") or stage.startswith("timing") or stage == "build extra rows"
@@ -94,14 +108,7 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
     progress.step(f"{name}: interleaved batch-1 latency of our int8 against the stock int8 rows")
     pre = Preprocessing.from_dict(report.evaluation["preprocessing"])
     sample = ImageSet.from_folder(sample_dir, pre, limit=1).load(0)[None]
-    runners = {}
-    from vitexport import backends
-
-    for r in report.rows:
-        if r.name in LATENCY_ROWS:
-            runners[r.name] = backends.get(r.backend).runner(Artifact.load(Path(r.path).parent), opts.threads)
-        if r.name == "openvino-int8-stock-nncf":  # as a user runs NNCF's IR: plain compile_model (bf16 on AMX CPUs)
-            runners[NNCF_DEFAULT] = stock_nncf_default_runner(Path(r.path), opts.threads)
+    runners = timed_runners([(r.name, r.backend, r.path) for r in report.rows], opts.threads)
     lat = compare(runners, sample, rounds=rounds, seconds=seconds)
     lat = {k: {"p50_ms": v.p50_ms if hasattr(v, "p50_ms") else v["p50_ms"], "spread": v.spread if hasattr(v, "spread") else v.get("spread")} for k, v in lat.items()}
     return {
@@ -130,18 +137,12 @@ PAIRS = (("onnxruntime-int8", "onnxruntime-int8-stock-dynamic"), ("openvino-int8
 def latency_only(work: Path, models: list[str], threads: int | None, rounds: int, seconds: float) -> dict:
     """Time the rows an earlier run built under ``work`` again, longer: per interleaved round, each int8 row's median
     over its stock row's median in the same round (pairs in ``PAIRS``), so drift between rounds cancels."""
-    from vitexport import backends
     from vitexport.harness.latency import _interleaved
 
     out = {}
     for key in models:
         report = json.loads((work / key / "report.json").read_text())
-        runners = {}
-        for r in report["rows"]:
-            if r["name"] in LATENCY_ROWS:
-                runners[r["name"]] = backends.get(r["backend"]).runner(Artifact.load(Path(r["path"]).parent), threads)
-            if r["name"] == "openvino-int8-stock-nncf":
-                runners[NNCF_DEFAULT] = stock_nncf_default_runner(Path(r["path"]), threads)
+        runners = timed_runners([(r["name"], r["backend"], r["path"]) for r in report["rows"]], threads)
         pre = Preprocessing.from_dict(report["evaluation"]["preprocessing"])
         sample = ImageSet.from_folder(work / ("split" if key == "deit-tiny" else "split-vb") / "eval", pre, limit=1).load(0)[None]
         per_round = {n: [float(np.median(x)) * 1e3 for x in v] for n, v in _interleaved(runners, sample, rounds, seconds, 0.5).items()}

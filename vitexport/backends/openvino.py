@@ -133,8 +133,8 @@ INT8_DEFAULTS: dict[str, Any] = {
     # to f32 in the IR (pin_f32); "all" pins nothing, so every float op follows the bf16 hint, as NNCF's stock IR does
     # under OpenVINO's default on such CPUs. "all" since issue 13: on held-out calibration images no less faithful
     # (benchmarks/results/openvino-int8-choice-scope.md, DeiT-tiny: KL 0.0019 -> 0.0017, cosine 0.9984 -> 0.9983,
-    # latency / NNCF stock in f32 0.97 -> 0.92, NNCF stock in bf16 0.92), and on the ViT-Base config the pins cost ~8%
-    # (per-op profile: the patch embedding in f32, and f32 <-> bf16 reorders around every LayerNorm). The plugin did not
+    # latency / NNCF stock in f32 0.98 -> 0.94, NNCF stock in bf16 0.92), and on the ViT-Base config the pins cost time
+    # (ad hoc per-op profile: the patch embedding in f32, and f32 <-> bf16 reorders around every LayerNorm). The plugin did not
     # honour every pin anyway: the LayerNorm scale and the residual adds ran in bf16 under "fallback" too
     "bf16_scope": "all",
     "quantize_patch_embed": False,  # "qdq" only: int8 patch-embedding convolution (quantize_patch_embed)
@@ -212,7 +212,7 @@ class OpenVinoBackend:
             calib = require_calibration(calibration, f"openvino {precision}")
             if settings["fallback_kernel"] not in FALLBACK_KERNELS:
                 raise VitexportError(f"openvino int8 fallback_kernel must be one of {', '.join(FALLBACK_KERNELS)}, not {settings['fallback_kernel']!r}")
-            if settings.get("bf16_scope", "all") not in ("fallback", "all"):
+            if settings["bf16_scope"] not in ("fallback", "all"):
                 raise VitexportError(f"openvino int8 bf16_scope must be 'fallback' or 'all', not {settings['bf16_scope']!r}")
             if settings["method"] == "qdq":
                 model, recipe = _int8_qdq(ov, reference, calib, settings, stages)
@@ -338,7 +338,7 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
     if kernel == "dynamic_int8":
         model, summary["fallback_kernel"] = dynamic_fallback(model, kept)
     elif kernel == "bf16":
-        summary["fallback_kernel"] = bf16_fallback(model, kept, settings.get("bf16_scope", "fallback"))
+        summary["fallback_kernel"] = bf16_fallback(model, kept, settings["bf16_scope"])
     return model, summary
 
 
@@ -379,7 +379,7 @@ _NOTHING_TO_COMPUTE = ("Const", "Parameter", "Result")  # IR layer types
 PIN_F32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
 
 
-def bf16_fallback(model, names: set[str], scope: str = "fallback") -> dict[str, Any]:
+def bf16_fallback(model, names: set[str], scope: str) -> dict[str, Any]:
     """With ``scope`` "all", nothing to pin: every op outside int8 follows the bf16 hint. With "fallback", the ops
     allowed to compute in bf16: the MatMuls ``names`` (the linears kept out of int8), every attention
     (ScaledDotProductAttention) and the Reshape/Transpose chains between those and the linears. ``pin_f32`` marks
