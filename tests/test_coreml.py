@@ -5,6 +5,7 @@ Tiny random ViTs for the mechanics (CoreML cannot predict on Linux: accuracy her
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
@@ -206,6 +207,59 @@ def test_backbone_outputs_embedding_multiarray(tiny_backbone, tmp_path):
     ref, row = report.rows  # the reference ONNX is measured as its own row when no fp32 artifact is built
     assert ref.role == "reference" and row.name == "coreml-fp16"
     assert row.accuracy["emulated"] and row.accuracy["cosine"] > 0.999
+
+
+def test_conversion_validates_each_pipeline_once_and_writes_the_same_package(tiny_vit, tmp_path, monkeypatch):
+    """coremltools validates the program after every graph pass; the build validates each pipeline's result once.
+    The package is byte for byte the one the per-pass checks give, and coremltools is left as it was."""
+    from coremltools.converters.mil.mil import Program
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+
+    from vitexport.backends.coreml import convert as cv
+
+    real, apply = Program.validate, PassPipelineManager.__dict__["apply_pipeline"]
+    calls = []
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Program, "validate", counting)
+    packages, counts = {}, {}
+    for once in (True, False):
+        if not once:
+            monkeypatch.setattr(cv, "_validate_once", contextlib.nullcontext)
+        calls.clear()
+        out = tmp_path / str(once)
+        build(BuildOptions(model=str(tiny_vit), backend="coreml", precisions=("fp16",), calib=None, eval=str(EVAL), num_eval=4, out=str(out), latency=False))
+        counts[once] = len(calls)
+        pkg = out / "coreml-fp16" / cm.PACKAGE
+        packages[once] = {str(f.relative_to(pkg)): f.read_bytes() for f in sorted(pkg.rglob("*")) if f.is_file() and f.name != "Manifest.json"}
+    assert packages[True] == packages[False] and packages[True]
+    assert 1 <= counts[True] <= 8 and counts[False] > 10 * counts[True], counts  # one per pipeline against one per pass
+    assert Program.validate is counting and PassPipelineManager.__dict__["apply_pipeline"] is apply
+
+
+def test_weights_are_matched_by_value_through_sample_collisions():
+    """Torch weights are found in the ONNX by value, stored as is or transposed; the first of tied weights wins, and
+    two weights that agree on every sampled value but differ elsewhere are told apart by the full comparison."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from vitexport.backends.torch_weights import SAMPLE, match_initializers
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 4)).astype(np.float32)
+    big = rng.standard_normal((SAMPLE * 3,)).astype(np.float32)
+    twin = big.copy()
+    twin[1] += 1.0  # not on the stride-3 sample
+    sd = {"a": torch.from_numpy(a), "tied": torch.from_numpy(a.copy()), "big": torch.from_numpy(big), "twin": torch.from_numpy(twin),
+          "scalar": torch.tensor([2.0])}
+    inits = {"A": a, "A_T": a.T.copy(), "TWIN": twin, "BIG": big, "OTHER": rng.standard_normal((4, 3)).astype(np.float32), "S": np.array([2.0], np.float32)}
+    graph = onnx.helper.make_graph([], "g", [], [], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    got = match_initializers(sd, onnx.helper.make_model(graph), ".")
+    assert got == {"A": ("a", False), "A_T": ("a", True), "TWIN": ("twin", False), "BIG": ("big", False)}
 
 
 def test_w8a8_needs_macos_and_bad_options_are_clear(tmp_path):

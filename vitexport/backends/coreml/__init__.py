@@ -160,7 +160,7 @@ def _write_package(reference, calibration: Calibration | None, precision: str, o
     import onnx
 
     from ..torch_weights import match_initializers
-    from .convert import _compress, _CoreMLModule, _quiet, convert
+    from .convert import _compress, _CoreMLModule, _quiet, _validate_once, convert
     from .gptq import _attach_gptq_int4, _attach_gptq_int8, _attach_gptq_palette
     from .package import _describe_model
     from .settings import _coremltools
@@ -186,10 +186,11 @@ def _write_package(reference, calibration: Calibration | None, precision: str, o
             recipe["int8"] = _attach_gptq_int8(head, reference, calibration, matched, stages)
         if precision == "palette4" and opts.palette_method == "gptq":
             recipe["palette"] = _attach_gptq_palette(head, reference, calibration, opts, matched, stages)
-        mlmodel, timing = convert(ct, module, spec, folded, precision, target)
-        recipe.update(timing)
-        tq = time.perf_counter()
-        mlmodel, compression = _compress(ct, mlmodel, precision, opts, calibration, spec.preprocessing.to_dict())
+        with _validate_once():
+            mlmodel, timing = convert(ct, module, spec, folded, precision, target)
+            recipe.update(timing)
+            tq = time.perf_counter()
+            mlmodel, compression = _compress(ct, mlmodel, precision, opts, calibration, spec.preprocessing.to_dict())
         recipe.update(compression)
         recipe["compress_s"] = round(time.perf_counter() - tq, 2)
         _describe_model(mlmodel, reference, precision, target, recipe)
