@@ -3,6 +3,7 @@
     python benchmarks/perf_build.py                    # DeiT-tiny, then the ViT-Base config (256 calibration images)
     python benchmarks/perf_build.py --skip-vit-base    # DeiT-tiny only
     python benchmarks/perf_build.py --only-vit-base    # ViT-Base only, keeping DeiT-tiny's results in --out
+    python benchmarks/perf_build.py --warm-cache ...   # each build with a fresh --cache-dir, then again from it (CI rebuild)
 
 For each model, one ``vitexport build --backend onnxruntime,openvino,coreml,tensorrt --precision
 fp32,fp16,int8,int4,palette4`` (the API call the CLI makes), plus the stock int8 rows it is compared with
@@ -21,6 +22,10 @@ DeiT-tiny: the real checkpoint, calibration on the 125 images at sorted position
 ../shared/imagenet-samples and evaluation on the other 375 (benchmarks/run_matrix.py's split). ViT-Base: the
 random-weight google/vit-base-patch16-224 config, 256 calibration images, 32 evaluation images (speed and memory
 only: its labels mean nothing). Results: benchmarks/results/perf-build.json and perf-build.md.
+
+With ``--warm-cache`` each model's build runs with an empty ``--cache-dir`` (the cold figures, writing the entries
+included), then once more from the entries it wrote: what a CI job that keeps the cache folder between runs pays
+for an unchanged model and image set (no stock rows, no latency; the rows' fidelity must equal the cold build's).
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir: Path, rounds: int, seconds: float) -> dict:
+def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir: Path, rounds: int, seconds: float, latency: bool = True) -> dict:
     rss0 = (_status_kb("VmRSS") or 0) / 1024
     load0 = os.getloadavg()  # the host is shared: how busy it was when the build started, and after
     t0, c0 = time.perf_counter(), _cpu_s()
@@ -105,12 +110,14 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
     peak = max((r.build or {}).get("process_peak_mb") or 0 for r in report.rows)
     rows = {r.name: {"build_s": (r.build or {}).get("seconds"), "peak_mb_above_step": (r.build or {}).get("peak_mb"), "size_mb": round(r.size_bytes / 1e6, 2),
                      **({k: (r.accuracy or {}).get(k) for k in ("top1", "agreement", "cosine", "lost", "gained", "n")} if r.accuracy else {})} for r in report.rows}
-    progress.step(f"{name}: interleaved batch-1 latency of our int8 against the stock int8 rows")
-    pre = Preprocessing.from_dict(report.evaluation["preprocessing"])
-    sample = ImageSet.from_folder(sample_dir, pre, limit=1).load(0)[None]
-    runners = timed_runners([(r.name, r.backend, r.path) for r in report.rows], opts.threads)
-    lat = compare(runners, sample, rounds=rounds, seconds=seconds)
-    lat = {k: {"p50_ms": v.p50_ms if hasattr(v, "p50_ms") else v["p50_ms"], "spread": v.spread if hasattr(v, "spread") else v.get("spread")} for k, v in lat.items()}
+    lat = {}
+    if latency:
+        progress.step(f"{name}: interleaved batch-1 latency of our int8 against the stock int8 rows")
+        pre = Preprocessing.from_dict(report.evaluation["preprocessing"])
+        sample = ImageSet.from_folder(sample_dir, pre, limit=1).load(0)[None]
+        runners = timed_runners([(r.name, r.backend, r.path) for r in report.rows], opts.threads)
+        lat = compare(runners, sample, rounds=rounds, seconds=seconds)
+        lat = {k: {"p50_ms": v.p50_ms if hasattr(v, "p50_ms") else v["p50_ms"], "spread": v.spread if hasattr(v, "spread") else v.get("spread")} for k, v in lat.items()}
     return {
         "model": name,
         "command": f"vitexport build --backend {opts.backend} --precision {','.join(opts.precisions)} (calibration {report.evaluation.get('calibration_images')} images, evaluation {report.evaluation.get('images')})",
@@ -172,15 +179,29 @@ def _outside_stages(r: dict) -> float:
     return r["wall_s_total"] - sum(s["seconds"] for s in _top_stages(r["stages"]))
 
 
+def _same_rows(cold: dict | None, warm: dict) -> str:
+    """Whether the rebuild from the cache gave the cold build's rows: the same size and the same fidelity figures."""
+    if not cold:
+        return "No cold build in these results to compare with."
+    keys = ("size_mb", "top1", "agreement", "cosine", "lost", "gained")
+    same = [n for n, v in warm["rows"].items() if n in cold["rows"] and all(cold["rows"][n].get(k) == v.get(k) for k in keys)]
+    differ = sorted(set(warm["rows"]) - set(same))
+    return (f"Rows with the cold build's size, agreement, cosine and lost/gained: {len(same)} of {len(warm['rows'])}"
+            + (f" (differ: {', '.join(differ)})." if differ else "."))
+
+
 def markdown(results: dict) -> str:
     lines = ["# Build performance (benchmarks/perf_build.py)", "", f"Command: `{results['command']}`. Host: {results['host']}. Each model's load average before and after "
              "says whether other jobs shared the cores: where it is well above the core count, wall seconds include waiting "
              "for a core and CPU seconds (process user + system) are the steadier figure.", ""]
-    for key in ("deit-tiny", "vit-base"):
+    for key in ("deit-tiny", "deit-tiny-warm", "vit-base", "vit-base-warm"):
         r = results.get(key)
         if not r:
             continue
-        lines += [f"## {r['model']}", "", r["command"], "",
+        lines += [f"## {r['model']}", "", r["command"], ""]
+        if key.endswith("-warm"):
+            lines += [_same_rows(results.get(key[: -len("-warm")]), r), ""]
+        lines += [
                   f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
                   f"- outside every stage (loading the checkpoint, first-use imports, writing the report; counted as build): {_outside_stages(r):.0f} s",
@@ -206,6 +227,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_cache(opts: api.BuildOptions, cache: Path, on: bool) -> api.BuildOptions:
+    """With ``on``: ``opts`` writing to an empty cache folder (the cold build pays for writing it)."""
+    if not on:
+        return opts
+    import dataclasses
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    return dataclasses.replace(opts, cache_dir=str(cache))
+
+
+def _warm(opts: api.BuildOptions) -> api.BuildOptions:
+    import dataclasses
+
+    return dataclasses.replace(opts, out=opts.out + "-warm")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
@@ -218,6 +256,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     ap.add_argument("--latency-only", action="store_true", help="only time the int8 rows an earlier run left in --work, against their stock rows")
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per row per round (--latency-only)")
+    ap.add_argument("--warm-cache", action="store_true", help="build with an empty --cache-dir, then again from what it wrote")
     args = ap.parse_args()
     shared, out, work = Path(args.shared), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +283,10 @@ def main() -> int:
     if not args.only_vit_base:
         calib, evals = shared_split(shared, work / "split") if not (work / "split").exists() else (work / "split" / "calib", work / "split" / "eval")
         opts = api.BuildOptions(model=str(shared / "models" / "deit-tiny-patch16-224"), backend=BACKENDS, precisions=PRECISIONS, calib=str(calib), eval=str(evals), out=str(work / "deit-tiny"), force=True, threads=args.threads, latency=False)
+        opts = _with_cache(opts, work / "cache-deit-tiny", args.warm_cache)
         results["deit-tiny"] = run("DeiT-tiny (real weights)", opts, extra, progress, evals, args.rounds, 1.5)
+        if args.warm_cache:
+            results["deit-tiny-warm"] = run("DeiT-tiny (real weights), rebuilt from the cache the build above wrote", _warm(opts), [], progress, evals, 0, 0, latency=False)
         path.write_text(json.dumps(results, indent=2) + "\n")
     if not args.skip_vit_base:
         ckpt = vit_base_checkpoint(work / "vit-base-random") if not (work / "vit-base-random" / "config.json").exists() else work / "vit-base-random"
@@ -253,7 +295,11 @@ def main() -> int:
             link_images(files[: args.vit_base_calib], work / "split-vb" / "calib", None)
             link_images([f for i, f in enumerate(files) if i % 4 != 0][-32:], work / "split-vb" / "eval", None)
         opts = api.BuildOptions(model=str(ckpt), backend=BACKENDS, precisions=PRECISIONS, calib=str(work / "split-vb" / "calib"), eval=str(work / "split-vb" / "eval"), out=str(work / "vit-base"), force=True, threads=args.threads, latency=False)
-        results["vit-base"] = run(f"ViT-Base config (random weights), {args.vit_base_calib} calibration images", opts, extra, progress, work / "split-vb" / "eval", args.rounds, 2.0)
+        opts = _with_cache(opts, work / "cache-vit-base", args.warm_cache)
+        name = f"ViT-Base config (random weights), {args.vit_base_calib} calibration images"
+        results["vit-base"] = run(name, opts, extra, progress, work / "split-vb" / "eval", args.rounds, 2.0)
+        if args.warm_cache:
+            results["vit-base-warm"] = run(f"{name}, rebuilt from the cache the build above wrote", _warm(opts), [], progress, work / "split-vb" / "eval", 0, 0, latency=False)
     path.write_text(json.dumps(results, indent=2) + "\n")
     (out / "perf-build.md").write_text(markdown(results))
     print((out / "perf-build.md").read_text())

@@ -216,6 +216,40 @@ def test_search_weights_passed_as_arrays_give_the_same_scores(tiny_onnx, monkeyp
     assert sensitivity_scores(model, chosen, ranges, recipe, _batches()) == inline
 
 
+def test_cached_sensitivity_scores_are_the_computed_ones_and_any_change_misses(tiny_onnx, tmp_path, monkeypatch):
+    """--cache-dir keeps each search's scores under the digest of what they are computed from: the same inputs read
+    them back without a session; another range, weight or image set is another entry; a damaged entry is recomputed."""
+    from vitexport.quantization import cache, fallback
+
+    model = tiny_onnx.load()
+    recipe = dataclasses.replace(Int8Recipe(), fallback_images=6)
+    chosen, _ = select_linears(find_linears(model), recipe)
+    stats = collect_float_stats(model, _acts(model), _batches(), images=12, gram=False)
+    ranges = {a: (float(stats.min[a].min()), float(stats.max[a].max())) for a in stats.min}
+    plain = sensitivity_scores(model, chosen, ranges, recipe, _batches())
+    assert sensitivity_scores(model, chosen, ranges, recipe, _batches(), cache_dir=str(tmp_path)) == plain
+    entries = list(tmp_path.glob("fallback-scores-*.json"))
+    assert len(entries) == 1
+    real_score = fallback._score
+    monkeypatch.setattr(fallback, "_score", lambda *a, **k: pytest.fail("scored again although the entry matches"))
+    assert sensitivity_scores(model, chosen, ranges, recipe, _batches(), cache_dir=str(tmp_path)) == plain
+    monkeypatch.setattr(fallback, "_score", real_score)
+    act = sorted(ranges)[0]
+    moved = {**ranges, act: (ranges[act][0], ranges[act][1] * 1.01)}
+    changed_weight = tiny_onnx.load()
+    w = next(t for t in changed_weight.graph.initializer if t.name == chosen[-1].weight)
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] += 0.5
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    for args in ((model, chosen, moved, recipe, _batches()), (changed_weight, chosen, ranges, recipe, _batches()), (model, chosen, ranges, recipe, _batches(seed=1))):
+        sensitivity_scores(*args, cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("fallback-scores-*.json"))) == 4
+    entries[0].write_text('{"format": 1, "digest": "x", "scores": {}}')
+    assert cache.load_scores(tmp_path, "x" * 64, plain) is None
+    assert sensitivity_scores(model, chosen, ranges, recipe, _batches(), cache_dir=str(tmp_path)) == plain  # recomputed, rewritten
+    assert sensitivity_scores(model, chosen, ranges, recipe, _batches(), cache_dir=str(tmp_path / "other")) == plain
+
+
 def test_shared_statistics_give_the_same_int8_model(tiny_onnx):
     """quantize_int8 with the build's float statistics == with its own passes; a second recipe with the same ranges
     (OpenVINO's: only the fallback budget differs) reuses the sensitivity scores and the Gram matrices."""
@@ -336,12 +370,13 @@ def test_float_stats_cache_round_trip(tiny_onnx, tmp_path):
     assert load_float_stats(tmp_path, tiny_onnx.path, fp, acts) is None
 
 
-def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, image_folder, calib_folder, tmp_path):
+def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, image_folder, calib_folder, tmp_path, monkeypatch):
     """One build, ORT + TensorRT int8 and int4: one float pass for all of them, every stage in report.json, and a
-    second build with --cache-dir runs no float pass at all."""
+    second build with --cache-dir runs neither a float pass nor a sensitivity search, and leaves the same inputs float."""
     import json
 
     from vitexport.cli import main
+    from vitexport.quantization import fallback
 
     args = ["build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--backend", "onnxruntime,tensorrt",
             "--precision", "fp32,int8,int4", "--no-latency", "--quiet", "--cache-dir", str(tmp_path / "cache")]
@@ -352,11 +387,15 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
     assert "export and verification" in stages and "build tensorrt int8" in stages
     assert len(list((tmp_path / "cache").glob("float-stats-*.npz"))) == 1
     assert "Longest build stages" in (tmp_path / "a" / "report.md").read_text()
+    assert len(list((tmp_path / "cache").glob("fallback-scores-*.json"))) == 1  # TensorRT's search (ONNX Runtime's default runs none)
+    monkeypatch.setattr(fallback, "_score", lambda *a, **k: pytest.fail("a search ran although its scores are cached"))
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     again = [s["stage"] for s in json.loads((tmp_path / "b" / "report.json").read_text())["stages"]]
     assert not any("float statistics" in s for s in again), again
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("a", "b"))
     assert [r["size_bytes"] for r in ra] == [r["size_bytes"] for r in rb]
+    fa, fb = (json.loads((tmp_path / d / "tensorrt-int8" / "manifest.json").read_text())["recipe"]["sensitivity_fallback"] for d in ("a", "b"))
+    assert fa == fb and fa["kept_float"]
 
 
 def test_memo_drops_quantized_grams_when_no_later_recipe_can_use_them():

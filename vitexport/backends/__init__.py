@@ -208,11 +208,13 @@ def recipe_memo(reference, calibration: "Calibration"):
 
 
 def quantize_int8_shared(reference, calibration: "Calibration", recipe, stages=None):
-    """The core int8 recipe on ``reference`` with the build's float statistics and shared per-recipe results."""
+    """The core int8 recipe on ``reference`` with the build's float statistics and shared per-recipe results (and
+    its sensitivity scores from ``calibration.cache_dir`` when an earlier build searched the same candidates)."""
     from ..quantization.int8 import quantize_int8
 
     stats = float_stats(reference, calibration, stages)
-    result = quantize_int8(reference.load(), calibration.batches, recipe, stats=stats, memo=recipe_memo(reference, calibration), stages=stages, owned=True)
+    result = quantize_int8(reference.load(), calibration.batches, recipe, stats=stats, memo=recipe_memo(reference, calibration), stages=stages, owned=True,
+                           cache_dir=calibration.cache_dir)
     calibration.spill_quantized_grams()
     return result
 

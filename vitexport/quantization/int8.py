@@ -716,9 +716,11 @@ def sensitivity_scores(
     recipe: Int8Recipe,
     batches: Callable[[], Iterable[np.ndarray]],
     progress: Callable[[int], None] | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, float]:
     """KL from float when each quantized input alone is quantized (with its linears' weights rounded to nearest):
-    one gated session per transformer block, each candidate run from its block's input (quantization/fallback.py)."""
+    one gated session per transformer block, each candidate run from its block's input (quantization/fallback.py);
+    with ``cache_dir``, stored there and reused by a later build that would compute the same scores."""
     from .fallback import score_candidates
 
     groups = _fallback_groups(chosen)
@@ -736,7 +738,7 @@ def sensitivity_scores(
         q, sc = quantize_weight(w, axis, recipe.reduce_range, recipe.per_channel)
         return q.astype(np.float32) * ((sc[:, None] if l.trans_b else sc[None, :]) if recipe.per_channel else sc)
 
-    return score_candidates(model, x, groups, act_qdq, weight_codes, threads=recipe.calibration_threads, progress=progress)
+    return score_candidates(model, x, groups, act_qdq, weight_codes, threads=recipe.calibration_threads, progress=progress, cache_dir=cache_dir)
 
 
 def sensitivity_fallback(
@@ -875,11 +877,13 @@ def _activation_ranges(
     return ranges, int(recipe.calibration != "minmax")
 
 
-def _fallback(work: onnx.ModelProto, sel: _Selection, ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches, memo: Memo, stages: "Stages") -> tuple[list[dict], float]:
-    """(inputs left float by the measured search, summed KL of all inputs); the scores are shared through ``memo``."""
+def _fallback(work: onnx.ModelProto, sel: _Selection, ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches, memo: Memo, stages: "Stages",
+              cache_dir: str | None = None) -> tuple[list[dict], float]:
+    """(inputs left float by the measured search, summed KL of all inputs); the scores are shared through ``memo``
+    within a build and through ``cache_dir`` (--cache-dir) between builds."""
     fb_key = (smoothing_key(recipe), "fallback", recipe.fallback_images, recipe.reduce_range, recipe.per_channel)
     with stages.stage("sensitivity search", total=len(sel.acts), unit="input") as tick:
-        scores = memo(fb_key, lambda: sensitivity_scores(work, sel.chosen, ranges, recipe, batches, progress=tick))
+        scores = memo(fb_key, lambda: sensitivity_scores(work, sel.chosen, ranges, recipe, batches, progress=tick, cache_dir=cache_dir))
     return select_fallback_model(work, sel.chosen, scores, recipe.fallback_budget, recipe.fallback_min_kl), float(sum(scores.values()))
 
 
@@ -1053,6 +1057,7 @@ def quantize_int8(
     memo: Memo | None = None,
     stages: "Stages | None" = None,
     owned: bool = False,
+    cache_dir: str | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Static int8 QDQ model from the float ``model`` (unchanged) and calibration ``batches`` (a callable returning a
     fresh iterable of float32 NCHW arrays each call). Returns (quantized model, JSON-able summary).
@@ -1061,8 +1066,8 @@ def quantize_int8(
     this recipe runs no float pass of its own; ``memo(key, compute)``: a per-build store (Calibration.memo) through
     which recipes that share their smoothing and ranges (ONNX Runtime's and OpenVINO's) share their sensitivity
     scores, quantized-input Gram matrices and GPTQ codes; ``stages`` times each step with its own progress bar.
-    ``owned``: the caller hands ``model`` over (a fresh load), so it is rewritten in place instead of copied.
-    """
+    ``owned``: the caller hands ``model`` over (a fresh load), so it is rewritten in place instead of copied;
+    ``cache_dir``: where the sensitivity scores are kept between builds (quantization/cache.py)."""
     from ..progress import stages_of
 
     stages = stages_of(stages)
@@ -1084,7 +1089,7 @@ def quantize_int8(
     if acts:
         ranges, n = _activation_ranges(work, acts, batches, recipe, stats, {g.activation: g.scales for g in groups}, stages, progress)
         passes += n
-    fallback, kl_total = _fallback(work, sel, ranges, recipe, batches, memo, stages) if acts and recipe.fallback_budget > 0 else ([], 0.0)
+    fallback, kl_total = _fallback(work, sel, ranges, recipe, batches, memo, stages, cache_dir) if acts and recipe.fallback_budget > 0 else ([], 0.0)
     if fallback:
         sel = sel.without(fallback)
     gptq = _gptq_inputs(work, sel.chosen, ranges, recipe, batches, memo, images, stages, progress, stats, {g.activation: g.scales for g in groups}) if recipe.weight_rounding == "gptq" and sel.acts else None
