@@ -1056,8 +1056,7 @@ def quantize_int8(
     stats: "FloatStats | None" = None,
     memo: Memo | None = None,
     stages: "Stages | None" = None,
-    owned: bool = False,
-    cache_dir: str | None = None,
+    owned: bool = False, cache_dir: str | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Static int8 QDQ model from the float ``model`` (unchanged) and calibration ``batches`` (a callable returning a
     fresh iterable of float32 NCHW arrays each call). Returns (quantized model, JSON-able summary).
