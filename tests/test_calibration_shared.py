@@ -372,9 +372,11 @@ def test_float_stats_cache_round_trip(tiny_onnx, tmp_path):
 
 def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, image_folder, calib_folder, tmp_path, monkeypatch):
     """One build, ORT + TensorRT int8 and int4: one float pass for all of them, every stage in report.json, and a
-    second build with --cache-dir runs neither a float pass nor a sensitivity search, and leaves the same inputs float."""
+    second build with --cache-dir traces no ONNX and runs neither a float pass nor a sensitivity search, and leaves
+    the same inputs float."""
     import json
 
+    from vitexport import export
     from vitexport.cli import main
     from vitexport.quantization import fallback
 
@@ -388,7 +390,9 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
     assert len(list((tmp_path / "cache").glob("float-stats-*.npz"))) == 1
     assert "Longest build stages" in (tmp_path / "a" / "report.md").read_text()
     assert len(list((tmp_path / "cache").glob("fallback-scores-*.json"))) == 1  # TensorRT's search (ONNX Runtime's default runs none)
+    assert len(list((tmp_path / "cache").glob("reference-*"))) == 1
     monkeypatch.setattr(fallback, "_score", lambda *a, **k: pytest.fail("a search ran although its scores are cached"))
+    monkeypatch.setattr(export, "_trace", lambda *a, **k: pytest.fail("traced although the cache holds the reference"))
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     again = [s["stage"] for s in json.loads((tmp_path / "b" / "report.json").read_text())["stages"]]
     assert not any("float statistics" in s for s in again), again

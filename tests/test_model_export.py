@@ -115,3 +115,41 @@ def test_distilled_deit_exports(tmp_path):
     spec, ref = _export(ckpt, tmp_path / "out")
     assert spec.model_type == "deit" and spec.task == "classification"
     assert ref.verification["max_abs_diff"] < 1e-4
+
+
+def test_cached_reference_is_the_traced_one_and_is_checked_before_use(tiny_vit, tmp_path, monkeypatch):
+    """--cache-dir keeps the verified reference ONNX under the digest of the weights, code and toolchain: the same
+    model is copied, not traced, and still checked against PyTorch; an entry that no longer computes the model is
+    traced afresh; other weights are another key."""
+    import torch
+
+    from vitexport import export
+
+    spec = ModelSpec.load(tiny_vit)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    cache = tmp_path / "cache"
+    a = export_reference(spec, tmp_path / "a", x, cache_dir=str(cache))
+    (entry,) = cache.glob("reference-*")
+    assert (entry / "model.onnx").read_bytes() == a.path.read_bytes()
+    real_trace = export._trace
+    monkeypatch.setattr(export, "_trace", lambda *a, **k: pytest.fail("traced although the cache holds this model"))
+    b = export_reference(spec, tmp_path / "b", x, cache_dir=str(cache))
+    assert b.path.read_bytes() == a.path.read_bytes() and b.verification["max_abs_diff"] == a.verification["max_abs_diff"]
+
+    tampered = onnx.load(str(entry / "model.onnx"))
+    w = max(tampered.graph.initializer, key=lambda t: len(t.raw_data))
+    arr = onnx.numpy_helper.to_array(w) + np.random.default_rng(1).standard_normal(tuple(w.dims)).astype(np.float32)
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    onnx.save(tampered, str(entry / "model.onnx"))
+    monkeypatch.setattr(export, "_trace", real_trace)
+    warned: list[str] = []
+    monkeypatch.setattr(export.log, "warning", lambda msg, *args: warned.append(msg % args))
+    c = export_reference(spec, tmp_path / "c", x, cache_dir=str(cache))
+    assert c.path.read_bytes() == a.path.read_bytes() and any("failed its check against PyTorch" in w for w in warned)
+    assert (entry / "model.onnx").read_bytes() == a.path.read_bytes()  # the entry was replaced by the traced one
+
+    module = spec.load_torch()
+    key = export.export_key(a, module)
+    with torch.no_grad():
+        next(module.parameters()).view(-1)[0] += 0.1
+    assert export.export_key(a, module) != key

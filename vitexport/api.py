@@ -62,7 +62,7 @@ class BuildOptions:
     min_agreement: float | None = None
     max_top1_drop: float | None = None
     gate_rule: str = "point"
-    cache_dir: str | None = None  # on-disk cache of the float calibration statistics (vitexport.quantization.cache)
+    cache_dir: str | None = None  # on-disk cache: reference ONNX (export.export_key), float statistics, sensitivity scores (quantization.cache)
     remote: tuple = ()  # vitexport.remote.Device: measure every artifact on these devices too, in parallel
 
 
@@ -308,7 +308,7 @@ def _build_locked(opts: BuildOptions, progress: Progress, extra_builders: Sequen
 
         progress.step(f"exporting {spec.architecture} to ONNX (opset {opts.opset}) and checking it against PyTorch")
         with stages.stage("export and verification"):
-            reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset, module=module)
+            reference = export_reference(spec, cache / "reference", np.asarray(eval_x[:VERIFY_IMAGES]), opset=opts.opset, module=module, cache_dir=opts.cache_dir)
         del module
         release_freed_memory()  # the exporter's freed heap: 1.1 GB of RSS for ViT-Base that every later peak stacked on
 

@@ -73,7 +73,7 @@ def _add_build(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--opset", type=int, default=None, help="ONNX opset, 17 or newer (default: 18, or what the --target's TensorRT parses)")
     b.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that only have pickle (.bin) weights")
     b.add_argument("--no-latency", action="store_true", help="skip timing (accuracy, size and memory only)")
-    b.add_argument("--cache-dir", metavar="DIR", help="keep the float calibration statistics in DIR, keyed by the reference ONNX's and the calibration images' sha256, and reuse them in later builds (default: no cache)")
+    b.add_argument("--cache-dir", metavar="DIR", help="keep the verified reference ONNX, the float calibration statistics and the int8 sensitivity scores in DIR, each keyed by the sha256 of what it is computed from, and reuse them in later builds (default: no cache)")
     b.add_argument("--min-agreement", type=float, metavar="PCT", help="exit 1 if any artifact agrees with fp32 top-1 on fewer than PCT%% of images (see --gate-rule)")
     b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
     b.add_argument("--gate-rule", choices=("point", "interval"), default="point", help="when a gate fails: 'point' (default) when the measured figure is beyond the bar; 'interval' only when its whole 95%% interval is (a failure noise cannot explain)")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,12 +141,12 @@ def verification_problem(v: Mapping[str, Any]) -> str | None:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, opset: int = DEFAULT_OPSET, module=None) -> Reference:
+def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, opset: int = DEFAULT_OPSET, module=None, cache_dir: str | None = None) -> Reference:
     """Trace `spec` to ONNX (dynamic batch) in `out_dir/model.onnx` and check it against PyTorch on `verify_inputs`.
 
-    `module`: the spec's `load_torch()` when the caller already loaded it (to check the weights before slow work)."""
-    import torch
-
+    `module`: the spec's `load_torch()` when the caller already loaded it (to check the weights before slow work).
+    `cache_dir` (--cache-dir): an earlier build's ONNX of the same weights, code and toolchain (export_key) is copied
+    instead of traced again, and checked against PyTorch all the same; one that fails the check is traced afresh."""
     check_opset(opset)
     if not np.isfinite(verify_inputs).all():
         raise VitexportError("the preprocessed images contain NaN or inf: check image_mean, image_std and rescale_factor in preprocessor_config.json")
@@ -150,11 +155,37 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
     embedding = ""
     if spec.task == "embedding":
         embedding = "pooler_output" if getattr(module.model, "pooler", None) is not None else "cls_hidden_state"
-
-    c, h, w = spec.input_shape
-    example = torch.from_numpy(np.ascontiguousarray(verify_inputs[:2])) if len(verify_inputs) >= 2 else torch.randn(2, c, h, w)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
+    ref = Reference(path, spec, opset, num_parameters)
+    key = export_key(ref, module) if cache_dir else None
+    cached = key is not None and _cached_reference(cache_dir, key, out_dir)
+    if not cached:
+        _trace(ref, module, embedding, verify_inputs)
+    verification = verify(module, path, verify_inputs, spec.output_name)
+    problem = verification_problem(verification)
+    if problem and cached:  # an entry that no longer holds what its key says: never trust it, trace again
+        log.warning("cache: the cached reference ONNX failed its check against PyTorch (%s); exporting it again", problem)
+        shutil.rmtree(_cache_entry(cache_dir, key), ignore_errors=True)
+        _trace(ref, module, embedding, verify_inputs)
+        verification, cached = verify(module, path, verify_inputs, spec.output_name), False
+        problem = verification_problem(verification)
+    if problem:
+        raise VitexportError(problem)
+    if key is not None and not cached:
+        _store_reference(cache_dir, key, out_dir)
+    verification["embedding"] = embedding
+    log.info("reference ONNX verified on %d images: max abs diff %.2e", verification["n"], verification["max_abs_diff"])
+    return Reference(path, spec, opset, num_parameters, verification)
+
+
+def _trace(ref: Reference, module, embedding: str, verify_inputs: np.ndarray) -> None:
+    """torch.onnx's dynamo exporter -> ``ref.path``: the graph with source paths stripped and the metadata embedded."""
+    import torch
+
+    spec = ref.spec
+    c, h, w = spec.input_shape
+    example = torch.from_numpy(np.ascontiguousarray(verify_inputs[:2])) if len(verify_inputs) >= 2 else torch.randn(2, c, h, w)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
@@ -163,7 +194,7 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
                 module,
                 (example,),
                 dynamo=True,
-                opset_version=opset,
+                opset_version=ref.opset,
                 input_names=[INPUT_NAME],
                 output_names=[spec.output_name],
                 dynamic_shapes={"pixel_values": {0: batch}},
@@ -180,16 +211,73 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
     if dropped:
         log.info("dropped an all-visible attention mask added to %d attention score tensors", dropped)
     model.graph.output[0].doc_string = _output_doc(spec, embedding)
-    ref = Reference(path, spec, opset, num_parameters)
-    save_onnx(model, path, ref.metadata())
+    save_onnx(model, ref.path, ref.metadata())
 
-    verification = verify(module, path, verify_inputs, spec.output_name)
-    verification["embedding"] = embedding
-    problem = verification_problem(verification)
-    if problem:
-        raise VitexportError(problem)
-    log.info("reference ONNX verified on %d images: max abs diff %.2e", verification["n"], verification["max_abs_diff"])
-    return Reference(path, spec, opset, num_parameters, verification)
+
+EXPORT_FORMAT = 1  # bump when what the cached reference ONNX holds changes meaning
+
+
+def export_key(ref: Reference, module) -> str:
+    """sha256 of what the exported graph is made from: every tensor of the module's state dict, its structure,
+    the metadata written into the file, the opset, the exporter's and the model code's versions, and the source of
+    this module and model.py (the code that shapes the graph: a change to it is a new key, never a stale hit)."""
+    import onnx
+    import onnxscript
+    import torch
+    import transformers
+
+    h = hashlib.sha256()
+
+    def put(b: bytes) -> None:
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+
+    put(repr((EXPORT_FORMAT, ref.opset, torch.__version__, onnx.__version__, onnxscript.__version__, transformers.__version__)).encode())
+    for source in (Path(__file__), Path(__file__).with_name("model.py")):
+        put(source.read_bytes())
+    put(json.dumps(ref.metadata(), sort_keys=True).encode())
+    put(repr(module).encode())
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        put(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_entry(cache_dir, key: str) -> Path:
+    return Path(cache_dir) / f"reference-{key[:32]}"
+
+
+def _cached_reference(cache_dir, key: str, out_dir: Path) -> bool:
+    """Copy the cached reference (model.onnx and its weights file, if any) into ``out_dir``; False when none."""
+    entry = _cache_entry(cache_dir, key)
+    if not (entry / "model.onnx").is_file():
+        return False
+    try:
+        for f in entry.iterdir():
+            shutil.copyfile(f, out_dir / f.name)
+    except OSError as e:
+        log.warning("cache: cannot read %s (%s); exporting instead", entry, e)
+        return False
+    log.info("cache: reference ONNX from %s", entry)
+    return True
+
+
+def _store_reference(cache_dir, key: str, out_dir: Path) -> None:
+    """The verified reference into the cache: copied into a temporary folder, then renamed (never half an entry)."""
+    entry = _cache_entry(cache_dir, key)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=entry.parent))
+        for f in out_dir.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another build stored it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.warning("cache: cannot write %s (%s)", entry, e)
 
 
 def _output_doc(spec: ModelSpec, embedding: str) -> str:
