@@ -4,6 +4,7 @@
     python benchmarks/perf_build.py --skip-vit-base    # DeiT-tiny only
     python benchmarks/perf_build.py --only-vit-base    # ViT-Base only, keeping DeiT-tiny's results in --out
     python benchmarks/perf_build.py --warm-cache ...   # each build with a fresh --cache-dir, then again from it (CI rebuild)
+    python benchmarks/perf_build.py --warm-only ...    # only the rebuild, in this fresh process, from that cache
 
 For each model, one ``vitexport build --backend onnxruntime,openvino,coreml,tensorrt --precision
 fp32,fp16,int8,int4,palette4`` (the API call the CLI makes), plus the stock int8 rows it is compared with
@@ -26,6 +27,8 @@ only: its labels mean nothing). Results: benchmarks/results/perf-build.json and 
 With ``--warm-cache`` each model's build runs with an empty ``--cache-dir`` (the cold figures, writing the entries
 included), then once more from the entries it wrote: what a CI job that keeps the cache folder between runs pays
 for an unchanged model and image set (no stock rows, no latency; the rows' fidelity must equal the cold build's).
+That rebuild runs in the cold build's process, whose first-use imports are paid; ``--warm-only`` runs only the
+rebuild, in a fresh process, from the cache an earlier ``--warm-cache`` run left in ``--work``, as a CI job would.
 """
 
 from __future__ import annotations
@@ -194,13 +197,13 @@ def markdown(results: dict) -> str:
     lines = ["# Build performance (benchmarks/perf_build.py)", "", f"Command: `{results['command']}`. Host: {results['host']}. Each model's load average before and after "
              "says whether other jobs shared the cores: where it is well above the core count, wall seconds include waiting "
              "for a core and CPU seconds (process user + system) are the steadier figure.", ""]
-    for key in ("deit-tiny", "deit-tiny-warm", "vit-base", "vit-base-warm"):
+    for key in ("deit-tiny", "deit-tiny-warm", "deit-tiny-warm-fresh", "vit-base", "vit-base-warm", "vit-base-warm-fresh"):
         r = results.get(key)
         if not r:
             continue
-        lines += [f"## {r['model']}", "", r["command"], ""]
-        if key.endswith("-warm"):
-            lines += [_same_rows(results.get(key[: -len("-warm")]), r), ""]
+        lines += [f"## {r['model']}", "", r["command"] + (f" (run by `{r['run_by']}`)" if r.get("run_by") else ""), ""]
+        if "-warm" in key:
+            lines += [_same_rows(results.get(key.split("-warm")[0]), r), ""]
         lines += [
                   f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
@@ -238,6 +241,18 @@ def _with_cache(opts: api.BuildOptions, cache: Path, on: bool) -> api.BuildOptio
     return dataclasses.replace(opts, cache_dir=str(cache))
 
 
+SAME = "rebuilt from the cache the build above wrote, in its process (first-use imports paid)"
+FRESH = "rebuilt in a fresh process from the cache a cold --warm-cache build wrote"
+
+
+def _cached(opts: api.BuildOptions, cache: Path) -> api.BuildOptions:
+    if not cache.is_dir():
+        raise SystemExit(f"{cache} does not exist: run with --warm-cache first")
+    import dataclasses
+
+    return dataclasses.replace(opts, cache_dir=str(cache))
+
+
 def _warm(opts: api.BuildOptions) -> api.BuildOptions:
     import dataclasses
 
@@ -257,7 +272,10 @@ def main() -> int:
     ap.add_argument("--latency-only", action="store_true", help="only time the int8 rows an earlier run left in --work, against their stock rows")
     ap.add_argument("--seconds", type=float, default=1.0, help="seconds per row per round (--latency-only)")
     ap.add_argument("--warm-cache", action="store_true", help="build with an empty --cache-dir, then again from what it wrote")
+    ap.add_argument("--warm-only", action="store_true", help="only the rebuild from the cache an earlier --warm-cache run left in --work, in this process")
     args = ap.parse_args()
+    if args.warm_only and args.warm_cache:
+        ap.error("--warm-only reuses the cache a --warm-cache run wrote: give one of them")
     shared, out, work = Path(args.shared), Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     if args.latency_only:
@@ -276,17 +294,20 @@ def main() -> int:
 
     progress = Progress(enabled=True)
     path = out / "perf-build.json"
-    results = json.loads(path.read_text()) if args.only_vit_base and path.exists() else {}
+    results = json.loads(path.read_text()) if (args.only_vit_base or args.warm_only) and path.exists() else {}
     h = host_info()
     results.update({"command": "python " + " ".join(["benchmarks/perf_build.py", *sys.argv[1:]]), "host": f"{h['cpu']}, {h['cores']} cores"})
     extra = [stock_dynamic, stock_nncf_int8]
     if not args.only_vit_base:
         calib, evals = shared_split(shared, work / "split") if not (work / "split").exists() else (work / "split" / "calib", work / "split" / "eval")
         opts = api.BuildOptions(model=str(shared / "models" / "deit-tiny-patch16-224"), backend=BACKENDS, precisions=PRECISIONS, calib=str(calib), eval=str(evals), out=str(work / "deit-tiny"), force=True, threads=args.threads, latency=False)
-        opts = _with_cache(opts, work / "cache-deit-tiny", args.warm_cache)
-        results["deit-tiny"] = run("DeiT-tiny (real weights)", opts, extra, progress, evals, args.rounds, 1.5)
+        if args.warm_only:
+            results["deit-tiny-warm-fresh"] = run(f"DeiT-tiny (real weights), {FRESH}", _warm(_cached(opts, work / "cache-deit-tiny")), [], progress, evals, 0, 0, latency=False)
+        else:
+            opts = _with_cache(opts, work / "cache-deit-tiny", args.warm_cache)
+            results["deit-tiny"] = run("DeiT-tiny (real weights)", opts, extra, progress, evals, args.rounds, 1.5)
         if args.warm_cache:
-            results["deit-tiny-warm"] = run("DeiT-tiny (real weights), rebuilt from the cache the build above wrote", _warm(opts), [], progress, evals, 0, 0, latency=False)
+            results["deit-tiny-warm"] = run(f"DeiT-tiny (real weights), {SAME}", _warm(opts), [], progress, evals, 0, 0, latency=False)
         path.write_text(json.dumps(results, indent=2) + "\n")
     if not args.skip_vit_base:
         ckpt = vit_base_checkpoint(work / "vit-base-random") if not (work / "vit-base-random" / "config.json").exists() else work / "vit-base-random"
@@ -295,11 +316,17 @@ def main() -> int:
             link_images(files[: args.vit_base_calib], work / "split-vb" / "calib", None)
             link_images([f for i, f in enumerate(files) if i % 4 != 0][-32:], work / "split-vb" / "eval", None)
         opts = api.BuildOptions(model=str(ckpt), backend=BACKENDS, precisions=PRECISIONS, calib=str(work / "split-vb" / "calib"), eval=str(work / "split-vb" / "eval"), out=str(work / "vit-base"), force=True, threads=args.threads, latency=False)
-        opts = _with_cache(opts, work / "cache-vit-base", args.warm_cache)
         name = f"ViT-Base config (random weights), {args.vit_base_calib} calibration images"
-        results["vit-base"] = run(name, opts, extra, progress, work / "split-vb" / "eval", args.rounds, 2.0)
+        if args.warm_only:
+            results["vit-base-warm-fresh"] = run(f"{name}, {FRESH}", _warm(_cached(opts, work / "cache-vit-base")), [], progress, work / "split-vb" / "eval", 0, 0, latency=False)
+        else:
+            opts = _with_cache(opts, work / "cache-vit-base", args.warm_cache)
+            results["vit-base"] = run(name, opts, extra, progress, work / "split-vb" / "eval", args.rounds, 2.0)
         if args.warm_cache:
-            results["vit-base-warm"] = run(f"{name}, rebuilt from the cache the build above wrote", _warm(opts), [], progress, work / "split-vb" / "eval", 0, 0, latency=False)
+            results["vit-base-warm"] = run(f"{name}, {SAME}", _warm(opts), [], progress, work / "split-vb" / "eval", 0, 0, latency=False)
+    for key in ("deit-tiny", "deit-tiny-warm", "deit-tiny-warm-fresh", "vit-base", "vit-base-warm", "vit-base-warm-fresh"):
+        if key in results and "run_by" not in results[key]:  # this run's entries (--only-vit-base and --warm-only keep older ones)
+            results[key]["run_by"] = results["command"]
     path.write_text(json.dumps(results, indent=2) + "\n")
     (out / "perf-build.md").write_text(markdown(results))
     print((out / "perf-build.md").read_text())
