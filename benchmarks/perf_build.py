@@ -295,6 +295,7 @@ def main() -> int:
     progress = Progress(enabled=True)
     path = out / "perf-build.json"
     results = json.loads(path.read_text()) if (args.only_vit_base or args.warm_only) and path.exists() else {}
+    before = {id(v) for v in results.values()}
     h = host_info()
     results.update({"command": "python " + " ".join(["benchmarks/perf_build.py", *sys.argv[1:]]), "host": f"{h['cpu']}, {h['cores']} cores"})
     extra = [stock_dynamic, stock_nncf_int8]
@@ -325,7 +326,7 @@ def main() -> int:
         if args.warm_cache:
             results["vit-base-warm"] = run(f"{name}, {SAME}", _warm(opts), [], progress, work / "split-vb" / "eval", 0, 0, latency=False)
     for key in ("deit-tiny", "deit-tiny-warm", "deit-tiny-warm-fresh", "vit-base", "vit-base-warm", "vit-base-warm-fresh"):
-        if key in results and "run_by" not in results[key]:  # this run's entries (--only-vit-base and --warm-only keep older ones)
+        if key in results and id(results[key]) not in before:  # this run's entries (--only-vit-base and --warm-only keep older ones)
             results[key]["run_by"] = results["command"]
     path.write_text(json.dumps(results, indent=2) + "\n")
     (out / "perf-build.md").write_text(markdown(results))
