@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -436,3 +437,30 @@ def test_int8_two_digit_roles_limit_the_candidates(reference, calibration, tmp_p
     rec = OpenVinoBackend().build(reference, calibration, "int8", {"openvino": {"int8": opts}}, tmp_path / "fc2").manifest["recipe"]["two_digit"]
     assert rec["roles"] == ["fc2"] and rec["inputs"] and all(set(k["nodes"]) <= fc2 for k in rec["inputs"])
     assert rec["mac_fraction"] < 0.6  # a fraction of all linear MACs, of which the fc2 inputs are under half
+
+
+def test_openvino_and_nncf_telemetry_is_declined_in_vitexport_processes(tmp_path):
+    """openvino_telemetry forks a process per event from a background thread; one forked while another thread held
+    the import lock hung for minutes holding `vitexport bench --json`'s stdout open (this project's CI). Once the
+    OpenVINO backend is loaded, OpenVINO's converter and NNCF see "declined" and send nothing; the user's consent file
+    (under HOME) is not created; VITEXPORT_OPENVINO_TELEMETRY=1 leaves OpenVINO's own consent check in place."""
+    code = """
+        import os
+        from vitexport import backends
+        backends.get('openvino')
+        from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+        from openvino_telemetry.utils.opt_in_checker import OptInChecker
+        import nncf  # noqa: F401
+        from nncf.telemetry.wrapper import telemetry
+        patched = OptInChecker.check.__module__ != 'openvino_telemetry.utils.opt_in_checker'
+        print(patched, init_ovc_telemetry().consent, telemetry._impl.consent, os.path.exists(os.path.expanduser('~/intel/openvino_telemetry')))
+    """
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("CI", None)
+    run = lambda extra: subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env={**env, **extra})  # noqa: E731
+    res = run({})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["True", "False", "False", "False"], res.stdout
+    res = run({"VITEXPORT_OPENVINO_TELEMETRY": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[0] == "False", res.stdout

@@ -61,6 +61,30 @@ from . import Calibration, Capability, quantize_int8_shared, recipe_from, requir
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install vitexport[openvino]  (or: pip install openvino nncf)"
+TELEMETRY_ENV = "VITEXPORT_OPENVINO_TELEMETRY"  # "1": leave OpenVINO's and NNCF's usage telemetry as the user set it
+
+
+def decline_openvino_telemetry() -> bool:
+    """Turn off OpenVINO's and NNCF's usage telemetry in this process (True when it did).
+
+    openvino_telemetry sends unless the user opted out: ``openvino.convert_model`` and NNCF post events over HTTPS from
+    a process forked by a background thread. A fork taken while another thread holds the import lock never finishes
+    (its first import waits on a lock no thread of the child will release), and the child keeps its parent's stdout
+    open: a ``vitexport bench --json`` in a pipe then never reached EOF (seen in this project's CI, minutes after the
+    bench itself was done), and on an offline build host each event costs a fork and a failed lookup. So vitexport
+    answers OpenVINO's consent check with "declined" for its own process; the user's consent file is neither read
+    nor written. ``VITEXPORT_OPENVINO_TELEMETRY=1`` keeps OpenVINO's own choice."""
+    if os.environ.get(TELEMETRY_ENV) == "1":
+        return False
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:  # no telemetry package, nothing to decline
+        return False
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
+    return True
+
+
+decline_openvino_telemetry()  # before anything here imports openvino's converter or NNCF (they read consent once)
 DEVICE_ENV = "VITEXPORT_OPENVINO_DEVICE"  # overrides the device an artifact runs on (CPU, GPU, AUTO, ...)
 # The CPU plugin computes in bf16 by default on CPUs with AVX512_BF16 or AMX (measured here, AMD EPYC with
 # AVX512_BF16: the fp32 IR drifted 0.6% from onnxruntime fp32). Rows are measured in f32 so that a row's precision
