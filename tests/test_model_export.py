@@ -148,6 +148,14 @@ def test_cached_reference_is_the_traced_one_and_is_checked_before_use(tiny_vit, 
     assert c.path.read_bytes() == a.path.read_bytes() and any("failed its check against PyTorch" in w for w in warned)
     assert (entry / "model.onnx").read_bytes() == a.path.read_bytes()  # the entry was replaced by the traced one
 
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export.shutil, "copyfile", full_disk)
+    export._store_reference(cache, "f" * 64, c.path.parent)  # a cache that cannot be written costs time, not the build
+    monkeypatch.undo()
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]  # no half-written or temporary folder left
+
     module = spec.load_torch()
     key = export.export_key(a, module)
     with torch.no_grad():

@@ -167,6 +167,7 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
     if problem and cached:  # an entry that no longer holds what its key says: never trust it, trace again
         log.warning("cache: the cached reference ONNX failed its check against PyTorch (%s); exporting it again", problem)
         shutil.rmtree(_cache_entry(cache_dir, key), ignore_errors=True)
+        _clear(out_dir)
         _trace(ref, module, embedding, verify_inputs)
         verification, cached = verify(module, path, verify_inputs, spec.output_name), False
         problem = verification_problem(verification)
@@ -258,26 +259,35 @@ def _cached_reference(cache_dir, key: str, out_dir: Path) -> bool:
             shutil.copyfile(f, out_dir / f.name)
     except OSError as e:
         log.warning("cache: cannot read %s (%s); exporting instead", entry, e)
+        _clear(out_dir)
         return False
     log.info("cache: reference ONNX from %s", entry)
     return True
 
 
+def _clear(out_dir: Path) -> None:
+    """Remove what a cache copy left in ``out_dir``: a stray ``model.onnx.data`` beside a freshly traced model would
+    change the reference's sha256 (cache.file_sha256 reads it) though the model never reads it."""
+    for f in out_dir.iterdir():
+        if f.is_file():
+            f.unlink()
+
+
 def _store_reference(cache_dir, key: str, out_dir: Path) -> None:
     """The verified reference into the cache: copied into a temporary folder, then renamed (never half an entry)."""
-    entry = _cache_entry(cache_dir, key)
+    entry, tmp = _cache_entry(cache_dir, key), None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".reference-", dir=entry.parent))
         for f in out_dir.iterdir():
             if f.is_file():
                 shutil.copyfile(f, tmp / f.name)
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another build stored it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.rename(tmp, entry)  # fails when another build stored it first: theirs is kept
     except OSError as e:
-        log.warning("cache: cannot write %s (%s)", entry, e)
+        if not entry.is_dir():
+            log.warning("cache: cannot write %s (%s)", entry, e)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind (a full disk, say)
 
 
 def _output_doc(spec: ModelSpec, embedding: str) -> str:

@@ -9,8 +9,9 @@ costliest steps of the int8 recipes (ViT-Base on 2 cores: 220 s and 2 x 120 s of
   scores are computed from (fallback.candidates_digest: the model the recipe searches, weights included, the
   search images, each candidate's activation quantizer and rounded weights, onnxruntime's version).
 
-A different model, image set, preprocessing, recipe setting or vitexport format is a different file, never a stale
-hit. Entries are written to a temporary name and renamed, so a crash never leaves a half-written one; an unreadable
+(The third kind, the verified reference ONNX, is export.py's: ``reference-<export_key>/``, checked against PyTorch
+again on every use.) A different model, image set, preprocessing, recipe setting or vitexport format is a different
+file, never a stale hit. Entries are written to a temporary name and renamed, so a crash never leaves a half-written one; an unreadable
 or inconsistent entry is ignored (and recomputed). Keys are contents, not the CPU: an entry written on another CPU
 holds that CPU's float rounding, the same values to within it.
 """
