@@ -34,6 +34,7 @@ rebuild, in a fresh process, from the cache an earlier ``--warm-cache`` run left
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -138,6 +139,7 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
         "latency": lat,
         "load_average_before": load0,
         "load_average_after": os.getloadavg(),
+        **({"cache_mb": round(sum(f.stat().st_size for f in Path(opts.cache_dir).rglob("*") if f.is_file()) / 1e6, 1)} if opts.cache_dir else {}),
     }
 
 
@@ -208,6 +210,7 @@ def markdown(results: dict) -> str:
                   f"- build, excluding evaluation, timing and the stock rows: **{r['wall_s_build']:.0f} s wall, {r['cpu_s_build']:.0f} s CPU** "
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
                   f"- outside every stage (loading the checkpoint, first-use imports, writing the report; counted as build): {_outside_stages(r):.0f} s",
+                  *([f"- --cache-dir folder after the build: {r['cache_mb']:.0f} MB"] if "cache_mb" in r else []),
                   f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB (process peak {r['peak_mb_above_start'] + r.get('rss_mb_at_start', 0):.0f} MB, {r.get('rss_mb_at_start', 0):.0f} MB at the start: more where this process first wrote the ViT-Base checkpoint)", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
                   "| stage | wall s | CPU s | RSS at its end, MB | peak since its artifact began, MB |", "|---|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s.get('rss_mb', float('nan')):.0f} | {s.get('peak_mb', float('nan')):.0f} |"
@@ -234,7 +237,6 @@ def _with_cache(opts: api.BuildOptions, cache: Path, on: bool) -> api.BuildOptio
     """With ``on``: ``opts`` writing to an empty cache folder (the cold build pays for writing it)."""
     if not on:
         return opts
-    import dataclasses
     import shutil
 
     shutil.rmtree(cache, ignore_errors=True)
@@ -248,14 +250,10 @@ FRESH = "rebuilt in a fresh process from the cache a cold --warm-cache build wro
 def _cached(opts: api.BuildOptions, cache: Path) -> api.BuildOptions:
     if not cache.is_dir():
         raise SystemExit(f"{cache} does not exist: run with --warm-cache first")
-    import dataclasses
-
     return dataclasses.replace(opts, cache_dir=str(cache))
 
 
 def _warm(opts: api.BuildOptions) -> api.BuildOptions:
-    import dataclasses
-
     return dataclasses.replace(opts, out=opts.out + "-warm")
 
 
