@@ -378,7 +378,7 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
 
     from vitexport import export
     from vitexport.cli import main
-    from vitexport.quantization import fallback
+    from vitexport.quantization import fallback, int4, int8
 
     args = ["build", "--model", str(tiny_vit), "--eval", str(image_folder), "--calib", str(calib_folder), "--backend", "onnxruntime,tensorrt",
             "--precision", "fp32,int8,int4", "--no-latency", "--quiet", "--cache-dir", str(tmp_path / "cache")]
@@ -391,8 +391,11 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
     assert "Longest build stages" in (tmp_path / "a" / "report.md").read_text()
     assert len(list((tmp_path / "cache").glob("fallback-scores-*.json"))) == 1  # TensorRT's search (ONNX Runtime's default runs none)
     assert len(list((tmp_path / "cache").glob("reference-*"))) == 1
+    assert len(list((tmp_path / "cache").glob("codes-*.npz"))) >= 2 * 4  # each GPTQ-rounded layer's int8 and int4 codes
     monkeypatch.setattr(fallback, "_score", lambda *a, **k: pytest.fail("a search ran although its scores are cached"))
     monkeypatch.setattr(export, "_trace", lambda *a, **k: pytest.fail("traced although the cache holds the reference"))
+    monkeypatch.setattr(int8, "gptq_weight", lambda *a, **k: pytest.fail("GPTQ int8 ran although the cache holds its codes"))
+    monkeypatch.setattr(int4, "quantize_gptq", lambda *a, **k: pytest.fail("GPTQ int4 ran although the cache holds its codes"))
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     again = [s["stage"] for s in json.loads((tmp_path / "b" / "report.json").read_text())["stages"]]
     assert not any("float statistics" in s for s in again), again
@@ -400,6 +403,8 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
     assert [r["size_bytes"] for r in ra] == [r["size_bytes"] for r in rb]
     fa, fb = (json.loads((tmp_path / d / "tensorrt-int8" / "manifest.json").read_text())["recipe"]["sensitivity_fallback"] for d in ("a", "b"))
     assert fa == fb and fa["kept_float"]
+    for row in ("onnxruntime-int8", "onnxruntime-int4", "tensorrt-int8"):  # the cached codes are the computed ones, bit for bit
+        assert (tmp_path / "a" / row / "model.onnx").read_bytes() == (tmp_path / "b" / row / "model.onnx").read_bytes(), row
 
 
 def test_memo_drops_quantized_grams_when_no_later_recipe_can_use_them():

@@ -50,3 +50,41 @@ def test_group_size_must_divide_output_channels():
     w, x = _layer(n=30)
     with pytest.raises(ValueError, match="multiple of the palette group size"):
         palettize_gptq(w, x.T @ x, PaletteRecipe(group_size=8))
+
+
+def test_cached_palettes_are_the_computed_ones_and_a_bad_entry_is_recomputed(tmp_path, monkeypatch):
+    """With --cache-dir a layer's palettes are kept as palettes and 4-bit indices (FloatStats.derived): the weight
+    read back is palettize_gptq's bit for bit, a second build computes nothing, another weight or recipe misses, and a
+    corrupt or non-finite entry is ignored and written again."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from vitexport.quantization import palette
+    from vitexport.quantization.cache import CodesCache
+    from vitexport.quantization.calibration import FloatStats
+
+    w, x = _layer()
+    stats = FloatStats(min={"x": x.min(0)}, max={"x": x.max(0)}, gram={"x": x.T @ x}, top={}, bottom={}, elements={"x": x.size}, images=1)
+    cached = dataclasses.replace(stats, codes_cache=CodesCache(tmp_path, "stats-key"))
+    layer = SimpleNamespace(activation="x", node=SimpleNamespace(name="fc"))
+    recipe = PaletteRecipe(group_size=8)
+    want_q, want_lut = palettize_gptq(w, x.T @ x, recipe)
+    for s in (stats, cached, cached):  # no cache; cache miss; cache hit
+        q, lut = palette.palettize_cached(s, layer, w, recipe)
+        np.testing.assert_array_equal(q, want_q)
+        np.testing.assert_array_equal(lut, want_lut)
+        assert q.dtype == np.float32
+    entries = list(tmp_path.glob("codes-*.npz"))
+    assert len(entries) == 1
+    monkeypatch.setattr(palette, "palettize_gptq", lambda *a, **kw: pytest.fail("palettes computed although cached"))
+    palette.palettize_cached(cached, layer, w, recipe)
+    monkeypatch.undo()
+    palette.palettize_cached(cached, layer, w * 1.01, recipe)  # another weight
+    palette.palettize_cached(cached, layer, w, PaletteRecipe(group_size=8, refine=0))  # another recipe
+    assert len(list(tmp_path.glob("codes-*.npz"))) == 3
+    entries[0].write_bytes(b"not an npz")
+    np.testing.assert_array_equal(palette.palettize_cached(cached, layer, w, recipe)[0], want_q)
+    path, digest = cached.codes_cache.path(("palette", "fc", "x", None, "r"))
+    np.savez(path, digest=np.array(digest), count=np.array(1), a0=np.array([np.nan], np.float32))
+    calls = []
+    assert np.isfinite(cached.codes_cache.get(("palette", "fc", "x", None, "r"), lambda: calls.append(1) or (np.ones(1, np.float32),))[0]).all() and calls

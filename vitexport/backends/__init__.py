@@ -171,13 +171,14 @@ SPILL_GRAM_BYTES = 256 << 20
 def float_stats(reference, calibration: "Calibration", stages=None):
     """The build's float statistics of ``reference`` on the calibration images (calibration.FloatStats): one pass,
     shared by every recipe (int8 ranges and smoothing, int4 / palette / CoreML int8 Hessians); from
-    ``calibration.cache_dir`` when an earlier build computed them for the same reference file and images."""
+    ``calibration.cache_dir`` when an earlier build computed them for the same reference file and images (and then
+    the GPTQ codes rounded against them are kept there too: FloatStats.derived)."""
     from ..progress import stages_of
 
     key = ("float-stats", str(Path(reference.path).resolve()))
 
     def compute():
-        from ..quantization.cache import load_float_stats, save_float_stats
+        from ..quantization.cache import load_float_stats, save_float_stats, with_codes_cache
         from ..ort_session import release_freed_memory
         from ..quantization.calibration import collect_float_stats, spill_grams
         from ..quantization.graph import find_linears, unscaled_inputs
@@ -187,7 +188,7 @@ def float_stats(reference, calibration: "Calibration", stages=None):
         acts = sorted({l.activation for l in linears})
         cached = load_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts) if calibration.cache_dir else None
         if cached is not None:
-            return spill_grams(cached, SPILL_GRAM_BYTES)
+            return with_codes_cache(spill_grams(cached, SPILL_GRAM_BYTES), calibration.cache_dir, reference.path, calibration.fingerprint, acts)
         unscaled = unscaled_inputs(linears)
         del model, linears  # the pass loads its own copy and drops it once serialized
         with stages_of(stages).stage("float statistics (one pass, shared by every recipe)", total=calibration.count) as tick:
@@ -196,7 +197,7 @@ def float_stats(reference, calibration: "Calibration", stages=None):
             save_float_stats(calibration.cache_dir, reference.path, calibration.fingerprint, acts, stats)
         stats = spill_grams(stats, SPILL_GRAM_BYTES)
         release_freed_memory()  # the in-memory Grams just written out
-        return stats
+        return with_codes_cache(stats, calibration.cache_dir, reference.path, calibration.fingerprint, acts)
 
     return calibration.memo(key, compute)
 

@@ -1,7 +1,7 @@
 """On-disk cache of what a build computes from the calibration images (``vitexport build --cache-dir DIR``).
 
-Two kinds of entry, so rebuilding one target after changing another, or rerunning a build in CI, skips the two
-costliest steps of the int8 recipes (ViT-Base on 2 cores: 220 s and 2 x 120 s of a 750 s build):
+Three kinds of entry, so rebuilding one target after changing another, or rerunning a build in CI, skips the
+costliest steps of the recipes (ViT-Base on 2 cores: 220 s and 2 x 120 s of a 750 s build, then about 190 s of GPTQ):
 
 - the float statistics (calibration.FloatStats): one ``.npz`` named by the sha256 of (format version, the reference
   ONNX's sha256, the images' sha256, the observed tensors);
@@ -9,7 +9,11 @@ costliest steps of the int8 recipes (ViT-Base on 2 cores: 220 s and 2 x 120 s of
   scores are computed from (fallback.candidates_digest: the model the recipe searches, weights included, the
   search images, each candidate's activation quantizer and rounded weights, onnxruntime's version).
 
-(The third kind, the verified reference ONNX, is export.py's: ``reference-<export_key>/``, checked against PyTorch
+- the weight codes rounded against the float statistics (GPTQ int8 of every int8 recipe and of CoreML, int4, the
+  4-bit palettes): one ``.npz`` per layer and recipe named by the sha256 of (the float statistics' entry key, the
+  layer, its weight's digest, the recipe's settings, the source of the modules that round); CodesCache.
+
+(The fourth kind, the verified reference ONNX, is export.py's: ``reference-<export_key>/``, checked against PyTorch
 again on every use.) A different model, image set, preprocessing, recipe setting or vitexport format is a different
 file, never a stale hit. Entries are written to a temporary name and renamed, so a crash never leaves a half-written one; an unreadable
 or inconsistent entry is ignored (and recomputed). Keys are contents, not the CPU: an entry written on another CPU
@@ -18,13 +22,16 @@ holds that CPU's float rounding, the same values to within it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -151,3 +158,81 @@ def load_scores(cache_dir, digest: str, names) -> dict[str, float] | None:
         return None
     log.info("calibration cache: sensitivity scores from %s", path)
     return scores
+
+
+CODES_FORMAT = 1  # bump when what CodesCache stores changes meaning
+# the modules whose code decides the codes (GPTQ, its inverse factors, the int8, int4 and palette rounding): an edit
+# to any of them is a miss, never a stale hit
+CODE_SOURCES = ("gptq.py", "int8.py", "int4.py", "palette.py", "calibration.py")
+
+
+@functools.lru_cache(maxsize=1)
+def _code_sources() -> str:
+    h = hashlib.sha256(np.__version__.encode())
+    for name in CODE_SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CodesCache:
+    """Weight codes rounded against one build's float statistics (FloatStats.derived), kept in ``folder`` between
+    builds. ``stats_key`` names what the statistics are computed from (entry_path's key: their format, the
+    reference's sha256, the images' sha256, the observed tensors); each entry's own key names the rest (the layer,
+    its weight's digest, the recipe's settings)."""
+
+    folder: Path
+    stats_key: str
+
+    def path(self, key: tuple) -> tuple[Path, str]:
+        digest = hashlib.sha256(repr((CODES_FORMAT, _code_sources(), self.stats_key, key)).encode()).hexdigest()
+        return self.folder / f"codes-{digest[:32]}.npz", digest
+
+    def get(self, key: tuple, compute: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        path, digest = self.path(key)
+        arrays = self._load(path, digest)
+        if arrays is None:
+            arrays = tuple(compute())
+            self._save(path, digest, arrays)
+        return arrays
+
+    @staticmethod
+    def _load(path: Path, digest: str) -> tuple[np.ndarray, ...] | None:
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["digest"]) != digest:
+                    raise ValueError("another key")
+                arrays = tuple(z[f"a{i}"] for i in range(int(z["count"])))
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("calibration cache: ignoring unreadable %s (%s)", path, e)
+            return None
+        if not all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"):
+            log.warning("calibration cache: ignoring %s (non-finite values)", path)
+            return None
+        return arrays
+
+    @staticmethod
+    def _save(path: Path, digest: str, arrays: tuple[np.ndarray, ...]) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".codes-", suffix=".npz", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, digest=np.array(digest), count=np.array(len(arrays)), **{f"a{i}": np.asarray(a) for i, a in enumerate(arrays)})
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as e:  # a cache that cannot be written costs time, not the build
+            log.warning("calibration cache: cannot write %s (%s)", path, e)
+
+
+def with_codes_cache(stats: FloatStats, cache_dir, reference_path, fingerprint: str | None, acts: list[str]) -> FloatStats:
+    """``stats`` whose derived results (FloatStats.derived) are kept under ``cache_dir``; unchanged without one."""
+    if not cache_dir or fingerprint is None:
+        return stats
+    import dataclasses
+
+    return dataclasses.replace(stats, codes_cache=CodesCache(Path(cache_dir), entry_path(cache_dir, reference_path, fingerprint, acts).stem))

@@ -12,7 +12,7 @@ import os
 import tempfile
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -254,6 +254,8 @@ class FloatStats:
     bottom: dict[str, np.ndarray]
     elements: dict[str, int]
     images: int
+    # where results rounded against these statistics are kept between builds (cache.CodesCache, --cache-dir), or None
+    codes_cache: Any = dataclasses.field(default=None, compare=False, repr=False)
     _factors: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     def absmax(self) -> dict[str, np.ndarray]:
@@ -277,6 +279,12 @@ class FloatStats:
             self._factors[key] = (u, dead)
         u, dead = self._factors[key]
         return (u["u"] if isinstance(u, SpilledArrays) else u), dead
+
+    def derived(self, key: tuple, compute: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        """``compute()``: arrays that depend only on these statistics and on what ``key`` names (a layer's GPTQ codes:
+        its weight's digest, the recipe's settings); read from the build's --cache-dir when an earlier build rounded
+        the same, else computed (and stored there)."""
+        return compute() if self.codes_cache is None else self.codes_cache.get(key, compute)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for d in (self.min, self.max, self.gram, self.top, self.bottom) for a in d.values())

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
+
+
+def array_digest(a: np.ndarray | None) -> str | None:
+    """A short content digest of a weight (as float32) for the keys of its rounded codes; None for None."""
+    return None if a is None else hashlib.blake2b(np.ascontiguousarray(a, np.float32).tobytes(), digest_size=16).hexdigest()
 
 
 def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:

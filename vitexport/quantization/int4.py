@@ -63,7 +63,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import stream_activations
-from .gptq import upper_cholesky_of_inverse
+from .gptq import array_digest, upper_cholesky_of_inverse
 from .graph import MS_DOMAIN, ROLES, Linear, const_array, drop_unused_constants, ensure_ms_opset, find_linears, kept_float, weight_nk
 
 if TYPE_CHECKING:
@@ -481,8 +481,17 @@ class _StatsHessians(dict):
     def __missing__(self, act: str) -> np.ndarray:
         return self.stats.gram[act]
 
-    def factor(self, act: str):
-        return lambda: self.stats.inverse_factor(act, self.damp)
+    def quantize(self, l: Linear, w_nk: np.ndarray, block: int, recipe: Int4Recipe) -> QuantizedWeight:
+        """quantize_gptq of ``l``'s weight against its input's X^T X and shared inverse factor (FloatStats.derived:
+        read from --cache-dir when an earlier build rounded the same)."""
+        act = l.activation
+
+        def compute():
+            qw = quantize_gptq(w_nk, self[act], block, recipe, lambda: self.stats.inverse_factor(act, self.damp))
+            return qw.codes, qw.scales, qw.zero_points
+
+        codes, scales, zps = self.stats.derived(("int4-gptq", l.node.name, act, array_digest(w_nk), block, repr(recipe)), compute)
+        return QuantizedWeight(codes, scales, zps, w_nk.shape[1], block)
 
 
 def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Linear], hessians: dict[str, np.ndarray], recipe: Int4Recipe) -> list[tuple[Linear, QuantizedWeight, dict]]:
@@ -492,8 +501,10 @@ def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Line
         w = weight_nk(work, l)
         n_out, k = w.shape
         block = choose_block_size(k, recipe.block_sizes)
-        factor = hessians.factor(l.activation) if isinstance(hessians, _StatsHessians) else None
-        qw = quantize_gptq(w, hessians[l.activation], block, recipe, factor) if recipe.method == "gptq" else quantize_rtn(w, block, recipe)
+        if isinstance(hessians, _StatsHessians):  # against the build's float statistics: kept between builds with --cache-dir
+            qw = hessians.quantize(l, w, block, recipe)
+        else:
+            qw = quantize_gptq(w, hessians[l.activation], block, recipe) if recipe.method == "gptq" else quantize_rtn(w, block, recipe)
         done.append((l, qw, {"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": block,
                              "rel_weight_error": round(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-30)), 5)}))
     return done

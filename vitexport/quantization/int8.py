@@ -30,7 +30,6 @@ What it does, on a copy of the float model:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
@@ -42,7 +41,7 @@ from onnx import helper, numpy_helper
 from ..ort_session import ort_session
 from .calibration import GramSums, HistogramObserver, stream_activations
 from .divergence import kl_divergence as _kl
-from .gptq import damped_inverse_factor, gptq_round
+from .gptq import array_digest, damped_inverse_factor, gptq_round
 from .graph import GraphIndex, Linear, drop_unused_constants, find_linears, kept_float, unscaled_inputs
 
 if TYPE_CHECKING:
@@ -381,8 +380,7 @@ def float_gram_codes_key(node: str, act: str, w_nk: np.ndarray, scales: np.ndarr
     (the weight as rounded, the input's SmoothQuant scales or None). So recipes whose smoothing, ranges or centring
     differ but leave a layer alone share its codes: TensorRT's and CoreML's full 8-bit fc2 and attention output
     projections, which no recipe smooths."""
-    digest = lambda a: None if a is None else hashlib.blake2b(np.ascontiguousarray(a, np.float32).tobytes(), digest_size=16).hexdigest()  # noqa: E731
-    return ("float-gram-gptq", node, act, digest(w_nk), digest(scales), reduce_range, float(damp))
+    return ("float-gram-gptq", node, act, array_digest(w_nk), array_digest(scales), reduce_range, float(damp))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -488,11 +486,13 @@ def _weight_codes(
         return gptq_weight(w_nk, hessians[act], recipe.reduce_range, recipe.gptq_damp)
 
     # the codes depend on the layer, its weight and its input statistics only: same key, same codes
+    compute = rounded
     if isinstance(hessians, _SmoothedGrams):  # float X^T X: the ranges do not enter, the smoothing does
         key = float_gram_codes_key(l.node.name, act, w_nk, hessians.scales(act), recipe.reduce_range, recipe.gptq_damp)
+        compute = lambda: hessians.stats.derived(key, rounded)  # noqa: E731 (and between builds, with --cache-dir)
     else:
         key = (l.node.name, act, float(np.float32(ranges[act][0])), float(np.float32(ranges[act][1])))
-    codes, ws = memo(key, rounded) if memo else rounded()
+    codes, ws = memo(key, compute) if memo else compute()
     return (codes if l.trans_b else np.ascontiguousarray(codes.T)), ws
 
 
@@ -947,6 +947,10 @@ class _SmoothedGrams(Mapping):
 
     def scales(self, act: str) -> np.ndarray | None:
         return self._scales.get(act)
+
+    @property
+    def stats(self) -> "FloatStats":
+        return self._stats
 
     def __iter__(self):
         return iter(self._acts)

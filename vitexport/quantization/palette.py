@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .gptq import damped_inverse_factor, gptq_round
+from .gptq import array_digest, damped_inverse_factor, gptq_round
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +106,21 @@ def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe 
         mids = (rows[:, 1:] + rows[:, :-1]) / 2
         q, fit = gptq_round(w, u, lambda x, _col: _nearest(x, rows, mids), recipe.lazy_columns)
     return q.astype(np.float32), lut.astype(np.float32)
+
+
+def palettize_cached(stats, l, w_nk: np.ndarray, recipe: PaletteRecipe = PaletteRecipe()) -> tuple[np.ndarray, np.ndarray]:
+    """``palettize_gptq`` of linear ``l``'s weight ``w_nk`` against the build's float statistics ``stats`` (its
+    input's X^T X and shared inverse factor), kept as palettes and 4-bit indices between builds with --cache-dir
+    (FloatStats.derived): a quarter of the float weight's bytes, decoded exactly."""
+    act, g = l.activation, recipe.group_size
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        q, lut = palettize_gptq(w_nk, stats.gram[act], recipe, factor=lambda: stats.inverse_factor(act, recipe.damp))
+        rows = np.repeat(lut, g, axis=0)
+        idx = (q[:, :, None] > rows[:, None, :]).sum(-1).astype(np.uint8)  # sorted palettes: the first entry equal to q
+        if not np.array_equal(np.take_along_axis(rows, idx.astype(np.intp), axis=1), q):
+            raise RuntimeError(f"palette: {l.node.name}'s weight does not lie on its palettes")
+        return idx, lut
+
+    idx, lut = stats.derived(("palette", l.node.name, act, array_digest(w_nk), repr(recipe)), compute)
+    return np.take_along_axis(np.repeat(lut, g, axis=0), idx.astype(np.intp), axis=1), lut

@@ -50,7 +50,8 @@ def _attach_gptq_int8(head, reference, calibration, names: dict[str, tuple[str, 
         tname, _ = names[l.weight]
         w = weight_nk(model, l)
         key = ("codes", float_gram_codes_key(l.node.name, l.activation, w, None, False, damp))
-        codes, scale = memo(key, lambda w=w, act=l.activation: gptq_weight(w, None, reduce_range=False, damp=damp, factor=lambda: stats.inverse_factor(act, damp)))
+        # the same content key as TensorRT's unsmoothed layers (int8._weight_codes), in the build and in --cache-dir
+        codes, scale = memo(key, lambda w=w, act=l.activation, k=key[1]: stats.derived(k, lambda: gptq_weight(w, None, reduce_range=False, damp=damp, factor=lambda: stats.inverse_factor(act, damp))))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
             params[tname].copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
@@ -73,7 +74,7 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, name
     import torch
 
     from ...quantization.graph import weight_nk
-    from ...quantization.palette import PaletteRecipe, palettize_gptq
+    from ...quantization.palette import PaletteRecipe, palettize_cached
 
     t0 = time.perf_counter()
     recipe = PaletteRecipe(group_size=opts.palette_group_size)
@@ -83,7 +84,7 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, name
     for l in linears:
         tname, _ = names[l.weight]
         w = weight_nk(model, l)  # [N, K]: torch Linear's own layout
-        q, lut = palettize_gptq(w, stats.gram[l.activation], recipe, factor=lambda act=l.activation: stats.inverse_factor(act, recipe.damp))
+        q, lut = palettize_cached(stats, l, w, recipe)
         errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
