@@ -82,9 +82,16 @@ def test_cached_palettes_are_the_computed_ones_and_a_bad_entry_is_recomputed(tmp
     palette.palettize_cached(cached, layer, w * 1.01, recipe)  # another weight
     palette.palettize_cached(cached, layer, w, PaletteRecipe(group_size=8, refine=0))  # another recipe
     assert len(list(tmp_path.glob("codes-*.npz"))) == 3
+    from vitexport.quantization import cache
+
+    key = ("palette", "fc", "x", None, "r")
+    before = cached.codes_cache.path(key)
+    monkeypatch.setattr(cache, "_code_sources", lambda: "an edited gptq.py")  # rounding code changed: another entry
+    assert cached.codes_cache.path(key) != before
+    monkeypatch.undo()
     entries[0].write_bytes(b"not an npz")
     np.testing.assert_array_equal(palette.palettize_cached(cached, layer, w, recipe)[0], want_q)
-    path, digest = cached.codes_cache.path(("palette", "fc", "x", None, "r"))
+    path, digest = cached.codes_cache.path(key)
     np.savez(path, digest=np.array(digest), count=np.array(1), a0=np.array([np.nan], np.float32))
     calls = []
-    assert np.isfinite(cached.codes_cache.get(("palette", "fc", "x", None, "r"), lambda: calls.append(1) or (np.ones(1, np.float32),))[0]).all() and calls
+    assert np.isfinite(cached.codes_cache.get(key, lambda: calls.append(1) or (np.ones(1, np.float32),))[0]).all() and calls

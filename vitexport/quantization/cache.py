@@ -168,7 +168,9 @@ CODE_SOURCES = ("gptq.py", "int8.py", "int4.py", "palette.py", "calibration.py")
 
 @functools.lru_cache(maxsize=1)
 def _code_sources() -> str:
-    h = hashlib.sha256(np.__version__.encode())
+    from importlib.metadata import version
+
+    h = hashlib.sha256(repr((np.__version__, version("torch"))).encode())  # torch: the inverse factors' Cholesky
     for name in CODE_SOURCES:
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()
