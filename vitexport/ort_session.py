@@ -11,7 +11,7 @@ from .errors import VitexportError
 
 
 def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, optimization: str = "all", qdq_fusion: bool = True, what: str | None = None, user_model: bool = True, spinning: bool = True,
-                initializers: Mapping[str, Any] | None = None):
+                initializers: Mapping[str, Any] | None = None, prepack: bool = True):
     """An ``onnxruntime.InferenceSession`` on the CPU provider for a path, serialized bytes or a ModelProto.
 
     ``optimization``: "all" (runners: the fusions the runtime really does) or "basic" (emulations, whose float16
@@ -21,7 +21,8 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
     memory itself (calibration, the fallback search), where a refusal is a bug and its own error propagates.
     ``spinning=False``: idle intra-op threads sleep instead of busy-waiting (long batch loops on a shared host).
     ``initializers``: numpy arrays for the model's in-memory external initializers (``fallback.light_model``), which
-    onnxruntime copies in before it optimises the graph."""
+    onnxruntime copies in before it optimises the graph. ``prepack=False``: MatMul weights are not copied into
+    onnxruntime's packed layout (one more copy of every weight held by the session)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -32,6 +33,8 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
     so.log_severity_level = 3
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if not qdq_fusion:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     if initializers:

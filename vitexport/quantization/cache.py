@@ -118,7 +118,7 @@ def load_float_stats(cache_dir, reference_path, fingerprint: str | None, acts: l
     return stats
 
 
-SCORES_FORMAT = 1  # bump when the sensitivity scores change meaning (what fallback.score_candidates measures)
+SCORES_FORMAT = 2  # bump when the sensitivity scores change (what fallback.score_candidates measures, or how: 2, no prepacking)
 
 
 def scores_path(cache_dir: str | os.PathLike, digest: str) -> Path:
