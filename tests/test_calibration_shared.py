@@ -392,11 +392,22 @@ def test_build_calibrates_once_times_every_stage_and_reuses_the_cache(tiny_vit, 
     assert len(list((tmp_path / "cache").glob("fallback-scores-*.json"))) == 1  # TensorRT's search (ONNX Runtime's default runs none)
     assert len(list((tmp_path / "cache").glob("reference-*"))) == 1
     assert len(list((tmp_path / "cache").glob("codes-*.npz"))) >= 2 * 4  # each GPTQ-rounded layer's int8 and int4 codes
+    import os
+
+    cache = tmp_path / "cache"
+    entries = sorted(p.name for p in cache.iterdir())
+    for p in cache.iterdir():  # as if written an hour ago: only a hit in the next build keeps them under a 1-byte bound
+        os.utime(p, (p.stat().st_atime, p.stat().st_mtime - 3600))
+    (cache / "codes-0123456789abcdef.npz").write_bytes(b"x" * 100)  # an entry no build uses any more
+    os.utime(cache / "codes-0123456789abcdef.npz", (0, 1e9))
+    (cache / "notes.txt").write_text("not an entry")
     monkeypatch.setattr(fallback, "_score", lambda *a, **k: pytest.fail("a search ran although its scores are cached"))
     monkeypatch.setattr(export, "_trace", lambda *a, **k: pytest.fail("traced although the cache holds the reference"))
     monkeypatch.setattr(int8, "gptq_weight", lambda *a, **k: pytest.fail("GPTQ int8 ran although the cache holds its codes"))
     monkeypatch.setattr(int4, "quantize_gptq", lambda *a, **k: pytest.fail("GPTQ int4 ran although the cache holds its codes"))
-    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--cache-max-size", "1"]) == 0
+    # the unused entry is gone, every entry the build read is kept (its hit marked it used), the rest untouched
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*entries, "notes.txt"])
     again = [s["stage"] for s in json.loads((tmp_path / "b" / "report.json").read_text())["stages"]]
     assert not any("float statistics" in s for s in again), again
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text())["rows"] for d in ("a", "b"))
@@ -457,3 +468,39 @@ def test_quantized_grams_wait_on_disk_after_a_recipe_and_give_the_same_codes(tin
 
     gc.collect()
     assert not os.path.exists(folder)
+
+
+def test_cache_prune_removes_least_recently_used_entries_only(tmp_path):
+    """--cache-max-size: oldest-used entries go first until the folder fits; entries used since the build began,
+    files that are not entries and a live build's temporary entry stay; a killed build's old temporary goes."""
+    import os
+
+    from vitexport.quantization.cache import Pruned, prune
+
+    root = tmp_path / "cache"
+    root.mkdir()
+
+    def entry(name: str, size: int, mtime: float) -> None:
+        p = root / name
+        if name.startswith("reference-"):
+            p.mkdir()
+            (p / "model.onnx").write_bytes(b"r" * size)
+        else:
+            p.write_bytes(b"e" * size)
+        os.utime(p, (mtime, mtime))
+
+    now = 1e9
+    entry("codes-a.npz", 100, now - 500)  # least recently used
+    entry("reference-b", 100, now - 400)  # a folder entry, sized by its files
+    entry("fallback-scores-c.json", 100, now - 300)
+    entry("float-stats-d.npz", 100, now - 5)  # used by this build (started at now - 10)
+    entry("notes.txt", 1000, now - 10_000)  # not an entry: never removed, never counted
+    entry(".codes-killed.npz", 50, now - 7200)  # a killed build's temporary
+    entry(".float-stats-live.npz", 50, now - 60)  # a running build's
+    done = prune(root, 250, used_since=now - 10, now=now)
+    assert sorted(p.name for p in root.iterdir()) == [".float-stats-live.npz", "fallback-scores-c.json", "float-stats-d.npz", "notes.txt"]
+    assert (done.removed, done.removed_bytes, done.stale_temporaries, done.kept_bytes, done.over) == (2, 200, 1, 200, False)
+    done = prune(root, 50, used_since=now - 10, now=now)  # this build's own entry alone is over the bound: kept
+    assert sorted(p.name for p in root.iterdir()) == [".float-stats-live.npz", "float-stats-d.npz", "notes.txt"]
+    assert (done.removed, done.kept_bytes, done.over) == (1, 100, True)
+    assert prune(tmp_path / "none", 0, used_since=now) == Pruned(0, 0, 0, 0, False)  # no folder: nothing to do

@@ -131,6 +131,17 @@ def test_help_is_complete(capsys):
         assert flag in text
 
 
+def test_cache_max_size_takes_sizes_and_refuses_anything_else(capsys):
+    from vitexport.cli import _size
+
+    assert (_size("10G"), _size("500m"), _size("1.5GiB"), _size("4096"), _size("none")) == (10 << 30, 500 << 20, 3 << 29, 4096, None)
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--cache-max-size", "ten gigs"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cache-max-size" in err[0] and "10G" in err[0]
+
+
 @pytest.fixture(scope="module")
 def built_all(tiny_vit, image_folder, calib_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("built_all") / "dist"

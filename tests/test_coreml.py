@@ -240,6 +240,60 @@ def test_conversion_validates_each_pipeline_once_and_writes_the_same_package(tin
     assert Program.validate is counting and PassPipelineManager.__dict__["apply_pipeline"] is apply
 
 
+def _untimed(recipe):
+    """A manifest's recipe without its timings (seconds, *_s), which differ between any two builds."""
+    if isinstance(recipe, dict):
+        return {k: _untimed(v) for k, v in recipe.items() if k != "seconds" and not k.endswith("_s")}
+    return recipe
+
+
+def test_cache_dir_reuses_conversions_and_refuses_a_damaged_one(tiny_vit, tmp_path, monkeypatch):
+    """With --cache-dir a rebuild converts nothing: each package is the earlier build's program (same spec, same
+    weights, bit for bit) with its description written again; an entry whose files no longer match their sha256 is
+    converted afresh, never shipped."""
+    from coremltools.proto import Model_pb2
+
+    from vitexport.backends.coreml import convert as cv
+
+    precisions = ("fp16", "int8", "palette4")
+    cache = tmp_path / "cache"
+
+    def run(name: str):
+        out = tmp_path / name
+        build(BuildOptions(model=str(tiny_vit), backend="coreml", precisions=precisions, calib=str(CALIB), eval=str(EVAL), num_calib=8, num_eval=8,
+                           out=str(out), latency=False, options=TINY_OPTIONS, cache_dir=str(cache)))
+        return out
+
+    def package(out: Path, p: str):
+        pkg = out / f"coreml-{p}" / cm.PACKAGE
+        spec = Model_pb2.Model()
+        spec.ParseFromString((pkg / "Data" / "com.apple.CoreML" / "model.mlmodel").read_bytes())
+        return spec, (pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").read_bytes(), json.loads((out / f"coreml-{p}" / "manifest.json").read_text())["recipe"]
+
+    cold = run("cold")
+    assert len(list(cache.glob("coreml-*"))) == len(precisions)
+    monkeypatch.setattr(cv, "convert", lambda *a, **k: pytest.fail("converted although --cache-dir holds the conversion"))
+    warm = run("warm")
+    for p in precisions:
+        (s0, w0, r0), (s1, w1, r1) = package(cold, p), package(warm, p)
+        assert s0 == s1 and w0 == w1, p
+        assert "conversion" not in r0 and r1["conversion"].startswith("reused from --cache-dir")
+        assert _untimed(r0) == {k: v for k, v in _untimed(r1).items() if k != "conversion"}
+    monkeypatch.undo()
+    entry = next(e for e in cache.glob("coreml-*") if json.loads((e / "entry.json").read_text())["recipe"]["compression"] == "none")
+    weights = entry / "model.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    warned: list[str] = []
+    monkeypatch.setattr(cv.log, "warning", lambda msg, *a: warned.append(msg % a))  # the CLI's tests may have rerouted logging
+    damaged = run("damaged")
+    assert any("ignoring cached conversion" in w for w in warned), warned
+    (s0, w0, _), (s2, w2, r2) = package(cold, "fp16"), package(damaged, "fp16")
+    assert s0 == s2 and w0 == w2 and "conversion" not in r2
+    assert cv._files_sha256(entry / "model.mlpackage") == json.loads((entry / "entry.json").read_text())["files"]  # stored again, whole
+
+
 def test_weights_are_matched_by_value_through_sample_collisions():
     """Torch weights are found in the ONNX by value, stored as is or transposed; the first of tied weights wins, and
     two weights that agree on every sampled value but differ elsewhere are told apart by the full comparison."""

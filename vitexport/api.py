@@ -35,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "deit-tiny-patch16-224"
 DEFAULT_CALIB = REPO_ROOT / "calibration" / "calib"
 DEFAULT_EVAL = REPO_ROOT / "calibration" / "eval"
+# --cache-max-size: four ViT-Base-sized models' entries (about 2.2 GB each at 256 images), and GitHub's cache quota
+DEFAULT_CACHE_MAX_BYTES = 10 << 30
 VERIFY_IMAGES = 16
 
 
@@ -62,7 +64,8 @@ class BuildOptions:
     min_agreement: float | None = None
     max_top1_drop: float | None = None
     gate_rule: str = "point"
-    cache_dir: str | None = None  # on-disk cache: reference ONNX (export.export_key), float statistics, sensitivity scores (quantization.cache)
+    cache_dir: str | None = None  # on-disk cache: reference ONNX (export.export_key), float statistics, sensitivity scores, GPTQ codes (quantization.cache), CoreML conversions
+    cache_max_bytes: int | None = DEFAULT_CACHE_MAX_BYTES  # after the build, least recently used entries go until cache_dir fits; None: no bound
     remote: tuple = ()  # vitexport.remote.Device: measure every artifact on these devices too, in parallel
 
 
@@ -111,9 +114,32 @@ def build(opts: BuildOptions, progress: Progress | None = None, extra_builders: 
     progress = progress or Progress(enabled=False)
     check_build_options(opts)
     check_output(Path(opts.out), opts.force)
-    with output_lock(Path(opts.out)):  # one build per --out at a time, from here to the final rename
-        clean_stale_partials(Path(opts.out))
-        return _build_locked(opts, progress, extra_builders)
+    started = time.time()
+    try:
+        with output_lock(Path(opts.out)):  # one build per --out at a time, from here to the final rename
+            clean_stale_partials(Path(opts.out))
+            return _build_locked(opts, progress, extra_builders)
+    finally:  # a failed build's entries are what its rerun needs: kept like a finished one's
+        if opts.cache_dir and opts.cache_max_bytes is not None:
+            _bound_cache(opts.cache_dir, opts.cache_max_bytes, started, progress)
+
+
+def _bound_cache(cache_dir: str, max_bytes: int, started: float, progress: Progress) -> None:
+    """--cache-max-size: the least recently used entries of ``cache_dir`` removed until it fits (quantization.cache.prune).
+    A cache that cannot be pruned costs disk, not the build: a warning, never an error."""
+    from .quantization.cache import prune
+
+    try:
+        # entries used in this build are kept: their times are at least its start (less a coarse file system's 2 s)
+        done = prune(cache_dir, max_bytes, started - 2.0)
+    except OSError as e:
+        log.warning("cache: cannot prune %s (%s)", cache_dir, e)
+        return
+    if done.removed:
+        progress.step(f"cache: removed {done.removed} least recently used entries ({done.removed_bytes / 1e6:.0f} MB); {cache_dir} holds {done.kept_bytes / 1e6:.0f} MB")
+    if done.over:
+        log.warning("cache: this build's own entries take %.0f MB, more than --cache-max-size (%.0f MB): none was removed; raise the bound",
+                    done.kept_bytes / 1e6, max_bytes / 1e6)
 
 
 def check_build_options(opts: BuildOptions) -> None:

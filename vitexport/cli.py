@@ -73,7 +73,8 @@ def _add_build(sub, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--opset", type=int, default=None, help="ONNX opset, 17 or newer (default: 18, or what the --target's TensorRT parses)")
     b.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that only have pickle (.bin) weights")
     b.add_argument("--no-latency", action="store_true", help="skip timing (accuracy, size and memory only)")
-    b.add_argument("--cache-dir", metavar="DIR", help="keep the verified reference ONNX, the float calibration statistics and the int8 sensitivity scores in DIR, each keyed by the sha256 of what it is computed from, and reuse them in later builds (default: no cache)")
+    b.add_argument("--cache-dir", metavar="DIR", help="keep the verified reference ONNX, the float calibration statistics, the int8 sensitivity scores, the GPTQ codes and the CoreML conversions in DIR, each keyed by the sha256 of what it is computed from, and reuse them in later builds (default: no cache)")
+    b.add_argument("--cache-max-size", type=_size, default=api.DEFAULT_CACHE_MAX_BYTES, metavar="SIZE", help="after the build, remove the least recently used entries of --cache-dir until it fits SIZE (e.g. 10G, 500M; 'none': no bound; default: 10G); this build's own entries are always kept")
     b.add_argument("--min-agreement", type=float, metavar="PCT", help="exit 1 if any artifact agrees with fp32 top-1 on fewer than PCT%% of images (see --gate-rule)")
     b.add_argument("--max-top1-drop", type=float, metavar="POINTS", help="exit 1 if any artifact's labelled top-1 is more than POINTS below fp32")
     b.add_argument("--gate-rule", choices=("point", "interval"), default="point", help="when a gate fails: 'point' (default) when the measured figure is beyond the bar; 'interval' only when its whole 95%% interval is (a failure noise cannot explain)")
@@ -157,6 +158,21 @@ def _devices(args) -> tuple:
     from .remote import parse_devices
 
     return parse_devices(args.remote, args.remote_python, args.remote_timeout, args.remote_cache, args.ssh_config)
+
+
+def _size(text: str) -> int | None:
+    """--cache-max-size: bytes, or a number with K, M, G or T (powers of 1024); 'none' for no bound."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    if t in ("NONE", "UNLIMITED"):
+        return None
+    scale = 1024 ** ("KMGT".index(t[-1]) + 1) if t and t[-1] in "KMGT" else 1
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes or a number with K, M, G or T (e.g. 10G), or 'none'")
+    return int(value * scale)
 
 
 def _check_gates(min_agreement: float | None, max_drop: float | None) -> None:
@@ -260,6 +276,7 @@ def _run_build(args, progress) -> int:
         max_top1_drop=args.max_top1_drop,
         gate_rule=args.gate_rule,
         cache_dir=args.cache_dir,
+        cache_max_bytes=args.cache_max_size,
         remote=_devices(args),
         **{**api.target_settings(args.target, args.backend, args.precision.split(",") if args.precision else None, args.threads), **({"opset": args.opset} if args.opset is not None else {})},
     )

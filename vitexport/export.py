@@ -40,6 +40,8 @@ class Reference:
     opset: int
     num_parameters: int
     verification: Mapping[str, Any] = field(default_factory=dict)
+    # the build's --cache-dir, for steps that keep their own results there with or without calibration images (CoreML)
+    cache_dir: str | None = None
 
     @property
     def input_name(self) -> str:
@@ -177,7 +179,7 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
         _store_reference(cache_dir, key, out_dir)
     verification["embedding"] = embedding
     log.info("reference ONNX verified on %d images: max abs diff %.2e", verification["n"], verification["max_abs_diff"])
-    return Reference(path, spec, opset, num_parameters, verification)
+    return Reference(path, spec, opset, num_parameters, verification, cache_dir)
 
 
 def _trace(ref: Reference, module, embedding: str, verify_inputs: np.ndarray) -> None:
@@ -237,12 +239,20 @@ def export_key(ref: Reference, module) -> str:
     for source in (Path(__file__), Path(__file__).with_name("model.py")):
         put(source.read_bytes())
     put(json.dumps(ref.metadata(), sort_keys=True).encode())
+    put_module(put, module)
+    return h.hexdigest()
+
+
+def put_module(put, module) -> None:
+    """Feed a torch module's structure and every parameter and buffer (name, dtype, shape, bytes) to a key's
+    ``put(bytes)``: what a cache entry made from the module depends on (this file's and CoreML's conversion keys)."""
+    import torch
+
     put(repr(module).encode())
     for name, t in module.state_dict().items():
         t = t.detach().cpu().contiguous()
         put(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _cache_entry(cache_dir, key: str) -> Path:
@@ -261,6 +271,9 @@ def _cached_reference(cache_dir, key: str, out_dir: Path) -> bool:
         log.warning("cache: cannot read %s (%s); exporting instead", entry, e)
         _clear(out_dir)
         return False
+    from .quantization.cache import touch
+
+    touch(entry)  # used now: --cache-max-size removes the least recently used entries first
     log.info("cache: reference ONNX from %s", entry)
     return True
 

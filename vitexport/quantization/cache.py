@@ -13,11 +13,18 @@ costliest steps of the recipes (ViT-Base on 2 cores: 220 s and 2 x 120 s of a 75
   4-bit palettes): one ``.npz`` per layer and recipe named by the sha256 of (the float statistics' entry key, the
   layer, its weight's digest, the recipe's settings, the source of the modules that round); CodesCache.
 
-(The fourth kind, the verified reference ONNX, is export.py's: ``reference-<export_key>/``, checked against PyTorch
-again on every use.) A different model, image set, preprocessing, recipe setting or vitexport format is a different
+(Two more kinds belong to their own steps: the verified reference ONNX, export.py's ``reference-<export_key>/``,
+checked against PyTorch again on every use; and each CoreML package's converted program, ``coreml-<key>/``, keyed
+by the traced module's every weight and setting and checked against its files' sha256: backends/coreml/convert.py.) A different model, image set, preprocessing, recipe setting or vitexport format is a different
 file, never a stale hit. Entries are written to a temporary name and renamed, so a crash never leaves a half-written one; an unreadable
 or inconsistent entry is ignored (and recomputed). Keys are contents, not the CPU: an entry written on another CPU
 holds that CPU's float rounding, the same values to within it.
+
+Every hit sets the entry's modification time (``touch``; access times are not kept on most CI file systems), and
+after each build ``prune`` removes the least recently used entries until the folder fits ``--cache-max-size``:
+every commit that changes a model, an image or the rounding code adds entries, and a CI cache kept between jobs
+would otherwise only grow. Nothing the build itself used or wrote is removed, and nothing in the folder that is not
+an entry (by its name) is ever touched.
 """
 
 from __future__ import annotations
@@ -114,6 +121,7 @@ def load_float_stats(cache_dir, reference_path, fingerprint: str | None, acts: l
     except (OSError, ValueError, KeyError) as e:
         log.warning("calibration cache: ignoring unreadable %s (%s)", path, e)
         return None
+    touch(path)
     log.info("calibration cache: float statistics from %s", path)
     return stats
 
@@ -156,6 +164,7 @@ def load_scores(cache_dir, digest: str, names) -> dict[str, float] | None:
     if not ok:
         log.warning("calibration cache: ignoring %s (another format, key or set of inputs)", path)
         return None
+    touch(path)
     log.info("calibration cache: sensitivity scores from %s", path)
     return scores
 
@@ -213,6 +222,7 @@ class CodesCache:
         if not all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f"):
             log.warning("calibration cache: ignoring %s (non-finite values)", path)
             return None
+        touch(path)
         return arrays
 
     @staticmethod
@@ -238,3 +248,78 @@ def with_codes_cache(stats: FloatStats, cache_dir, reference_path, fingerprint: 
     import dataclasses
 
     return dataclasses.replace(stats, codes_cache=CodesCache(Path(cache_dir), entry_path(cache_dir, reference_path, fingerprint, acts).stem))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# size bound (--cache-max-size)
+
+ENTRY_PREFIXES = ("float-stats-", "fallback-scores-", "codes-", "reference-", "coreml-")
+STALE_TEMPORARY_SECONDS = 3600  # a temporary entry this old was left by a killed build (writing one takes seconds)
+
+
+def touch(path: str | os.PathLike) -> None:
+    """Mark an entry as used now (its modification time: what ``prune`` orders by); a read-only cache stays as it is."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class Pruned:
+    removed: int  # entries removed, least recently used first
+    removed_bytes: int
+    stale_temporaries: int  # half-written entries of killed builds removed
+    kept_bytes: int  # what the folder's entries take now
+    over: bool  # the entries this build used alone take more than the bound (none of them was removed)
+
+
+def _entry_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def prune(cache_dir: str | os.PathLike, max_bytes: int, used_since: float, now: float | None = None) -> Pruned:
+    """Remove the least recently used entries of ``cache_dir`` until they take at most ``max_bytes``, keeping every
+    entry used or written at or after ``used_since`` (a timestamp: this build's start), and the temporary entries of
+    builds killed more than STALE_TEMPORARY_SECONDS ago. Files whose names are not entries' are never touched; an
+    entry another build removes or replaces meanwhile is skipped."""
+    import time
+
+    now = time.time() if now is None else now
+    folder, entries, stale = Path(cache_dir), [], 0
+    if not folder.is_dir():
+        return Pruned(0, 0, 0, 0, False)
+    for p in folder.iterdir():
+        try:
+            if p.name.startswith(tuple("." + e for e in ENTRY_PREFIXES)):
+                if now - p.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                    _remove(p)
+                    stale += 1
+            elif p.name.startswith(ENTRY_PREFIXES):
+                entries.append((p.stat().st_mtime, _entry_size(p), p))
+        except OSError:  # gone meanwhile (another build's prune or rename)
+            continue
+    total = sum(size for _, size, _ in entries)
+    removed = removed_bytes = 0
+    for mtime, size, p in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes or mtime >= used_since:
+            break
+        try:
+            _remove(p)
+        except OSError as e:
+            log.warning("calibration cache: cannot remove %s (%s)", p, e)
+            continue
+        total -= size
+        removed, removed_bytes = removed + 1, removed_bytes + size
+    return Pruned(removed, removed_bytes, stale, total, total > max_bytes)

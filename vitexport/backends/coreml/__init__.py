@@ -160,7 +160,7 @@ def _write_package(reference, calibration: Calibration | None, precision: str, o
     import onnx
 
     from ..torch_weights import match_initializers
-    from .convert import _compress, _CoreMLModule, _quiet, _validate_once, convert
+    from .convert import _CoreMLModule, _quiet
     from .gptq import _attach_gptq_int4, _attach_gptq_int8, _attach_gptq_palette
     from .package import _describe_model
     from .settings import _coremltools
@@ -186,16 +186,35 @@ def _write_package(reference, calibration: Calibration | None, precision: str, o
             recipe["int8"] = _attach_gptq_int8(head, reference, calibration, matched, stages)
         if precision == "palette4" and opts.palette_method == "gptq":
             recipe["palette"] = _attach_gptq_palette(head, reference, calibration, opts, matched, stages)
-        with _validate_once():
-            mlmodel, timing = convert(ct, module, spec, folded, precision, target)
-            recipe.update(timing)
-            tq = time.perf_counter()
-            mlmodel, compression = _compress(ct, mlmodel, precision, opts, calibration, spec.preprocessing.to_dict())
-        recipe.update(compression)
-        recipe["compress_s"] = round(time.perf_counter() - tq, 2)
+        mlmodel = _converted(ct, module, spec, folded, precision, target, opts, calibration, recipe, reference.cache_dir)
         _describe_model(mlmodel, reference, precision, target, recipe)
         mlmodel.save(str(path))
     return matched
+
+
+def _converted(ct, module, spec, folded, precision: str, target: str, opts: CoreMLOptions, calibration: Calibration | None, recipe: dict[str, Any],
+               cache_dir: str | None = None):
+    """The ML Program of ``module``, compressed as ``precision`` asks: converted here, or an earlier build's identical
+    conversion from --cache-dir (convert.conversion_key; w8a8, calibrated by predictions on a Mac, is not cached)."""
+    from .convert import _compress, _validate_once, cached_conversion, conversion_key, convert, store_conversion
+
+    cache_dir = cache_dir if precision != "w8a8" else None
+    key = conversion_key(module, spec, folded, precision, target, opts) if cache_dir else None
+    hit = cached_conversion(ct, cache_dir, key) if key else None
+    if hit is not None:
+        mlmodel, made = hit
+        recipe.update(made)
+        recipe["conversion"] = f"reused from --cache-dir ({key[:32]})"
+        return mlmodel
+    with _validate_once():
+        mlmodel, timing = convert(ct, module, spec, folded, precision, target)
+        tq = time.perf_counter()
+        mlmodel, compression = _compress(ct, mlmodel, precision, opts, calibration, spec.preprocessing.to_dict())
+    made = {"compute_precision": timing["compute_precision"], **compression}
+    recipe.update({**made, "convert_s": timing["convert_s"], "compress_s": round(time.perf_counter() - tq, 2)})
+    if key:
+        store_conversion(cache_dir, key, mlmodel, made)
+    return mlmodel
 
 
 def describe(precision: str, recipe: Mapping[str, Any]) -> str:

@@ -201,3 +201,109 @@ def _config(cto, mlmodel, cfg, keep: tuple[str, ...]):
     names = [o.name for op in fn.block_specializations[fn.opset].operations if op.type == "const" for o in op.outputs]
     skip = {n: None for n in names if any(k in n for k in keep)}
     return cto.OptimizationConfig(global_config=cfg, op_name_configs=skip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --cache-dir: converted programs. Tracing and converting are what a rebuild from the cache still spent (ViT-Base:
+# 67 s of 130 s for five packages); the program is kept before its description (metadata naming the checkpoint,
+# vitexport's version), which is written again on every build.
+
+CONVERSION_FORMAT = 1  # bump when what a cached conversion holds changes meaning
+
+
+def conversion_key(module, spec, folded: Mapping[str, Any], precision: str, target: str, opts: CoreMLOptions) -> str:
+    """sha256 of everything ``convert`` and ``_compress`` make a program from: the traced module's structure, every
+    weight and compression buffer (vitexport's GPTQ codes), the input's scale and bias, the labels, the precision,
+    deployment target and options, this module's source and the versions of coremltools, torch and transformers."""
+    import hashlib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    import numpy as np
+
+    from ...export import put_module
+
+    h = hashlib.sha256()
+
+    def put(part: bytes) -> None:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+
+    labels = spec.labels_list() if spec.task == "classification" else None
+    put(repr(("vitexport coreml conversion", CONVERSION_FORMAT, version("coremltools"), version("torch"), version("transformers"), np.__version__,
+              precision, target, repr(opts), sorted((k, repr(v)) for k, v in folded.items()), tuple(spec.input_shape), spec.task, labels)).encode())
+    put(Path(__file__).read_bytes())
+    put_module(put, module)
+    return h.hexdigest()
+
+
+def _conversion_entry(cache_dir, key: str):
+    from pathlib import Path
+
+    return Path(cache_dir) / f"coreml-{key[:32]}"
+
+
+def _files_sha256(folder) -> dict[str, str]:
+    import hashlib
+    from pathlib import Path
+
+    out = {}
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            out[str(f.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def cached_conversion(ct, cache_dir, key: str) -> tuple[Any, dict[str, Any]] | None:
+    """(program, what ``convert`` and ``_compress`` recorded) from an earlier build's conversion under ``key``, or
+    None: no entry, or one that is unreadable, of another key, or whose files do not match their recorded sha256."""
+    import json
+
+    from ...quantization.cache import touch
+
+    entry = _conversion_entry(cache_dir, key)
+    if not (entry / "entry.json").is_file():
+        return None
+    try:
+        meta = json.loads((entry / "entry.json").read_text())
+        if meta.get("format") != CONVERSION_FORMAT or meta.get("key") != key or _files_sha256(entry / "model.mlpackage") != meta.get("files"):
+            raise ValueError("another key, or files that do not match their sha256")
+        mlmodel = ct.models.MLModel(str(entry / "model.mlpackage"), skip_model_load=True)
+    except Exception as e:  # a damaged entry costs a conversion, never a wrong package
+        import shutil
+
+        log.warning("coreml: ignoring cached conversion %s (%s)", entry, e)
+        shutil.rmtree(entry, ignore_errors=True)  # this build stores its own conversion in its place
+        return None
+    touch(entry)
+    log.info("coreml: conversion from %s", entry)
+    return mlmodel, dict(meta["recipe"])
+
+
+def store_conversion(cache_dir, key: str, mlmodel, recipe: Mapping[str, Any]) -> None:
+    """The program (before its description) into the cache: written into a temporary folder, then renamed."""
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    entry, tmp = _conversion_entry(cache_dir, key), None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".coreml-", dir=entry.parent)
+        mlmodel.save(os.path.join(tmp, "model.mlpackage"))
+        meta = {"format": CONVERSION_FORMAT, "key": key, "recipe": dict(recipe), "files": _files_sha256(os.path.join(tmp, "model.mlpackage"))}
+        with open(os.path.join(tmp, "entry.json"), "w") as f:
+            json.dump(meta, f)
+        os.rename(tmp, entry)  # fails when another build stored it first: theirs is kept
+        tmp = None
+    except OSError as e:  # a cache that cannot be written costs time, not the build
+        if not entry.is_dir():
+            log.warning("coreml: cannot write %s (%s)", entry, e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
