@@ -100,7 +100,24 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def host_speed(seconds: float = 3.0) -> float:
+    """GFLOP/s of one fixed float32 GEMM ([1576, 768] x [768, 3072]: ViT-Base fc1 at batch 8) on numpy's BLAS,
+    every thread: the same code's stage times on this shared host followed its speed, which moved by 2x between
+    days (DeiT-tiny's fp32 batch-1 latency, code-independent, went from 13-15 ms to 27-33 ms), so results say how
+    fast the host was while they were made."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((1576, 768), dtype=np.float32), rng.standard_normal((768, 3072), dtype=np.float32)
+    out = np.empty((1576, 3072), np.float32)
+    np.matmul(a, b, out=out)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        np.matmul(a, b, out=out)
+        n += 1
+    return 2 * 1576 * 768 * 3072 * n / (time.perf_counter() - t0) / 1e9
+
+
 def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir: Path, rounds: int, seconds: float, latency: bool = True) -> dict:
+    gauge0 = host_speed()
     rss0 = (_status_kb("VmRSS") or 0) / 1024
     load0 = os.getloadavg()  # the host is shared: how busy it was when the build started, and after
     t0, c0 = time.perf_counter(), _cpu_s()
@@ -139,6 +156,7 @@ def run(name: str, opts: api.BuildOptions, extra, progress: Progress, sample_dir
         "latency": lat,
         "load_average_before": load0,
         "load_average_after": os.getloadavg(),
+        "host_gflops_before_after": (round(gauge0, 1), round(host_speed(), 1)),
         **({"cache_mb": round(sum(f.stat().st_size for f in Path(opts.cache_dir).rglob("*") if f.is_file()) / 1e6, 1)} if opts.cache_dir else {}),
     }
 
@@ -211,7 +229,8 @@ def markdown(results: dict) -> str:
                   f"(with them: {r['wall_s_total']:.0f} s wall, {r['cpu_s_total']:.0f} s CPU)",
                   f"- outside every stage (loading the checkpoint, first-use imports, writing the report; counted as build): {_outside_stages(r):.0f} s",
                   *([f"- --cache-dir folder after the build: {r['cache_mb']:.0f} MB"] if "cache_mb" in r else []),
-                  f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB (process peak {r['peak_mb_above_start'] + r.get('rss_mb_at_start', 0):.0f} MB, {r.get('rss_mb_at_start', 0):.0f} MB at the start: more where this process first wrote the ViT-Base checkpoint)", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}", "",
+                  f"- peak memory above the start of the build: {r['peak_mb_above_start']:.0f} MB (process peak {r['peak_mb_above_start'] + r.get('rss_mb_at_start', 0):.0f} MB, {r.get('rss_mb_at_start', 0):.0f} MB at the start: more where this process first wrote the ViT-Base checkpoint)", f"- load average (1, 5, 15 min) before the build: {', '.join(f'{x:.1f}' for x in r.get('load_average_before', ()))}; after the run: {', '.join(f'{x:.1f}' for x in r['load_average_after'])}",
+                  *([f"- host speed before and after (perf_build.host_speed, a fixed float32 GEMM on every core): {r['host_gflops_before_after'][0]:.0f} and {r['host_gflops_before_after'][1]:.0f} GFLOP/s"] if "host_gflops_before_after" in r else []), "",
                   "| stage | wall s | CPU s | RSS at its end, MB | peak since its artifact began, MB |", "|---|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['seconds']:.1f} | {s['cpu_seconds']:.1f} | {s.get('rss_mb', float('nan')):.0f} | {s.get('peak_mb', float('nan')):.0f} |"
                   for s in r["stages"] if s["seconds"] >= 0.5]
