@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO_ROOT / "models" / "deit-tiny-patch16-224"
 DEFAULT_CALIB = REPO_ROOT / "calibration" / "calib"
 DEFAULT_EVAL = REPO_ROOT / "calibration" / "eval"
-# --cache-max-size: four ViT-Base-sized models' entries (about 2.2 GB each at 256 images), and GitHub's cache quota
+# --cache-max-size: three ViT-Base-sized models' entries (2.6 GB each at 256 images), and GitHub's cache quota
 DEFAULT_CACHE_MAX_BYTES = 10 << 30
 VERIFY_IMAGES = 16
 
