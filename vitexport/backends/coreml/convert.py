@@ -4,12 +4,19 @@ own weight compression for the precisions that use it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Mapping
 
+from ...artifacts import sha256
 from ...errors import VitexportError
 from .. import Calibration
 from .settings import EMBEDDING_OUTPUT, INPUT_NAME, CoreMLOptions
@@ -215,9 +222,7 @@ def conversion_key(module, spec, folded: Mapping[str, Any], precision: str, targ
     """sha256 of everything ``convert`` and ``_compress`` make a program from: the traced module's structure, every
     weight and compression buffer (vitexport's GPTQ codes), the input's scale and bias, the labels, the precision,
     deployment target and options, this module's source and the versions of coremltools, torch and transformers."""
-    import hashlib
     from importlib.metadata import version
-    from pathlib import Path
 
     import numpy as np
 
@@ -237,32 +242,18 @@ def conversion_key(module, spec, folded: Mapping[str, Any], precision: str, targ
     return h.hexdigest()
 
 
-def _conversion_entry(cache_dir, key: str):
-    from pathlib import Path
-
+def _conversion_entry(cache_dir, key: str) -> Path:
     return Path(cache_dir) / f"coreml-{key[:32]}"
 
 
 def _files_sha256(folder) -> dict[str, str]:
-    import hashlib
-    from pathlib import Path
-
-    out = {}
-    for f in sorted(Path(folder).rglob("*")):
-        if f.is_file():
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(chunk)
-            out[str(f.relative_to(folder))] = h.hexdigest()
-    return out
+    """Every file of a package folder -> its sha256 (what an entry is checked against before use)."""
+    return {str(f.relative_to(folder)): sha256(f) for f in sorted(Path(folder).rglob("*")) if f.is_file()}
 
 
 def cached_conversion(ct, cache_dir, key: str) -> tuple[Any, dict[str, Any]] | None:
     """(program, what ``convert`` and ``_compress`` recorded) from an earlier build's conversion under ``key``, or
     None: no entry, or one that is unreadable, of another key, or whose files do not match their recorded sha256."""
-    import json
-
     from ...quantization.cache import touch
 
     entry = _conversion_entry(cache_dir, key)
@@ -274,8 +265,6 @@ def cached_conversion(ct, cache_dir, key: str) -> tuple[Any, dict[str, Any]] | N
             raise ValueError("another key, or files that do not match their sha256")
         mlmodel = ct.models.MLModel(str(entry / "model.mlpackage"), skip_model_load=True)
     except Exception as e:  # a damaged entry costs a conversion, never a wrong package
-        import shutil
-
         log.warning("coreml: ignoring cached conversion %s (%s)", entry, e)
         shutil.rmtree(entry, ignore_errors=True)  # this build stores its own conversion in its place
         return None
@@ -286,11 +275,6 @@ def cached_conversion(ct, cache_dir, key: str) -> tuple[Any, dict[str, Any]] | N
 
 def store_conversion(cache_dir, key: str, mlmodel, recipe: Mapping[str, Any]) -> None:
     """The program (before its description) into the cache: written into a temporary folder, then renamed."""
-    import json
-    import os
-    import shutil
-    import tempfile
-
     entry, tmp = _conversion_entry(cache_dir, key), None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
