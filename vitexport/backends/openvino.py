@@ -140,7 +140,9 @@ INT8_DEFAULTS: dict[str, Any] = {
     # costs DeiT-tiny no fidelity on held-out images (benchmarks/results/openvino-int8-choice-attention.md: KL 0.0021 ->
     # 0.0018, latency / NNCF stock 1.34 -> 1.20), but on the ViT-Base config it bought nothing (1.78 -> 1.74, one
     # interleaved run: the float fallback dominates there) for a pass of the int8 model over every calibration
-    # image (+22 s, and +2.7 GB of peak at batch 16; batches of 4 now): off by default
+    # image (+22 s, and +2.7 GB of peak at batch 16; batches of 4 now): off by default. Measured again once everything
+    # outside int8 computed in bf16 (openvino-int8-choice-attention-bf16.md, DeiT-tiny, 41 held-out images, 3
+    # interleaved runs): KL 0.0017 -> 0.0024 and no faster (latency / NNCF stock in f32 0.92-0.95 -> 0.95-0.97)
     "quantize_attention": False,
     # "qdq" only: how the linears the sensitivity search keeps out of static int8 run. "float": f32 MatMuls.
     # "dynamic_int8": int8 weights (symmetric, per output channel, round to nearest; nncf.compress_weights) whose
