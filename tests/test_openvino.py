@@ -270,6 +270,17 @@ def test_int8_bf16_everywhere_outside_int8(reference, calibration, tmp_path, inp
         be.build(reference, calibration, "int8", {"openvino": {"int8": {"bf16_scope": "some"}}}, tmp_path / "bad")
 
 
+def test_int8_fakequantize_above_moves_option(built, reference, calibration, tmp_path, inputs, ref_out):
+    """fakequantize_above_moves: the attention output's quantizer of each block (read through Transpose and Reshape)
+    moves above them, the manifest says how many, and the IR still tracks the reference as the default one does."""
+    be = OpenVinoBackend()
+    art = be.build(reference, calibration, "int8", {"openvino": {"int8": {"fakequantize_above_moves": True, "recipe": {"fallback_budget": 0.0}}}}, tmp_path / "moved")
+    assert art.manifest["recipe"]["fakequantize_above_moves"] == 2  # one per encoder block of the tiny ViT
+    assert "fakequantize_above_moves" not in built["int8"].manifest["recipe"]  # off by default
+    out = be.runner(art).run(inputs)
+    assert np.abs(out - ref_out).max() / np.abs(ref_out).max() < 0.2
+
+
 def test_rt_info_carries_preprocessing_and_labels(built):
     info = read_rt_info(built["int8"].path)
     assert info["preprocessing"]["resize"] == [32, 32] and info["labels"][1] == "dog, doggy"
@@ -464,3 +475,40 @@ def test_openvino_and_nncf_telemetry_is_declined_in_vitexport_processes(tmp_path
     res = run({"VITEXPORT_OPENVINO_TELEMETRY": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[0] == "False", res.stdout
+
+
+def test_fakequantize_above_moves_moves_per_tensor_quantizers_only():
+    """A per-tensor FakeQuantize read through Transpose/Reshape goes above them: it rounds the same values, so the
+    outputs agree to float32 rounding (the plugin orders the dequantization differently: 1 ulp here); a
+    per-channel one, which the move would misalign, stays."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    from vitexport.backends.openvino import fakequantize_above_moves
+
+    def branch(x, ranges_shape):
+        t = ops.transpose(x, ops.constant(np.array([0, 2, 1, 3], np.int64)))
+        r = ops.reshape(t, ops.constant(np.array([1, 2, 12], np.int64)), False)
+        lo, hi = ops.constant(np.full(ranges_shape, -1.5, np.float32)), ops.constant(np.full(ranges_shape, 2.0, np.float32))
+        fq = ops.fake_quantize(r, lo, hi, lo, hi, 256)
+        return ops.matmul(fq, ops.constant(np.random.default_rng(0).standard_normal((12, 5)).astype(np.float32)), False, False)
+
+    def model():
+        x = ops.parameter([1, 4, 2, 3], np.float32, name="x")
+        return ov.Model([branch(x, []), branch(x, [1, 1, 12])], [x])
+
+    x = np.random.default_rng(1).uniform(-2, 2.5, (1, 4, 2, 3)).astype(np.float32)
+    core = ov.Core()
+
+    def run(m):
+        c = core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        r = c({0: x})
+        return [np.asarray(r[o]) for o in c.outputs]
+
+    before, m = run(model()), model()
+    assert fakequantize_above_moves(m) == 1
+    fqs = [op for op in m.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    sources = sorted(op.input_value(0).get_node().get_type_name() for op in fqs)
+    assert sources == ["Parameter", "Reshape"]  # the per-tensor one reads the input now, the per-channel one stays
+    after = run(m)
+    assert all(np.abs(a - b).max() <= 1e-6 * np.abs(a).max() for a, b in zip(before, after))
