@@ -392,15 +392,15 @@ def fakequantize_above_moves(model) -> int:
     for op in model.get_ordered_ops():
         if op.get_type_name() != "FakeQuantize" or not all(_is_scalar(op.input_value(i)) for i in range(1, 5)):
             continue
-        chain, node = [], op.input_value(0).get_node()
-        while node.get_type_name() in _MOVES and len(node.output(0).get_target_inputs()) == 1:
-            chain.append(node)
-            node = node.input_value(0).get_node()
-        if not chain:
+        site = _fq_site(op.input_value(0))  # the chain's input, where quantize_attention places its quantizers
+        if site == op.input_value(0):
             continue
-        fq = opset13.fake_quantize(chain[-1].input_value(0), *(op.input_value(i) for i in range(1, 5)), op.get_levels())
+        top = op.input_value(0).get_node()  # the chain's first op (site may have other readers: they stay as they are)
+        while top.input_value(0) != site:
+            top = top.input_value(0).get_node()
+        fq = opset13.fake_quantize(site, *(op.input_value(i) for i in range(1, 5)), op.get_levels())
         fq.set_friendly_name(op.get_friendly_name())
-        chain[-1].input(0).replace_source_output(fq.output(0))
+        top.input(0).replace_source_output(fq.output(0))
         for target in list(op.output(0).get_target_inputs()):
             target.replace_source_output(op.input_value(0))
         moved += 1
