@@ -70,14 +70,6 @@ def record(shared: Path, work: Path) -> list[dict]:
     return searches
 
 
-def fake_quant(x: np.ndarray, scale, zp: np.ndarray, shift: float) -> np.ndarray:
-    """insert_qdq's activation quantizer in float: centring shift, QuantizeLinear (round half to even), DequantizeLinear."""
-    lo, hi = (0, 255) if zp.dtype == np.uint8 else (-128, 127)
-    z = zp.astype(np.float32)
-    q = np.clip(np.rint((x - shift) / np.float32(scale)) + z, lo, hi)
-    return ((q - z) * np.float32(scale) + shift).astype(np.float32)
-
-
 def _bias_key(bias: np.ndarray) -> tuple:
     """A linear's bias, the same in the PyTorch model and the search's working ONNX (smoothing scales weights only)."""
     return tuple(np.round(np.asarray(bias, np.float64)[:8], 6))
@@ -93,7 +85,7 @@ def output_changes(search: dict, modules: dict) -> dict[str, list[tuple[str, np.
     changes = {}
     for act, c in cands.items():
         xa = np.concatenate(acts[act])
-        xq = fake_quant(xa, *c["qdq"][:2], float(c["qdq"][2]))
+        xq = int8.static_qdq(xa, *c["qdq"])
         out = []
         for l, w, bias, wq in c["linears"]:
             w, wq = (w.T, wq.T) if l.trans_b else (w, wq)

@@ -281,6 +281,14 @@ def quantize_weight(w: np.ndarray, axis: int, reduce_range: bool, per_channel: b
     return q, scale.astype(np.float32)
 
 
+def static_qdq(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, shift: float = 0.0) -> np.ndarray:
+    """``x`` through insert_qdq's activation quantizer, in float32: the centring ``shift`` subtracted, QuantizeLinear
+    (round half to even, as ONNX), DequantizeLinear, the shift added back."""
+    lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
+    z, c = float(zp), np.float32(shift)
+    return ((np.clip(np.round((x - c) / scale) + z, lo, hi) - z) * scale + c).astype(np.float32)
+
+
 def dynamic_row_qdq(x: np.ndarray) -> np.ndarray:
     """Quantize-dequantize each row of ``x`` [M, K] as XNNPACK's dynamically quantized fully-connected does (qd8):
     asymmetric int8 over the row's own range widened to include 0, zero point nudged to an integer
@@ -319,11 +327,7 @@ class _QuantizedGramObserver:
         if self.dynamic:
             xq = dynamic_row_qdq(x)
         elif name in self.qparams:
-            scale, zp = self.qparams[name]
-            lo, hi = (-128, 127) if zp.dtype == np.int8 else (0, 255)
-            z = float(zp)
-            c = np.float32(self.shifts.get(name, 0.0))
-            xq = ((np.clip(np.round((x - c) / scale) + z, lo, hi) - z) * scale + c).astype(np.float32)  # half to even, as ONNX
+            xq = static_qdq(x, *self.qparams[name], self.shifts.get(name, 0.0))
         if xq is not x:
             right = self.right.get(name)
             self.qx.add(name, xq, x if right is None else (x - xq) @ right)
