@@ -68,6 +68,17 @@ def gram_flops(s: dict, rows: int) -> int:
     return s["blocks"] * rows * (3 * d * (d + 1) + m * (m + 1))
 
 
+def median_seconds(call, runs: int) -> float:
+    """Median wall seconds of ``call()`` over ``runs`` calls, after one untimed warm-up call."""
+    call()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def ort_rate(onnx_path: Path, flops_per_image: int, threads: int, runs: int) -> float:
     """GFLOP/s of onnxruntime's fp32 forward of the reference ONNX at batch 8 (median of ``runs`` after a warm-up)."""
     from vitexport.ort_session import ort_session
@@ -75,13 +86,7 @@ def ort_rate(onnx_path: Path, flops_per_image: int, threads: int, runs: int) -> 
     sess = ort_session(str(onnx_path), threads, spinning=False)
     name = sess.get_inputs()[0].name
     x = np.random.default_rng(0).random((BATCH, 3, 224, 224), np.float32)
-    sess.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t0)
-    return BATCH * flops_per_image / statistics.median(times) / 1e9
+    return BATCH * flops_per_image / median_seconds(lambda: sess.run(None, {name: x}), runs) / 1e9
 
 
 def matmul_share(onnx_path: Path, threads: int) -> float:
@@ -106,13 +111,12 @@ def syrk_seconds(rows: int, k: int, runs: int) -> float:
     """Seconds of numpy's X^T X (GramSums.add's call) of a [rows, k] float32 batch, median of ``runs``."""
     x = np.random.default_rng(0).standard_normal((rows, k), dtype=np.float32)
     out = np.empty((k, k), np.float32)
-    np.matmul(x.T, x, out=out)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        np.matmul(x.T, x, out=out)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: np.matmul(x.T, x, out=out), runs)
+
+
+def search_images(artifact: Path) -> int:
+    """How many images the artifact's sensitivity search scored on, from its manifest."""
+    return int(json.loads((artifact / "manifest.json").read_text())["recipe"]["sensitivity_fallback"]["images"])
 
 
 def stage_seconds(report: dict, contains: str) -> list[float]:
@@ -129,34 +133,45 @@ def measure(work: Path, model: str, threads: int, runs: int) -> dict:
     gauge = host_speed()
     rate = ort_rate(root / "onnxruntime-fp32" / "model.onnx", fwd, threads, runs)
     rows = BATCH * s["tokens"]
-    batches = -(-calib // BATCH)
-    syrk = batches * s["blocks"] * (3 * syrk_seconds(rows, s["d"], runs) + syrk_seconds(rows, s["m"], runs))
+    # X^T X's time is linear in its rows: the last, partial batch counts for its share
+    syrk = calib / BATCH * s["blocks"] * (3 * syrk_seconds(rows, s["d"], runs) + syrk_seconds(rows, s["m"], runs))
     gram = gram_flops(s, calib * s["tokens"])
-    res = {"model": model, "shapes": s, "calibration_images": calib, "search_images": 16, "threads": threads,
+    res = {"model": model, "shapes": s, "calibration_images": calib, "threads": threads,
            "gemm_gauge_gflops": round(gauge, 1), "ort_fp32_batch8_gflops": round(rate, 1),
            "ort_matmul_share": round(matmul_share(root / "onnxruntime-fp32" / "model.onnx", threads), 3), "syrk_gflops": round(gram / syrk / 1e9, 1), "stages": []}
     float_floor = calib * fwd / rate / 1e9 + syrk
     res["stages"].append({"stage": "float statistics (forward + X^T X)", "tflop": round((calib * fwd + gram) / 1e12, 2),
                           "floor_s": round(float_floor, 1), "measured_s": stage_seconds(report, "float statistics")})
-    search = 2 * search_macs(s, 16)
     for recipe in ("openvino", "tensorrt"):
-        res["stages"].append({"stage": f"{recipe} int8 sensitivity search", "tflop": round(search / 1e12, 2),
+        images = search_images(root / f"{recipe}-int8")
+        search = 2 * search_macs(s, images)
+        res["stages"].append({"stage": f"{recipe} int8 sensitivity search ({images} images)", "tflop": round(search / 1e12, 2),
                               "floor_s": round(search / rate / 1e9, 1), "measured_s": stage_seconds(report, f"{recipe} int8: sensitivity search")})
     for st in res["stages"]:
         st["measured_over_floor"] = [round(m / st["floor_s"], 2) for m in st["measured_s"]]
     return res
 
 
+def drift_warning(gauge_then: list[float], gauge_now: float) -> str | None:
+    """A line saying the ratios are not the build's when the host's speed moved by over 15 % since it ran: this
+    host's GEMM rate moved by 40 % within an hour, so rates are only comparable with stage times measured beside them."""
+    if not gauge_then or abs(gauge_now / (sum(gauge_then) / len(gauge_then)) - 1) <= 0.15:
+        return None
+    return (f"**The host's speed moved since the build** (GEMM gauge {' and '.join(map(str, gauge_then))} GFLOP/s then, {gauge_now} now): "
+            "these ratios are not that build's; run this right after perf_build.py.")
+
+
 def markdown(res: dict, command: str, host: str, gauge_then) -> str:
     lines = [f"# Compute floor of the int8 build's float32 stages: {res['model']} (benchmarks/compute_floor.py)", "",
              f"Command: `{command}`. Host: {host}, {res['threads']} threads. Stage seconds are the build's own "
-             f"(`{res['model']}/report.json` of the perf_build.py run; its GEMM gauge read {gauge_then} GFLOP/s); the rates were measured "
-             f"right after it: GEMM gauge {res['gemm_gauge_gflops']} GFLOP/s, onnxruntime's fp32 forward of the reference at batch {BATCH} "
+             f"(`{res['model']}/report.json` of the perf_build.py run; its GEMM gauge read {' and '.join(map(str, gauge_then)) or '?'} GFLOP/s); the rates "
+             f"were measured after it: GEMM gauge {res['gemm_gauge_gflops']} GFLOP/s, onnxruntime's fp32 forward of the reference at batch {BATCH} "
              f"{res['ort_fp32_batch8_gflops']} GFLOP/s ({res['ort_matmul_share']:.0%} of its kernel time in MatMul), numpy's X^T X {res['syrk_gflops']} GFLOP/s of useful work. "
-             f"{res['calibration_images']} calibration images, {res['search_images']} search images.", "",
+             f"{res['calibration_images']} calibration images.", "",
              "The floor counts the float32 arithmetic only: not the float pass's per-column tails (the exact order statistics "
              "its percentile ranges need under any later channel scaling), its copies of every fetched linear input, or the "
              "search's session building and KL.", "",
+             *([w, ""] if (w := drift_warning(gauge_then, res["gemm_gauge_gflops"])) else []),
              "| stage | work, TFLOP | floor at these rates, s | measured, s | measured / floor |", "|---|---|---|---|---|"]
     for st in res["stages"]:
         lines.append(f"| {st['stage']} | {st['tflop']} | {st['floor_s']} | {', '.join(map(str, st['measured_s']))} | {', '.join(map(str, st['measured_over_floor']))} |")
@@ -179,10 +194,7 @@ def main() -> int:
         if not p.is_file():
             sys.exit(f"{p} is missing: run benchmarks/perf_build.py with --work {args.work} first")
     res = measure(Path(args.work), args.model, args.threads, args.runs)
-    gauge_then = "?"
-    if args.perf_json:
-        run = json.loads(Path(args.perf_json).read_text()).get(args.model, {})
-        gauge_then = " and ".join(str(g) for g in run.get("host_gflops_before_after", [])) or "?"
+    gauge_then = json.loads(Path(args.perf_json).read_text()).get(args.model, {}).get("host_gflops_before_after", []) if args.perf_json else []
     command = "python " + " ".join(["benchmarks/compute_floor.py", *sys.argv[1:]])
     md = markdown(res, command, host_info()["cpu"], gauge_then)
     res["command"] = command
