@@ -62,3 +62,33 @@ def test_latency_is_timed_interleaved_across_artifacts():
     assert switches >= 2 * 3 - 1  # a, b, a, b, a, b after the warm-up of each
     assert set(lat) == {"a", "b"} and all(v.rounds == 3 and v.spread >= 1.0 and v.throughput_batch == 8 for v in lat.values())
     assert ("a", 8) in calls and ("b", 8) in calls  # throughput at the requested batch
+
+
+def test_paired_ratio_cancels_drift_that_hits_both_rows():
+    """A host that slows down 3x halfway through moves one-second rounds; alternating short blocks see the same
+    slowdown on both rows, so the ratio stays the rows' own (a simulated clock: nothing is timed for real)."""
+    from vitexport.harness.latency import paired_ratio
+
+    now, runs = [0.0], [0]
+
+    class Fake:
+        def __init__(self, cost):
+            self.cost = cost
+
+        def run(self, x):
+            runs[0] += 1
+            now[0] += self.cost * (3.0 if runs[0] > 200 else 1.0)  # the host slows down part way
+
+    clock = lambda: now[0]  # noqa: E731
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    r = paired_ratio(Fake(0.8), Fake(1.0), x, blocks=40, runs=5, warmup_seconds=0.0, clock=clock)
+    assert r["pairs"] == 40 and abs(r["median"] - 0.8) < 1e-9
+    assert r["ci95"][0] <= r["median"] <= r["ci95"][1]
+
+
+def test_median_interval_brackets_the_median_by_order_statistics():
+    from vitexport.harness.stats import median_interval
+
+    lo, hi = median_interval(list(range(100)))
+    assert lo < 49.5 < hi and (lo, hi) == (40, 60)  # ranks 50 -+ 1.96 * sqrt(100) / 2, rounded outwards
+    assert median_interval([2.0]) == (2.0, 2.0)

@@ -106,6 +106,37 @@ def compare(runners: dict, sample: np.ndarray, rounds: int = 5, seconds: float =
     return out
 
 
+def paired_ratio(a, b, sample: np.ndarray, *, blocks: int = 40, runs: int = 3, warmup_seconds: float = 0.5, clock=time.perf_counter) -> dict:
+    """Batch-1 latency of runner ``a`` over runner ``b``, from short alternating blocks: each of ``blocks`` units runs
+    a, b, b, a, ``runs`` timed runs per turn after one untimed run, and gives median(a's runs) / median(b's runs).
+
+    One-second rounds (``compare``) let the host's speed move between two rows' turns: on a 2-core shared host the
+    same two artifacts' round ratios spread over 0.55-1.75 in one run. A unit lasts a fraction of a second, so what
+    moves the host moves both; the median of the units' ratios and its distribution-free interval
+    (stats.median_interval) say whether one row is faster, and by how much, without trusting any one round. The
+    untimed run absorbs the switch (onnxruntime's threads of the session that just ran still spin for a while: timed,
+    the ratios of the AB and BA halves fell apart into two clusters, 0.6 and 1.5), and the a-b-b-a order gives each
+    row the same places in the unit."""
+    from .stats import median_interval
+
+    x1 = np.ascontiguousarray(sample[:1], dtype=np.float32)
+    for r in (a, b):
+        _time_runs(r, x1, 3, warmup_seconds, max(warmup_seconds, 5.0), 1000)
+    ratios = []
+    for _ in range(blocks):
+        t: dict[str, list[float]] = {"a": [], "b": []}
+        for key, r in (("a", a), ("b", b), ("b", b), ("a", a)):
+            r.run(x1)
+            for _ in range(runs):
+                t0 = clock()
+                r.run(x1)
+                t[key].append(clock() - t0)
+        ratios.append(float(np.median(t["a"]) / np.median(t["b"])))
+    lo, hi = median_interval(ratios)
+    return {"median": float(np.median(ratios)), "ci95": (float(lo), float(hi)), "pairs": blocks, "runs_per_block": runs,
+            "q25": float(np.percentile(ratios, 25)), "q75": float(np.percentile(ratios, 75))}
+
+
 def _interleaved(runners: Mapping[str, Any], sample: np.ndarray, rounds: int, seconds: float, warmup_seconds: float) -> dict[str, list[np.ndarray]]:
     """Warm every runner up, then time batch 1 round by round, every runner once per round: seconds per run, per round."""
     x1 = np.ascontiguousarray(sample[:1], dtype=np.float32)

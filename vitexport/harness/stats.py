@@ -39,3 +39,16 @@ def paired_delta(lost: int, gained: int, n: int, z: float = Z95) -> tuple[float,
     centre = p_gained - p_lost
     half = z * math.sqrt(max((p_lost + p_gained - centre * centre) / nt, 0.0))
     return (max(-1.0, centre - half), min(1.0, centre + half))
+
+
+def median_interval(values, z: float = Z95) -> tuple[float, float]:
+    """Distribution-free interval for the median of ``values``: the order statistics whose ranks the binomial(n, 1/2)
+    count of values below the median puts at n/2 -+ z sqrt(n)/2 (normal approximation, rounded outwards). Latency
+    ratios on a shared host are skewed by bursts from other jobs, so no normal interval on their mean is honest."""
+    v = sorted(values)
+    n = len(v)
+    if n == 0:
+        return (math.nan, math.nan)
+    half = z * math.sqrt(n) / 2
+    lo, hi = max(int(math.floor(n / 2 - half)), 0), min(int(math.ceil(n / 2 + half)), n - 1)
+    return (v[lo], v[hi])
