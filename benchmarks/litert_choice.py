@@ -48,13 +48,14 @@ A8 = {"num_bits": 8, "symmetric": False, "granularity": "TENSORWISE", "dtype": "
 A16 = {"num_bits": 16, "symmetric": True, "granularity": "TENSORWISE", "dtype": "INT"}
 
 
-def images(shared: Path, work: Path):
+def images(shared: Path, work: Path, model: Path | None = None):
+    """The checkpoint (DeiT-tiny unless ``model``) and its preprocessed fit / held-out calibration images."""
     from vitexport.data import ImageSet
     from vitexport.model import ModelSpec
 
     files = sorted((shared / "imagenet-samples").glob("*.JPEG"))
     calib = [f for i, f in enumerate(files) if i % 4 == 0]
-    spec = ModelSpec.load(str(shared / "models" / "deit-tiny-patch16-224"))
+    spec = ModelSpec.load(str(model or shared / "models" / "deit-tiny-patch16-224"))
     out = []
     for name, part in (("fit", [f for j, f in enumerate(calib) if j % 3 != 2]), ("held", [f for j, f in enumerate(calib) if j % 3 == 2])):
         (work / name).mkdir(parents=True)

@@ -168,7 +168,11 @@ INT8_DEFAULTS: dict[str, Any] = {
     # the attention output's, which otherwise runs alone after a bf16 -> f32 reorder). Off: on DeiT-tiny's held-out
     # calibration images KL 0.0017 -> 0.0018, latency / NNCF stock in f32 0.94 -> 0.91
     # (benchmarks/results/openvino-int8-choice-fq-moves.md); ViT-Base config 0.99-1.01x NNCF against 1.00-1.06x
-    # (openvino-op-profile-vit-base.md): within the host's noise, and no more faithful
+    # (openvino-op-profile-vit-base.md): within the host's noise, and no more faithful. Timed paired against NNCF's IR
+    # in OpenVINO's default precision on an AMD host (AVX512-BF16, no AMX; openvino-int8-choice-paired-*amd-epyc.md,
+    # 84 fit / 41 held-out calibration images), with and without an int8 patch embedding: DeiT-tiny 1.063-1.077x for
+    # all four (the default 1.077), held-out KL 0.0023 -> 0.0027-0.0030 with the patch embedding; ViT-Base config
+    # 1.017-1.029x (the default 1.017 [0.989-1.044]). Neither closes the gap, which on DeiT-tiny is the float fallback
     "fakequantize_above_moves": False,
     "quantize_patch_embed": False,  # "qdq" only: int8 patch-embedding convolution (quantize_patch_embed)
     # "qdq" only: up to this fraction of linear MACs, the int8 inputs where a second int8 digit measurably gains most
