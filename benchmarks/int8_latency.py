@@ -145,7 +145,7 @@ def run_model(name: str, model: str, calib: Path, evals: Path, work: Path, args,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
-    ap.add_argument("--work", default=str(HERE / "out-int8-latency"), help="scratch folder (artifacts)")
+    ap.add_argument("--work", default=str(HERE / "out" / "int8-latency"), help="scratch folder (artifacts; under the ignored benchmarks/out/)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--blocks", type=int, default=40, help="paired units per pair (harness.latency.paired_ratio)")
