@@ -193,8 +193,13 @@ INT8_DEFAULTS: dict[str, Any] = {
 # (7-bit): KL 0.0023, 1.13-1.29x; 8-bit weights and budget 0.035: KL 0.0029, 1.02-1.09x; 0.01 (the block-0 attention
 # output projection stays float): KL 0.0034, 0.97-1.01x; 0.0: KL 0.0038, 0.96-1.00x. 8-bit weights: at budget 0,
 # KL 0.0040 -> 0.0033 (without quantize_attention); they saturate int16 only on CPUs without VNNI (OpenVINO's
-# saturation notes), so use this on VNNI/AMX CPUs. Evaluation split: benchmarks/results/int8-latency.md.
-LATENCY_FIRST: dict[str, Any] = {"recipe": {"fallback_budget": 0.01, "reduce_range": False}, "quantize_attention": True}
+# saturation notes), so use this on VNNI/AMX CPUs. Evaluation split and paired latency: benchmarks/results/int8-latency-paired-amd-epyc.md.
+# The attention output's quantizers moved above their Transpose/Reshape (fakequantize_above_moves) since issue 13's
+# paired timing on an AMD host (AVX512-BF16, no AMX; openvino-int8-choice-latency-first-moves-paired-amd-epyc.md, 84 fit /
+# 41 held-out calibration images): without them 0.998-1.012x NNCF's IR as OpenVINO compiles it by default (DeiT-tiny,
+# five runs, two intervals above 1), with them 0.955-1.009x (three runs; ViT-Base config 1.010 -> 1.000x), at held-out
+# KL 0.0030 -> 0.0035 (NNCF 0.028); adding the int8 patch embedding 0.968-1.001x at 0.0037, so not that.
+LATENCY_FIRST: dict[str, Any] = {"recipe": {"fallback_budget": 0.01, "reduce_range": False}, "quantize_attention": True, "fakequantize_above_moves": True}
 INT4_DEFAULTS: dict[str, Any] = {
     "method": "gptq",  # "nncf": nncf.compress_weights; "gptq": the core GPTQ int4 (MatMulNBits ONNX) converted by OpenVINO
     # "gptq": vitexport.quantization.int4.Int4Recipe overrides (its defaults are the measured recipe)
