@@ -1,6 +1,6 @@
 """How concentrated each linear input's range is in a few channels (issue 13: can a kept-float linear go int8?).
 
-OpenVINO int8's default keeps 11 DeiT-tiny inputs float (19.4 % of the linear MACs), which is most of its 4-8 %
+OpenVINO int8's default keeps 11 DeiT-tiny inputs float (19.4 % of the linear MACs), which is most of its 4-9 %
 latency gap to NNCF's int8. Splitting a few outlier channels out of a per-tensor range (LLM.int8-style), or
 SmoothQuant on fc2's GELU input, helps only where a handful of channels set the range. This runs the float
 reference on calibration images (never the evaluation split), fetches every MatMul input that a LayerNorm or GELU

@@ -36,6 +36,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from openvino_baselines import stock_nncf_int8  # noqa: E402
+from perf_build import NNCF_DEFAULT, timed_runners  # noqa: E402
 from run_matrix import link_images, shared_split, stock_dynamic, vit_base_checkpoint  # noqa: E402
 
 from vitexport import api  # noqa: E402
@@ -43,7 +44,6 @@ from vitexport.data import ImageSet, Preprocessing  # noqa: E402
 from vitexport.harness.report import cpu_name  # noqa: E402
 from vitexport.progress import Progress  # noqa: E402
 
-NNCF_DEFAULT = "openvino-int8-stock-nncf, OpenVINO's default precision"
 PAIRS = {
     "onnxruntime": ("onnxruntime-int8", "onnxruntime-int8-stock-dynamic"),
     "onnxruntime (calibrated static ranges)": ("onnxruntime-int8-static", "onnxruntime-int8-stock-dynamic"),
@@ -83,27 +83,12 @@ def build(model: str, calib: Path, evals: Path, out: Path, threads: int, progres
     return api.build(opts, progress, extra_builders=[stock_dynamic, stock_nncf_int8, openvino_latency_first, onnxruntime_static])
 
 
-def runners(report, threads: int) -> dict:
-    """A runner for every row of PAIRS, and NNCF's IR once more as OpenVINO compiles it by default (perf_build)."""
-    from perf_build import stock_nncf_default_runner
-
-    from vitexport import backends
-    from vitexport.artifacts import Artifact
-
-    wanted = {n for pair in PAIRS.values() for n in pair}
-    out = {r.name: backends.get(r.backend).runner(Artifact.load(Path(r.path).parent), threads) for r in report.rows if r.name in wanted}
-    nncf = next((r for r in report.rows if r.name == "openvino-int8-stock-nncf"), None)
-    if nncf is not None:
-        out[NNCF_DEFAULT] = stock_nncf_default_runner(Path(nncf.path), threads)
-    return out
-
-
 def summarize(report, evals: Path, threads: int, blocks: int, progress) -> dict:
     """Per pair: ours / stock, paired (harness.latency.paired_ratio); and the fidelity of each row."""
     from vitexport.harness.latency import paired_ratio
 
     sample = ImageSet.from_folder(evals, Preprocessing.from_dict(report.evaluation["preprocessing"]), limit=1).load(0)[None]
-    run = runners(report, threads)
+    run = timed_runners([(r.name, r.backend, r.path) for r in report.rows], threads, names={n for pair in PAIRS.values() for n in pair})
     ratios = {}
     for label, (ours, stock) in PAIRS.items():
         if ours in run and stock in run:

@@ -76,14 +76,14 @@ def stock_nncf_default_runner(path: Path, threads: int | None):
     return OpenVinoRunner(path, threads, precision=default.get_type_name() if hasattr(default, "get_type_name") else str(default))
 
 
-def timed_runners(rows: list[tuple[str, str, str]], threads: int | None) -> dict:
-    """Runners of the (name, backend, artifact path) rows in LATENCY_ROWS, and NNCF's IR once more as a user runs it:
+def timed_runners(rows: list[tuple[str, str, str]], threads: int | None, names=LATENCY_ROWS) -> dict:
+    """Runners of the (name, backend, artifact path) rows in ``names``, and NNCF's IR once more as a user runs it:
     plain compile_model (bf16 on AMX CPUs)."""
     from vitexport import backends
 
     runners = {}
     for name, backend, path in rows:
-        if name in LATENCY_ROWS:
+        if name in names:
             runners[name] = backends.get(backend).runner(Artifact.load(Path(path).parent), threads)
         if name == "openvino-int8-stock-nncf":
             runners[NNCF_DEFAULT] = stock_nncf_default_runner(Path(path), threads)

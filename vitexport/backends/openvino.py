@@ -168,7 +168,7 @@ INT8_DEFAULTS: dict[str, Any] = {
     # the attention output's, which otherwise runs alone after a bf16 -> f32 reorder). Off: on DeiT-tiny's held-out
     # calibration images KL 0.0017 -> 0.0018, latency / NNCF stock in f32 0.94 -> 0.91
     # (benchmarks/results/openvino-int8-choice-fq-moves.md); ViT-Base config 0.99-1.01x NNCF against 1.00-1.06x
-    # (openvino-op-profile-vit-base.md): within the host's noise, and no more faithful. Timed paired against NNCF's IR
+    # (openvino-op-profile-vit-base.md): within the host's noise, and no more faithful (on in LATENCY_FIRST, below). Timed paired against NNCF's IR
     # in OpenVINO's default precision on an AMD host (AVX512-BF16, no AMX; openvino-int8-choice-paired-*amd-epyc.md,
     # 84 fit / 41 held-out calibration images), with and without an int8 patch embedding: DeiT-tiny 1.063-1.077x for
     # all four (the default 1.077), held-out KL 0.0023 -> 0.0027-0.0030 with the patch embedding; ViT-Base config
