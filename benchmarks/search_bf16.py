@@ -98,6 +98,20 @@ def score(model, groups, ranges, x) -> tuple[dict[str, dict[str, float]], dict[s
     return scores, seconds
 
 
+def gemm_speedup(rows: int, k: int, n: int, repeats: int = 20) -> float:
+    """float32 / bf16 seconds of one [rows, k] @ [k, n] product on torch's threads (fc1's shape: what bf16 could give)."""
+    secs = []
+    for dt in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(rows, k, dtype=dt), torch.randn(k, n, dtype=dt)
+        for _ in range(3):
+            a @ b
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        secs.append(time.perf_counter() - t)
+    return secs[0] / secs[1]
+
+
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -123,6 +137,7 @@ def study(model_dir: Path, calib: Path, images: int) -> dict:
     ref_kl = float((lambda a, b: (a.exp() * (a - b)).sum(-1).mean())(_logp(model, x, False), _logp(model, x, True)))
     out = {"model": model_dir.name, "images": len(files), "candidates": len(names), "host_cpu": cpu_features(),
            "seconds": {m: round(s, 2) for m, s in seconds.items()}, "bf16_speedup": round(seconds["float32"] / seconds["bf16"], 2),
+           "fc1_gemm_bf16_speedup": round(gemm_speedup(x.shape[0] * ((model.config.image_size // model.config.patch_size) ** 2 + 1), model.config.hidden_size, model.config.intermediate_size), 2),
            "kl_float32_vs_bf16_unquantized": round(ref_kl, 6),
            "score_float32_percentiles_10_50_90": [float(f"{v:.3g}") for v in np.percentile(f32, [10, 50, 90])],
            "bf16_over_float32_percentiles_10_50_90": [round(float(v), 3) for v in np.percentile(b16 / f32, [10, 50, 90])],
