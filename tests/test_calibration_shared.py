@@ -4,6 +4,7 @@ tails, the gated sensitivity search (same scores and choices as one model per in
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import onnx
@@ -170,9 +171,12 @@ def test_hits_by_column_are_nonzero_of_the_transpose(k):
     np.testing.assert_array_equal(r, ref_r)
 
 
-def test_upper_cholesky_of_inverse():
+@pytest.mark.parametrize("scipy", [True, False], ids=["trtri", "without-scipy"])
+def test_upper_cholesky_of_inverse(scipy, monkeypatch):
     from vitexport.quantization.gptq import upper_cholesky_of_inverse
 
+    if not scipy:  # the package does not depend on scipy: the torch path must give the same factor
+        monkeypatch.setitem(sys.modules, "scipy.linalg.lapack", None)
     x = np.random.default_rng(4).standard_normal((500, 40))
     h = x.T @ x + 0.1 * np.eye(40)
     u = upper_cholesky_of_inverse(h)
