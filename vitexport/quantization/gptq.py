@@ -34,7 +34,7 @@ def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
         inv, info = dtrtri(l.numpy(), lower=1, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError("Hessian is not positive definite")
-    u = np.ascontiguousarray(np.tril(inv)[::-1, ::-1])  # trtri leaves the strict upper triangle as it found it
+    u = np.ascontiguousarray(inv[::-1, ::-1])  # trtri leaves the strict upper triangle as torch left it: zeros
     if not np.isfinite(u).all():
         raise np.linalg.LinAlgError("Hessian is not positive definite")
     return u
