@@ -31,6 +31,16 @@ def test_vnni_profile_is_x86_cpu_with_one_difference():
     assert {k: v for k, v in vnni.items() if k not in ("name", "description", "options")} == {k: v for k, v in base.items() if k not in ("name", "description", "options")}
 
 
+def test_latency_profile_is_intel_cpu_with_latency_first():
+    """The shipped way to OpenVINO int8 as fast as NNCF's: exactly the options int8_latency.py measured."""
+    from vitexport.backends.openvino import LATENCY_FIRST
+
+    base, fast = profiles.load("intel-cpu"), profiles.load("intel-cpu-latency")
+    int8 = fast["options"]["openvino"]["int8"]
+    assert int8 == {"method": base["options"]["openvino"]["int8"]["method"], **LATENCY_FIRST}
+    assert {k: v for k, v in fast.items() if k not in ("name", "description", "options")} == {k: v for k, v in base.items() if k not in ("name", "description", "options")}
+
+
 # (profile text, words the one-line error must contain)
 BAD = [
     ('backend = "onnxruntime"\nprecision = ["fp32"]\n', ["'precision'", "did you mean 'precisions'"]),
