@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from run_matrix import shared_split  # noqa: E402
 
 from vitexport.harness.host import cpu_features  # noqa: E402
+from vitexport.quantization.divergence import kl_divergence  # noqa: E402
 from vitexport.quantization.int8 import select_fallback  # noqa: E402
 
 # module names in the block, as transformers 4.x (first) and 5.x name them
@@ -74,25 +75,24 @@ def _fake_quant(lo: float, hi: float):
     return lambda t: (torch.clamp(torch.round(t.float() / scale) + zero, 0, 255) - zero).mul(scale).to(t.dtype)
 
 
-def _logp(model, x, bf16: bool) -> torch.Tensor:
+def _logits(model, x, bf16: bool) -> np.ndarray:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return torch.log_softmax(model(pixel_values=x).logits.double(), -1)
+        return model(pixel_values=x).logits.float().numpy()
 
 
 def score(model, groups, ranges, x) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """({mode: {candidate: mean KL}}, {mode: seconds}), the two modes alternating candidate by candidate."""
     scores: dict[str, dict[str, float]] = {"float32": {}, "bf16": {}}
     seconds = {"float32": 0.0, "bf16": 0.0}
-    refs = {m: _logp(model, x, m == "bf16") for m in scores}
+    refs = {m: _logits(model, x, m == "bf16") for m in scores}
     for name, linears in groups.items():
         q = _fake_quant(*ranges[name])
         hooks = [lin.register_forward_pre_hook(lambda m, a: (q(a[0]),)) for lin in linears]
         for mode in scores:
             t = time.perf_counter()
-            lp = _logp(model, x, mode == "bf16")
+            out = _logits(model, x, mode == "bf16")
             seconds[mode] += time.perf_counter() - t
-            ref = refs[mode]
-            scores[mode][name] = float((ref.exp() * (ref - lp)).sum(-1).mean())
+            scores[mode][name] = kl_divergence(refs[mode], out)  # the search's own score
         for h in hooks:
             h.remove()
     return scores, seconds
@@ -134,7 +134,7 @@ def study(model_dir: Path, calib: Path, images: int) -> dict:
     macs = {n: sum(lin.weight.numel() for lin in ls) for n, ls in groups.items()}
     names = list(groups)
     f32, b16 = (np.array([scores[m][n] for n in names]) for m in ("float32", "bf16"))
-    ref_kl = float((lambda a, b: (a.exp() * (a - b)).sum(-1).mean())(_logp(model, x, False), _logp(model, x, True)))
+    ref_kl = kl_divergence(_logits(model, x, False), _logits(model, x, True))
     out = {"model": model_dir.name, "images": len(files), "candidates": len(names), "host_cpu": cpu_features(),
            "seconds": {m: round(s, 2) for m, s in seconds.items()}, "bf16_speedup": round(seconds["float32"] / seconds["bf16"], 2),
            "fc1_gemm_bf16_speedup": round(gemm_speedup(x.shape[0] * ((model.config.image_size // model.config.patch_size) ** 2 + 1), model.config.hidden_size, model.config.intermediate_size), 2),
