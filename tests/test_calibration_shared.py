@@ -175,11 +175,17 @@ def test_hits_by_column_are_nonzero_of_the_transpose(k):
 def test_upper_cholesky_of_inverse(scipy, monkeypatch):
     from vitexport.quantization.gptq import upper_cholesky_of_inverse
 
+    import torch
+
+    solves = []
     if not scipy:  # the package does not depend on scipy: the torch path must give the same factor
         monkeypatch.setitem(sys.modules, "scipy.linalg.lapack", None)
+        solve = torch.linalg.solve_triangular
+        monkeypatch.setattr(torch.linalg, "solve_triangular", lambda *a, **k: solves.append(1) or solve(*a, **k))
     x = np.random.default_rng(4).standard_normal((500, 40))
     h = x.T @ x + 0.1 * np.eye(40)
     u = upper_cholesky_of_inverse(h)
+    assert len(solves) == (0 if scipy else 1)  # the path named by the test id was the one taken
     np.testing.assert_array_equal(u, np.triu(u))
     np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-9, atol=1e-12)
     with pytest.raises(np.linalg.LinAlgError):
