@@ -507,7 +507,7 @@ def test_enospc_at_the_write_boundary(where, tiny_vit, image_folder, calib_folde
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a[-1]) if a else None)
 
     if where == "artifact-write":
-        monkeypatch.setattr(ort_backend, "copy_reference", full)  # the fp32 artifact's copy of the reference ONNX
+        monkeypatch.setattr(ort_backend, "reference_on_read_rows", full)  # the fp32 artifact's write of the reference ONNX
     else:
         monkeypatch.setattr(api.os, "posix_fallocate", full)
     _fails(capsys, _build(tiny_vit, image_folder, calib_folder, tmp_path / "out", "--precision", "fp32"), "no space left")

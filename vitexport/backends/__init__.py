@@ -227,6 +227,31 @@ def require_calibration(calibration: "Calibration | None", what: str) -> "Calibr
     return calibration
 
 
+def read_rows_only(model) -> dict[str, Any]:
+    """Run an artifact graph's last row-wise ops on the rows its output reads (quantization/unread_rows.py), in
+    place; what the recipe records about it."""
+    from ..quantization.unread_rows import drop_unread_rows
+
+    done = drop_unread_rows(model)
+    return done.summary() if done is not None else {"rows_read": None, "why": "no row-wise part before a read of leading rows"}
+
+
+def reference_on_read_rows(reference, target: Path) -> dict[str, Any]:
+    """The verified fp32 reference as an artifact's model file, its unread rows dropped (``read_rows_only``): the same
+    logits bit for bit on onnxruntime, less arithmetic. A graph with nothing to drop is copied as it is."""
+    import onnx
+
+    from ..artifacts import save_onnx
+
+    model = onnx.load(str(reference.path))
+    rows = read_rows_only(model)
+    if rows["rows_read"] is None:
+        copy_reference(reference, target)
+    else:
+        save_onnx(model, target)
+    return rows
+
+
 def copy_reference(reference, target: Path) -> None:
     """The verified fp32 reference ONNX as an artifact's model file (with its external weights, if it has them)."""
     import shutil

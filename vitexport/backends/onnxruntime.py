@@ -34,7 +34,7 @@ import numpy as np
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, Capability, backend_options, copy_reference, precision_options, quantize_int8_shared, recipe_from, recipe_overrides, require_calibration, shared_int4
+from . import Calibration, Capability, backend_options, precision_options, quantize_int8_shared, read_rows_only, recipe_from, recipe_overrides, reference_on_read_rows, require_calibration, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class OnnxRuntimeBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / "model.onnx"
         if precision == "fp32":
-            copy_reference(reference, target)
-            recipe: dict[str, Any] = {"kind": "float32 reference", "opset": reference.opset, "verification": dict(reference.verification)}
+            rows = reference_on_read_rows(reference, target)
+            recipe: dict[str, Any] = {"kind": "float32 reference", "opset": reference.opset, "verification": dict(reference.verification), "read_rows": rows}
         elif precision == "int8":
             from ..quantization.int8 import Int8Recipe
 
@@ -128,13 +128,14 @@ class OnnxRuntimeBackend:
             if settings["fallback_kernel"] == "blockwise_int8":
                 fallback = {n for k in recipe.get("sensitivity_fallback", {}).get("kept_float", []) for n in k["nodes"]}
                 kernels["fallback"] = blockwise_int8_fallback(model, fallback, settings["fallback_block_size"])
-            recipe = {**recipe, "kernels": kernels}
+            recipe = {**recipe, "kernels": kernels, "read_rows": read_rows_only(model)}
             save_onnx(model, target, reference.metadata())
         elif precision == "int4":
             from ..quantization.int4 import Int4Recipe
 
             recipe_obj = recipe_from(Int4Recipe, recipe_overrides(options, self.name, "int4"))
             model, recipe = shared_int4(reference, require_calibration(calibration, precision), recipe_obj, stages=stages)
+            recipe = {**recipe, "read_rows": read_rows_only(model)}
             save_onnx(model, target, reference.metadata())
         else:
             raise VitexportError(f"onnxruntime has no precision {precision}: choose from {', '.join(self.precisions)}")

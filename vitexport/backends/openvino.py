@@ -57,7 +57,7 @@ import numpy as np
 from ..artifacts import Artifact, write_manifest
 from ..errors import VitexportError
 from ..harness.report import cpu_name
-from . import Calibration, Capability, quantize_int8_shared, recipe_from, require_calibration, shared_int4
+from . import Calibration, Capability, quantize_int8_shared, read_rows_only, recipe_from, require_calibration, shared_int4
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,10 @@ class OpenVinoBackend:
         mine = dict(options.get("openvino") or {})
         target = out_dir / XML
         if precision in ("fp32", "fp16"):
-            model = ov.convert_model(str(reference.path))
-            recipe: dict[str, Any] = {"kind": f"OpenVINO IR, {precision} weights", "compress_to_fp16": precision == "fp16"}
+            import onnx
+
+            model, rows = _convert_on_read_rows(ov, onnx.load(str(reference.path)))
+            recipe: dict[str, Any] = {"kind": f"OpenVINO IR, {precision} weights", "compress_to_fp16": precision == "fp16", "read_rows": rows}
         elif precision == "int8":
             settings = _settings(INT8_DEFAULTS, mine.get("int8"), "int8")
             calib = require_calibration(calibration, f"openvino {precision}")
@@ -364,11 +366,8 @@ def _int8_qdq(ov, reference, calibration: Calibration, settings: Mapping[str, An
 
     recipe_obj = recipe_from(Int8Recipe, {**INT8_DEFAULTS["recipe"], **(settings.get("recipe") or {})})
     qmodel, summary = quantize_int8_shared(reference, calibration, recipe_obj, stages)
-    with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
-        path = Path(tmp) / "qdq.onnx"
-        onnx.save_model(qmodel, str(path))
-        model = ov.convert_model(str(path))
-    summary = {**summary, "kind": "static int8 (core ViT-aware QDQ recipe, converted by OpenVINO to FakeQuantize)", "method": "qdq"}
+    model, rows = _convert_on_read_rows(ov, qmodel)
+    summary = {**summary, "read_rows": rows, "kind": "static int8 (core ViT-aware QDQ recipe, converted by OpenVINO to FakeQuantize)", "method": "qdq"}
     if settings.get("quantize_attention"):
         summary["attention"] = quantize_attention(ov, model, calibration, recipe_obj.percentile if recipe_obj.calibration == "percentile" else 100.0)
     if float(settings.get("two_digit_budget") or 0) > 0:
@@ -813,13 +812,23 @@ def _int4_gptq(ov, reference, calibration: Calibration | None, settings: Mapping
     if recipe_obj.method == "gptq":
         require_calibration(calibration, "openvino int4 (gptq)")
     qmodel, summary = shared_int4(reference, calibration, recipe_obj, stages=stages)
-    with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
-        path = Path(tmp) / "int4.onnx"
-        onnx.save_model(qmodel, str(path))
-        model = ov.convert_model(str(path))
+    model, summary["read_rows"] = _convert_on_read_rows(ov, qmodel)
     sizes = sorted({b for bs in (summary.get("block_sizes") or {}).values() for b in bs})
     summary = {**summary, "kind": "int4 weight-only (core GPTQ MatMulNBits recipe, converted by OpenVINO to u4 weights)", "method": f"core {recipe_obj.method} int4", "weight_type": "uint4 asym" if not recipe_obj.symmetric else "int4 sym", "block_size": sizes[0] if len(sizes) == 1 else sizes}
     return model, summary
+
+
+def _convert_on_read_rows(ov, model) -> tuple[Any, dict[str, Any]]:
+    """``openvino.convert_model`` of an ONNX graph whose unread rows are dropped first (backends.read_rows_only: the
+    plugin runs every row it is given). ``model`` is changed in place; it is written to a temporary file because
+    convert_model reads ONNX from a path."""
+    import onnx
+
+    rows = read_rows_only(model)
+    with tempfile.TemporaryDirectory(prefix="vitexport-ov-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path))
+        return ov.convert_model(str(path)), rows
 
 
 def _int4(ov, reference, calibration: Calibration | None, settings: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -49,7 +49,7 @@ import numpy as np
 
 from ..artifacts import Artifact, save_onnx, write_manifest
 from ..errors import VitexportError
-from . import Calibration, Capability, backend_options, copy_reference, quantize_int8_shared, recipe_from, recipe_overrides, require_calibration
+from . import Calibration, Capability, backend_options, quantize_int8_shared, read_rows_only, recipe_from, recipe_overrides, reference_on_read_rows, require_calibration
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +245,16 @@ class TensorRTBackend:
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / ONNX
         if precision in ("fp32", "fp16"):
-            copy_reference(reference, target)
-            recipe: dict[str, Any] = {"kind": f"fp32 reference ONNX for a TensorRT {precision} engine", "opset": reference.opset, "layernorm": "one LayerNormalization op"}
+            rows = reference_on_read_rows(reference, target)
+            recipe: dict[str, Any] = {"kind": f"fp32 reference ONNX for a TensorRT {precision} engine", "opset": reference.opset, "layernorm": "one LayerNormalization op", "read_rows": rows}
         else:
             from ..quantization.int8 import Int8Recipe
 
             require_calibration(calibration, "tensorrt int8")
             recipe_obj = int8_recipe(options, Int8Recipe)
             model, recipe = quantize_int8_shared(reference, calibration, recipe_obj, stages)
-            recipe = {**recipe, "kind": "TensorRT-ready int8 QDQ ONNX (explicit quantization, ViT-aware)", "qdq_check": check_tensorrt_qdq(model)}
+            recipe = {**recipe, "kind": "TensorRT-ready int8 QDQ ONNX (explicit quantization, ViT-aware)", "read_rows": read_rows_only(model)}
+            recipe["qdq_check"] = check_tensorrt_qdq(model)
             save_onnx(model, target, reference.metadata())
             recipe = {**recipe, "calibration_images": calibration.count, "calibration_source": calibration.source}
 

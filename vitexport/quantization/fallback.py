@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..ort_session import ort_session, release_freed_memory
 from .divergence import kl_divergence as _kl
 from .graph import GraphIndex, Linear, copy_without_initializers
+from .unread_rows import drop_unread_rows
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,11 @@ def tail_model(model: onnx.ModelProto, start: str) -> onnx.ModelProto | None:
     t.graph.name = g.name + "_tail"
     t.graph.node.extend(keep)
     t.graph.initializer.extend(inits)
-    t.graph.input.append(helper.make_tensor_value_info(start, TensorProto.FLOAT, None))
+    known = {v.name: v for v in g.value_info}
+    t.graph.input.append(known[start] if start in known else helper.make_tensor_value_info(start, TensorProto.FLOAT, None))
     t.graph.input.extend(graph_inputs)
     t.graph.output.extend(g.output)
+    t.graph.value_info.extend(v for v in g.value_info if v.name in produced)  # the shapes drop_unread_rows reads
     return t
 
 
@@ -218,6 +221,9 @@ def _tail_session(model: onnx.ModelProto, arrays: dict[str, np.ndarray], start: 
         return None
     # gate the part's own linears (the Linear records point into the full model, gated_model matches them by output)
     gsub, gates = gated_model(sub, groups, act_qdq, weight_codes, arrays)
+    # the logits read the class token's row only: the last block's row-wise part runs on it alone, as in every
+    # artifact (backends.read_rows_only), the same scores in exact arithmetic for less of it
+    drop_unread_rows(gsub)
     gsub, own = light_model(gsub)  # the block's quantized weights go the same way
     refs = {t.name for t in gsub.graph.initializer if t.data_location == TensorProto.EXTERNAL}
     sess = _session(gsub.SerializeToString(), threads, {n: own[n] if n in own else arrays[n] for n in refs})
