@@ -130,3 +130,19 @@ def test_search_scores_unchanged_by_the_pruned_tails(reference, monkeypatch):
     assert set(pruned) == set(full) == set(groups)
     for act in groups:
         assert pruned[act] == pytest.approx(full[act], rel=1e-3, abs=1e-9), act
+
+
+def test_stock_dynamic_int8_graph_drops_as_much(reference, tmp_path):
+    """onnxruntime's quantize_dynamic multiplies DynamicQuantizeLinear's scale by the weight's beside the rows: that
+    scale arithmetic joins the part, so the stock graph loses the same three MatMuls' unread rows as ours
+    (benchmarks/unread_rows.py measures both)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(reference.path), str(tmp_path / "stock.onnx"), weight_type=QuantType.QInt8)
+    m = onnx.load(str(tmp_path / "stock.onnx"))
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    before = _run(m, {"pixel_values": x})[0]
+    done = drop_unread_rows(m)
+    assert done is not None and done.matmuls == 3 and len(done.sliced) == 2
+    after = _run(m, {"pixel_values": x})[0]
+    assert float((before * after).sum() / np.linalg.norm(before) / np.linalg.norm(after)) > 0.99

@@ -143,7 +143,11 @@ def _row_wise(node: onnx.NodeProto, shapes: dict[str, tuple], rows: int, weights
         return False
     if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(shapes.get(ins[1], ())) == 1 and attrs.get("axis", 1) not in (-1, 2):
         return False
-    return any(_is_rows(shapes, i, rows) for i in ins) and all(_is_rows(shapes, i, rows) or _broadcasts_over_rows(shapes, i) for i in ins)
+    if not any(_is_rows(shapes, i, rows) for i in ins):
+        # scale arithmetic beside the rows (stock dynamic int8 multiplies DynamicQuantizeLinear's scale by the
+        # weight's): in the part only when everything it feeds is, so the quantizer before it can join too
+        return all(_broadcasts_over_rows(shapes, i) for i in [*ins, *node.output])
+    return all(_is_rows(shapes, i, rows) or _broadcasts_over_rows(shapes, i) for i in ins)
 
 
 def _row_wise_region(model: onnx.ModelProto, idx: GraphIndex, shapes: dict[str, tuple], read_tensor: str, rows: int) -> list[onnx.NodeProto]:
