@@ -29,6 +29,8 @@ _ELEMENTWISE = {
 }
 # input 0 is the rows, the others (weights, scales, zero points, bias) are per output channel at most
 _ROW_BY_ROW = {"MatMul", "MatMulInteger", "MatMulIntegerToFloat", "MatMulNBits", "LayerNormalization"}
+# row-wise when they reduce over the channels only: a LayerNorm decomposed (opsets before 17), a softmax over channels
+_LAST_AXIS = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceSumSquare", "Softmax", "LogSoftmax"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def _fill_row_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> None:
     """Row counts onnx's inference leaves unknown: it knows no com.microsoft op (MatMulNBits, MatMulIntegerToFloat),
     and everything after one of them stays unshaped. Only axis 1 matters here, and these ops keep it."""
     for node in model.graph.node:
-        if node.op_type not in _ROW_BY_ROW | _ELEMENTWISE or not node.output or node.output[0] in shapes:
+        if node.op_type not in _ROW_BY_ROW | _ELEMENTWISE | _LAST_AXIS or not node.output or node.output[0] in shapes:
             continue
         rows = [shapes[i] for i in node.input if i and len(shapes.get(i, ())) == 3]
         if rows:
@@ -129,16 +131,18 @@ def _broadcasts_over_rows(shapes: dict[str, tuple], name: str) -> bool:
     return s is not None and (len(s) <= 1 or s[-2] == 1)
 
 
-def _row_wise(node: onnx.NodeProto, shapes: dict[str, tuple], rows: int, weights: set[str]) -> bool:
+def _row_wise(node: onnx.NodeProto, shapes: dict[str, tuple], rows: int, idx: GraphIndex) -> bool:
     """True when every output row of ``node`` depends on the same row of its inputs only."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     ins = [i for i in node.input if i]
-    if not ins or not _is_rows(shapes, ins[0], rows) and node.op_type in _ROW_BY_ROW:
+    if not ins or not _is_rows(shapes, ins[0], rows) and node.op_type in _ROW_BY_ROW | _LAST_AXIS:
         return False
     if node.op_type == "LayerNormalization":
         return attrs.get("axis", -1) in (-1, 2)
+    if node.op_type in _LAST_AXIS:
+        return _over_channels_only(node, attrs, idx)
     if node.op_type in _ROW_BY_ROW:
-        return all(i in weights or (not _is_rows(shapes, i, rows) and len(shapes.get(i, (0, 0, 0))) <= 2) for i in ins[1:])
+        return all(i in idx.initializers or (not _is_rows(shapes, i, rows) and len(shapes.get(i, (0, 0, 0))) <= 2) for i in ins[1:])
     if node.op_type not in _ELEMENTWISE:
         return False
     if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(shapes.get(ins[1], ())) == 1 and attrs.get("axis", 1) not in (-1, 2):
@@ -150,14 +154,27 @@ def _row_wise(node: onnx.NodeProto, shapes: dict[str, tuple], rows: int, weights
     return all(_is_rows(shapes, i, rows) or _broadcasts_over_rows(shapes, i) for i in ins)
 
 
+def _over_channels_only(node: onnx.NodeProto, attrs: dict, idx: GraphIndex) -> bool:
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        return attrs.get("axis", -1) in (-1, 2)
+    if attrs.get("keepdims", 1) != 1:
+        return False
+    if "axes" in attrs:
+        axes = list(attrs["axes"])
+    elif len(node.input) > 1 and node.input[1] and idx.is_const(node.input[1]):
+        axes = [int(a) for a in idx.const_array(node.input[1]).ravel()]
+    else:
+        return False  # no axes: a reduction over every axis
+    return axes in ([-1], [2])
+
+
 def _row_wise_region(model: onnx.ModelProto, idx: GraphIndex, shapes: dict[str, tuple], read_tensor: str, rows: int) -> list[onnx.NodeProto]:
     """The nodes, walking back from the read, whose outputs only row-wise nodes of the region (or the read) use."""
     inside: set[int] = set()
     region: list[onnx.NodeProto] = []
-    weights = set(idx.initializers)
     for node in reversed(model.graph.node):
         outs = [o for o in node.output if o]
-        if not outs or not _row_wise(node, shapes, rows, weights):
+        if not outs or not _row_wise(node, shapes, rows, idx):
             continue
         used_inside = all(
             o not in idx.graph_outputs and idx.consumers.get(o) and all(id(c) in inside or o == read_tensor for c in idx.consumers[o]) for o in outs
