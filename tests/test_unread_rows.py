@@ -154,3 +154,25 @@ def test_stock_dynamic_int8_graph_drops_as_much(reference, tmp_path):
     assert done is not None and done.matmuls == 3 and len(done.sliced) == 2
     after = _run(m, {"pixel_values": x})[0]
     assert float((before * after).sum() / np.linalg.norm(before) / np.linalg.norm(after)) > 0.99
+
+
+def test_reference_writes_its_read_rows_graph_once_and_refuses_a_wrong_one(reference, tmp_path, monkeypatch):
+    """export_reference writes the sliced graph beside the reference (every fp32/fp16 artifact copies or converts
+    it); a sliced graph whose logits differ from the reference's is not written, and the artifacts keep every row."""
+    from vitexport.export import write_read_rows
+    from vitexport.quantization import unread_rows
+
+    assert reference.read_rows_path is not None and reference.read_rows_path.is_file()
+    assert reference.read_rows["matmuls_on_read_rows"] == 3 and reference.read_rows["relative_diff_to_reference"] <= 1e-5
+    x = np.random.default_rng(6).standard_normal((2, 3, 32, 32)).astype(np.float32)
+
+    def wrong(model):  # slices as the pass does, then breaks the head's bias
+        done = real(model)
+        head = next(t for t in model.graph.initializer if tuple(t.dims) == (4,))  # the 4-label head's bias
+        head.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(head) + 1.0).astype(np.float32), head.name))
+        return done
+
+    real = unread_rows.drop_unread_rows
+    monkeypatch.setattr(unread_rows, "drop_unread_rows", wrong)
+    path, why = write_read_rows(reference.path, tmp_path / "rows.onnx", x)
+    assert path is None and "differed" in why["why"] and not (tmp_path / "rows.onnx").exists()

@@ -247,10 +247,8 @@ class OpenVinoBackend:
         mine = dict(options.get("openvino") or {})
         target = out_dir / XML
         if precision in ("fp32", "fp16"):
-            import onnx
-
-            model, rows = _convert_on_read_rows(ov, onnx.load(str(reference.path)))
-            recipe: dict[str, Any] = {"kind": f"OpenVINO IR, {precision} weights", "compress_to_fp16": precision == "fp16", "read_rows": rows}
+            model = ov.convert_model(str(reference.read_rows_path or reference.path))
+            recipe: dict[str, Any] = {"kind": f"OpenVINO IR, {precision} weights", "compress_to_fp16": precision == "fp16", "read_rows": dict(reference.read_rows)}
         elif precision == "int8":
             settings = _settings(INT8_DEFAULTS, mine.get("int8"), "int8")
             calib = require_calibration(calibration, f"openvino {precision}")
