@@ -196,12 +196,12 @@ def write_read_rows(path: Path, target: Path, x: np.ndarray) -> tuple[Path | Non
     the largest output allowed): (target, what was dropped), or (None, why not) and nothing left written."""
     import onnx
 
-    from .quantization.unread_rows import drop_unread_rows
+    from .quantization.unread_rows import drop_unread_rows, summary
 
     model = onnx.load(str(path))
     done = drop_unread_rows(model)
     if done is None:
-        return None, {"rows_read": None, "why": "no row-wise part before a read of leading rows"}
+        return None, summary(done)
     save_onnx(model, target)
     try:
         a, b = (_logits(p, x) for p in (path, target))
@@ -213,7 +213,7 @@ def write_read_rows(path: Path, target: Path, x: np.ndarray) -> tuple[Path | Non
         target.unlink()
         Path(str(target) + ".data").unlink(missing_ok=True)
         return None, {"rows_read": None, "why": f"the sliced graph's outputs differed from the reference's by {diff:.2e} of the largest"}
-    return target, {**done.summary(), "relative_diff_to_reference": diff}
+    return target, {**summary(done), "relative_diff_to_reference": diff}
 
 
 def _logits(path: Path, x: np.ndarray) -> np.ndarray:

@@ -230,10 +230,9 @@ def require_calibration(calibration: "Calibration | None", what: str) -> "Calibr
 def read_rows_only(model) -> dict[str, Any]:
     """Run an artifact graph's last row-wise ops on the rows its output reads (quantization/unread_rows.py), in
     place; what the recipe records about it."""
-    from ..quantization.unread_rows import drop_unread_rows
+    from ..quantization.unread_rows import drop_unread_rows, summary
 
-    done = drop_unread_rows(model)
-    return done.summary() if done is not None else {"rows_read": None, "why": "no row-wise part before a read of leading rows"}
+    return summary(drop_unread_rows(model))
 
 
 def reference_on_read_rows(reference, target: Path) -> dict[str, Any]:

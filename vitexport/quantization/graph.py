@@ -298,6 +298,22 @@ def _ln_feeds_block(idx: GraphIndex, ln: onnx.NodeProto, prelim) -> bool:
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators (MatMulNBits, MatMulIntegerToFloat)
 
 
+class Namer:
+    """namer(base) -> a tensor or node name not yet used in ``model`` (and reserved): ``base``, else base_1, base_2..."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.used = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
+        self.used |= {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
 def ensure_ms_opset(model: onnx.ModelProto) -> None:
     """Import the com.microsoft opset, which nodes of that domain need."""
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):

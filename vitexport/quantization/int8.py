@@ -42,7 +42,7 @@ from ..ort_session import ort_session
 from .calibration import GramSums, HistogramObserver, stream_activations
 from .divergence import kl_divergence as _kl
 from .gptq import array_digest, damped_inverse_factor, gptq_round
-from .graph import GraphIndex, Linear, drop_unused_constants, find_linears, kept_float, unscaled_inputs
+from .graph import GraphIndex, Linear, Namer, drop_unused_constants, find_linears, kept_float, unscaled_inputs
 
 if TYPE_CHECKING:
     from ..progress import Stages
@@ -400,20 +400,6 @@ def _unique(model: onnx.ModelProto, base: str) -> str:
     return name
 
 
-class _Namer:
-    def __init__(self, model: onnx.ModelProto):
-        self.used = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
-        self.used |= {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
-
-
 def _bias_user(model: onnx.ModelProto, node: onnx.NodeProto, bias: str) -> onnx.NodeProto | None:
     """The Add that adds ``bias`` to ``node``'s output (the second half of an exported Linear)."""
     for n in model.graph.node:
@@ -428,7 +414,7 @@ class _QdqRewrite:
 
     model: onnx.ModelProto
     idx: GraphIndex
-    namer: _Namer
+    namer: Namer
     first_consumer: dict[str, onnx.NodeProto]  # activation -> the first chosen linear reading it (where its Q goes)
     weight_users: dict[str, int]  # tensor -> how many node inputs read it (a weight is dropped when none is left)
     new_nodes_before: dict[int, list[onnx.NodeProto]] = dataclasses.field(default_factory=dict)  # id(node) -> nodes to insert before it
@@ -447,7 +433,7 @@ class _QdqRewrite:
         first_consumer: dict[str, onnx.NodeProto] = {}
         for l in sorted(chosen, key=lambda l: order[id(l.node)]):
             first_consumer.setdefault(l.activation, l.node)
-        return cls(model, GraphIndex(model), _Namer(model), first_consumer, weight_users)
+        return cls(model, GraphIndex(model), Namer(model), first_consumer, weight_users)
 
     def before(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         return self.new_nodes_before.setdefault(id(node), [])

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import GraphIndex, inferred_value_info
+from .graph import GraphIndex, Namer, inferred_value_info
 
 _ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "Clip", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu",
@@ -48,6 +48,11 @@ class Dropped:
         return {"rows_read": self.read, "rows": self.rows, "sliced": list(self.sliced), "nodes_on_read_rows": self.nodes, "matmuls_on_read_rows": self.matmuls}
 
 
+def summary(done: Dropped | None) -> dict:
+    """What a recipe records about the pass: ``done.summary()``, or why nothing was dropped."""
+    return done.summary() if done is not None else {"rows_read": None, "why": "no row-wise part before a read of leading rows"}
+
+
 def drop_unread_rows(model: onnx.ModelProto) -> Dropped | None:
     """Rewrite ``model`` in place so the row-wise ops before its token read run on the read rows only; None (and
     ``model`` untouched) when the graph has no such read or nothing to gain."""
@@ -61,7 +66,7 @@ def drop_unread_rows(model: onnx.ModelProto) -> Dropped | None:
     matmuls = sum(n.op_type.startswith("MatMul") for n in region)
     if not matmuls:
         return None
-    sliced = _slice_entries(model, idx, shapes, region, rows, read)
+    sliced = _slice_entries(model, shapes, region, rows, read)
     changed = {o for n in region for o in n.output}
     keep = [v for v in model.graph.value_info if v.name not in changed]
     del model.graph.value_info[:]
@@ -185,12 +190,14 @@ def _row_wise_region(model: onnx.ModelProto, idx: GraphIndex, shapes: dict[str, 
     return region[::-1]
 
 
-def _slice_entries(model: onnx.ModelProto, idx: GraphIndex, shapes: dict[str, tuple], region: list[onnx.NodeProto], rows: int, read: int) -> list[str]:
+def _slice_entries(model: onnx.ModelProto, shapes: dict[str, tuple], region: list[onnx.NodeProto], rows: int, read: int) -> list[str]:
     """Slice every row tensor entering ``region`` from outside it to its first ``read`` rows; returns their names."""
     inside = {id(n) for n in region}
     produced = {o for n in region for o in n.output}
     g = model.graph
-    consts = _slice_constants(model, read)
+    fresh = Namer(model)
+    consts = [fresh(f"read_rows_{what}") for what in ("starts", "ends", "axes")]
+    g.initializer.extend(numpy_helper.from_array(np.array([v], np.int64), n) for n, v in zip(consts, (0, read, 1)))
     sliced: dict[str, str] = {}
     before: dict[int, list[onnx.NodeProto]] = {}
     for node in region:
@@ -198,7 +205,7 @@ def _slice_entries(model: onnx.ModelProto, idx: GraphIndex, shapes: dict[str, tu
             if not name or name in produced or not _is_rows(shapes, name, rows):
                 continue
             if name not in sliced:
-                sliced[name] = _fresh(idx, f"{name}_read_rows")
+                sliced[name] = fresh(f"{name}_read_rows")
                 before.setdefault(id(node), []).append(helper.make_node("Slice", [name, *consts], [sliced[name]], name=f"{sliced[name]}_slice"))
             node.input[k] = sliced[name]
     nodes = list(g.node)
@@ -208,22 +215,3 @@ def _slice_entries(model: onnx.ModelProto, idx: GraphIndex, shapes: dict[str, tu
         g.node.append(n)
     assert all(id(n) in inside for n in nodes if any(i in sliced.values() for i in n.input))
     return list(sliced)
-
-
-def _slice_constants(model: onnx.ModelProto, read: int) -> list[str]:
-    idx = GraphIndex(model)
-    names = []
-    for what, value in (("starts", 0), ("ends", read), ("axes", 1)):
-        name = _fresh(idx, f"read_rows_{what}")
-        model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
-        names.append(name)
-    return names
-
-
-def _fresh(idx: GraphIndex, base: str) -> str:
-    taken = set(idx.producer) | set(idx.initializers) | set(idx.consumers) | idx.graph_inputs
-    name, k = base, 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    return name
