@@ -6,14 +6,14 @@ classifier reads. This script takes ONNX graphs built *without* the pass (an ear
 of the same shape), applies it, and for each graph reports, on the same 8 random inputs, how far the logits moved
 (max abs difference, lowest cosine, top-1 agreement) and the batch-1 latency of the pass's graph over the original,
 paired (harness.latency.paired_ratio: units of four short turns, median with a distribution-free 95 % interval),
-2 threads. With ``--openvino`` the fp32 reference is also converted by OpenVINO both ways and timed in f32.
+2 threads. Each ``--openvino`` graph is converted by OpenVINO both ways instead and timed in f32.
 
 The stock int8 graph (onnxruntime's quantize_dynamic of the reference) is in the list on purpose: the pass applies to
 it just as well, so this is the share of any "ours / stock" latency ratio that comes from the pass rather than from
 the int8 recipe.
 
-    python benchmarks/unread_rows.py --graph deit-fp32=W/deit-tiny/onnxruntime-fp32/model.onnx ... [--openvino] \
-        [--blocks 40] [--out benchmarks/results/unread-rows.json]
+    python benchmarks/unread_rows.py --graph deit-fp32=W/deit-tiny/onnxruntime-fp32/model.onnx ... \
+        [--openvino deit-fp32=W/deit-tiny/onnxruntime-fp32/model.onnx ...] [--blocks 40] [--out benchmarks/results/unread-rows.json]
 """
 
 from __future__ import annotations
