@@ -231,6 +231,52 @@ def test_gptq_beats_rtn_on_a_layer():
         assert err_gptq < 0.8 * err_rtn
 
 
+def test_gptq_blocks_are_the_textbook_loop_bit_for_bit():
+    """int4 GPTQ through gptq_round's two-level updates gives exactly the codes, scales and zero points of the plain
+    column loop (each block's clip search on its columns as updated so far): the published figures' rounding."""
+    from vitexport.quantization.gptq import damped_inverse_factor
+    from vitexport.quantization.int4 import _fake_quant, _search_params
+
+    rng = np.random.default_rng(5)
+    k, n = 256, 48
+    x = rng.standard_normal((3000, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k))) * rng.uniform(0.2, 3, k)
+    w, h = rng.standard_normal((n, k)) * 0.05, x.T @ x
+
+    def textbook(w, block, recipe):
+        u, _ = damped_inverse_factor(h, recipe.damp)
+        hd = np.diag(h) + recipe.damp * float(np.mean(np.diag(h)))
+        w, codes, scales, zps = w.copy(), np.empty((n, k)), [], []
+        for c in range(k):
+            if c % block == 0:
+                scale, zp = _search_params(w[:, c : c + block], hd[c : c + block], recipe)
+                scale = scale.astype(np.float32).astype(np.float64)
+                scales.append(scale), zps.append(zp)
+            codes[:, c], deq = _fake_quant(w[:, c], scale, zp)
+            w[:, c:] -= np.outer((w[:, c] - deq) / u[c, c], u[c, c:])
+        return codes, np.stack(scales, 1), np.stack(zps, 1)
+
+    for block, sym, lazy in ((32, False, 32), (64, True, 128), (16, False, 64)):
+        recipe = Int4Recipe(symmetric=sym, lazy_columns=lazy)
+        got = quantize_gptq(w, h, block, recipe)
+        codes, scales, zps = textbook(w, block, recipe)
+        assert np.array_equal(got.codes, codes) and np.array_equal(got.scales, scales.astype(np.float32)) and np.array_equal(got.zero_points, zps)
+
+
+def test_clip_search_is_the_per_candidate_fake_quantization():
+    from vitexport.quantization.int4 import _block_params, _fake_quant, _search_params
+
+    rng = np.random.default_rng(6)
+    w, hd = rng.standard_normal((40, 32)) * 0.05, rng.uniform(0.1, 3, 32)
+    w[0] = 0.0  # a dead row: scale 1
+    for sym in (False, True):
+        recipe = Int4Recipe(symmetric=sym)
+        errs = [(((w - _fake_quant(w, *_block_params(w, sym, r))[1]) ** 2) @ hd, _block_params(w, sym, r)) for r in recipe.clip_grid]
+        best = np.argmin(np.stack([e for e, _ in errs]), axis=0)  # the first of equal errors, as the search keeps
+        scale, zp = _search_params(w, hd, recipe)
+        assert np.array_equal(scale, [errs[b][1][0][i] for i, b in enumerate(best)])
+        assert np.array_equal(zp, [errs[b][1][1][i] for i, b in enumerate(best)])
+
+
 def test_gptq_beats_rtn_on_the_tiny_vit(tiny_onnx):
     x = np.random.default_rng(9).standard_normal((16, 3, 32, 32)).astype(np.float32)
     ref = _session(tiny_onnx).run(None, {"pixel_values": x})[0]

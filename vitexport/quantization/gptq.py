@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 
 
+SUB_BLOCK = 32  # GPTQ columns whose errors reach each other by rank-1 updates (speed only)
+
+
 def array_digest(a: np.ndarray | None) -> str | None:
-    """A short content digest of a weight (as float32) for the keys of its rounded codes; None for None."""
-    return None if a is None else hashlib.blake2b(np.ascontiguousarray(a, np.float32).tobytes(), digest_size=16).hexdigest()
+    """A short content digest of a weight (as float32) for the keys of its rounded codes; None for None. sha256
+    (hashed in place, no bytes copy): twice blake2b's speed where the CPU has SHA extensions, and ViT-Base's keys
+    hash its weights a few times over."""
+    if a is None:
+        return None
+    return hashlib.sha256(memoryview(np.ascontiguousarray(a, np.float32)).cast("B")).hexdigest()[:32]
 
 
 def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
@@ -53,37 +61,51 @@ def damped_inverse_factor(hessian: np.ndarray, damp: float) -> tuple[np.ndarray,
     return upper_cholesky_of_inverse(h), dead
 
 
-def gptq_round(w: np.ndarray, u: np.ndarray, round_column, lazy: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def gptq_round(w: np.ndarray, u: np.ndarray, round_column, lazy: int = 128, group: int = 0, start_group=None, sub: int = SUB_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2022) with any rounding: ``round_column(values [N], column) -> rounded [N]``.
 
     Rounds ``w`` [N, K] (rows = output channels) one input column at a time and spreads each column's error over
     the columns not yet rounded through U (H^-1 = U^T U), so the layer's *output* error on the calibration inputs is
     what gets minimised, not the weights'. Returns (rounded [N, K], the error-compensated values each column was
-    rounded from), both float64.
+    rounded from), both float64. ``start_group(values [group, N], column)``, when given, is called at every column
+    that is a multiple of ``group`` with the next ``group`` columns (one per row), each already carrying the error
+    of every column rounded before: where a group's scale is chosen (int4's blocks).
 
-    Each lazy block is held transposed, a column per contiguous row, and updated in place through one scratch
-    array: the same products and differences as ``w1[:, i:] -= outer(e, u1[i, i:])`` (the same codes, bit for
-    bit), without a fresh strided [N, lazy] array per column (ViT-Base's linears round 1.8x faster).
+    Each lazy block is held transposed, a column per contiguous row, and updated in two levels: a column's error
+    reaches the rest of its ``sub``-column sub-block at once (one rank-1 update), the rest of the lazy block after
+    the sub-block (one product), the rest of the weight after the lazy block (one product). The same sums as the
+    textbook loop (Algorithm 1 with lazy batches) in another order, on BLAS instead of a rank-1 update of the whole
+    lazy block per column: ViT-Base's linears round 1.5-2.8x faster, with the same codes (tested).
     """
     w = np.array(w, dtype=np.float64, order="C")  # a transposed [K, N] weight arrives F-ordered: 4x slower updates
     n, k = w.shape
+    if start_group is not None:
+        if lazy % group:
+            raise ValueError(f"GPTQ: lazy batches of {lazy} columns do not hold whole groups of {group}")
+        sub = math.gcd(sub, group)  # every group starts a sub-block: its columns then carry every earlier error
     q = np.empty((k, n))
     targets = np.empty((k, n))
-    scratch = np.empty((min(lazy, k), n))
+    scratch = np.empty((min(sub, k), n))
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
         w1 = np.ascontiguousarray(w[:, i1:i2].T)
-        err = np.empty((n, i2 - i1))
+        err = np.empty((i2 - i1, n))  # a column's error per row, as w1
         u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            x = w1[i]
-            targets[i1 + i] = x
-            qi = round_column(x, i1 + i)
-            q[i1 + i] = qi
-            e = (x - qi) / u1[i, i]
-            rest = scratch[: i2 - i1 - i]
-            np.multiply.outer(u1[i, i:], e, out=rest)
-            w1[i:] -= rest
-            err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+        for j1 in range(0, i2 - i1, sub):
+            j2 = min(j1 + sub, i2 - i1)
+            for i in range(j1, j2):
+                if start_group is not None and (i1 + i) % group == 0:
+                    start_group(w1[i : i + group], i1 + i)
+                x = w1[i]
+                targets[i1 + i] = x
+                qi = round_column(x, i1 + i)
+                q[i1 + i] = qi
+                e = (x - qi) / u1[i, i]
+                rest = scratch[: j2 - i]
+                np.multiply.outer(u1[i, i:j2], e, out=rest)
+                w1[i:j2] -= rest
+                err[i] = e
+            if j2 < i2 - i1:
+                w1[j2:] -= u1[j1:j2, j2:].T @ err[j1:j2]
+        w[:, i2:] -= err.T @ u[i1:i2, i2:]
     return np.ascontiguousarray(q.T), np.ascontiguousarray(targets.T)
