@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vitexport.quantization.palette import PaletteRecipe, kmeans_1d, palettize_gptq
+from vitexport.quantization.palette import PaletteRecipe, kmeans_1d, nearest_entry, palettize_gptq, searchsorted_rows
 
 
 def _layer(n=32, k=64, rows=2000, seed=0):
@@ -25,6 +25,27 @@ def test_kmeans_1d_is_a_weighted_lloyd_fixed_point():
         idx = np.abs(x[i][:, None] - c[i]).argmin(1)
         for j in range(8):
             np.testing.assert_allclose(c[i, j], np.average(x[i][idx == j], weights=wt[i][idx == j]), atol=1e-6)
+
+
+def test_searchsorted_rows_is_numpys_per_row():
+    rng = np.random.default_rng(2)
+    for m in (1, 2, 7, 1000, 1024):
+        xs = np.sort(np.round(rng.standard_normal((6, m)), 1), axis=1)  # ties
+        v = np.concatenate([rng.standard_normal((6, 9)), xs[:, [0, -1, m // 2]], xs[:, [0]] - 1, xs[:, [-1]] + 1], axis=1)
+        want = np.stack([np.searchsorted(xs[i], v[i]) for i in range(6)])
+        np.testing.assert_array_equal(searchsorted_rows(xs, v), want)
+
+
+def test_nearest_entry_rounds_to_the_nearest_palette_entry_ties_down():
+    rng = np.random.default_rng(3)
+    for entries in (2, 4, 16):
+        lut = np.sort(np.round(rng.standard_normal((40, entries)), 1), axis=1)  # repeated entries too
+        mids = (lut[:, 1:] + lut[:, :-1]) / 2
+        nearest = nearest_entry(lut)
+        for x in (rng.standard_normal(40) * 2, mids[:, 0], lut[:, -1] + 1, lut[:, 0] - 1):
+            np.testing.assert_array_equal(nearest(x), lut[np.arange(40), (x[:, None] > mids).sum(axis=1)])
+    with pytest.raises(ValueError):
+        nearest_entry(np.zeros((2, 3)))
 
 
 def test_values_lie_on_their_groups_palette():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def kmeans_1d(x: np.ndarray, weights: np.ndarray, k: int, iters: int = 30) -> np
     c = np.quantile(xs, (np.arange(k) + 0.5) / k, axis=1).T.astype(np.float64)  # [G, k], sorted (xs: the same order statistics, cheaper to select)
     rows = np.arange(g)[:, None]
     for _ in range(iters):
-        cuts = np.stack([np.searchsorted(xs[i], (c[i, 1:] + c[i, :-1]) / 2) for i in range(g)])  # [G, k-1]
+        cuts = searchsorted_rows(xs, (c[:, 1:] + c[:, :-1]) / 2)  # [G, k-1]
         bounds = np.concatenate([np.zeros((g, 1), np.int64), cuts, np.full((g, 1), m)], axis=1)
         cnt = cw[rows, bounds[:, 1:]] - cw[rows, bounds[:, :-1]]
         tot = cwx[rows, bounds[:, 1:]] - cwx[rows, bounds[:, :-1]]
@@ -69,10 +70,45 @@ def kmeans_1d(x: np.ndarray, weights: np.ndarray, k: int, iters: int = 30) -> np
     return c
 
 
-def _nearest(x: np.ndarray, lut_rows: np.ndarray, mids_rows: np.ndarray) -> np.ndarray:
-    """Each x[n] rounded to the nearest entry of its own sorted palette lut_rows[n]."""
-    idx = (x[:, None] > mids_rows).sum(axis=1)
-    return lut_rows[np.arange(len(x)), idx]
+def searchsorted_rows(xs: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(xs[i], v[i])`` (side "left": how many of the row are below each value) for every row of the
+    row-sorted ``xs`` [G, M] at once, ``v`` [G, C]: one binary search vectorised over the rows, the same indices
+    without a numpy call per row (ViT-Base's fc1 has 192 palette groups, searched 30 times per k-means)."""
+    g, m = xs.shape
+    flat = np.ascontiguousarray(xs).ravel()
+    base = (np.arange(g, dtype=np.int64) * m)[:, None]
+    lo = np.zeros(v.shape, np.int64)
+    hi = np.full(v.shape, m, np.int64)
+    for _ in range(int(m).bit_length()):  # ceil(log2(m + 1)) halvings close every interval
+        mid = (lo + hi) >> 1
+        below = flat[base + np.minimum(mid, m - 1)] < v
+        open_ = lo < hi
+        lo = np.where(open_ & below, mid + 1, lo)
+        hi = np.where(open_ & ~below, mid, hi)
+    return lo
+
+
+def nearest_entry(lut_rows: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """x [N] -> each x[n] rounded to the nearest entry of its own sorted palette ``lut_rows[n]`` (ties to the lower
+    entry): the entry after as many midpoints as lie below x, found by a binary search over the midpoints, vectorised
+    over the rows (GPTQ calls this once per column: ViT-Base's fc1 rounds 3072 rows per call, 2x faster than
+    comparing every row with all 15 midpoints)."""
+    n, entries = lut_rows.shape
+    mids = np.ascontiguousarray((lut_rows[:, 1:] + lut_rows[:, :-1]) / 2).ravel()
+    lut = np.ascontiguousarray(lut_rows).ravel()
+    mid_base, lut_base = np.arange(n) * (entries - 1), np.arange(n) * entries
+    steps = [1 << b for b in reversed(range((entries - 1).bit_length()))]
+    if sum(steps) != entries - 1:
+        raise ValueError(f"palettes of {entries} entries: a power of two is needed")
+
+    def nearest(x: np.ndarray) -> np.ndarray:
+        idx = np.zeros(n, np.intp)  # midpoints known to lie below x
+        for step in steps:
+            cand = idx + step  # the steps sum to entries - 1: entries is a power of two
+            idx = np.where(x > mids[mid_base + cand - 1], cand, idx)
+        return lut[lut_base + idx]
+
+    return nearest
 
 
 def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe = PaletteRecipe(), factor=None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,9 +138,8 @@ def palettize_gptq(w_nk: np.ndarray, hessian: np.ndarray, recipe: PaletteRecipe 
     for _ in range(1 + max(0, recipe.refine)):
         lut = kmeans_1d(fit.reshape(n // g, g * k), importance.reshape(n // g, g * k), entries, recipe.kmeans_iters)
         lut = lut.astype(np.float16).astype(np.float64)  # the package stores fp16 palettes: round against those
-        rows = np.repeat(lut, g, axis=0)
-        mids = (rows[:, 1:] + rows[:, :-1]) / 2
-        q, fit = gptq_round(w, u, lambda x, _col: _nearest(x, rows, mids), recipe.lazy_columns)
+        nearest = nearest_entry(np.repeat(lut, g, axis=0))
+        q, fit = gptq_round(w, u, lambda x, _col: nearest(x), recipe.lazy_columns)
     return q.astype(np.float32), lut.astype(np.float32)
 
 
