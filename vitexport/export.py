@@ -168,14 +168,14 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
     cached = key is not None and _cached_reference(cache_dir, key, out_dir)
     if not cached:
         _trace(ref, module, embedding, verify_inputs)
-    verification = verify(module, path, verify_inputs, spec.output_name)
+    verification, logits = compare(module, path, verify_inputs, spec.output_name)
     problem = verification_problem(verification)
     if problem and cached:  # an entry that no longer holds what its key says: never trust it, trace again
         log.warning("cache: the cached reference ONNX failed its check against PyTorch (%s); exporting it again", problem)
         shutil.rmtree(_cache_entry(cache_dir, key), ignore_errors=True)
         _clear(out_dir)
         _trace(ref, module, embedding, verify_inputs)
-        verification, cached = verify(module, path, verify_inputs, spec.output_name), False
+        (verification, logits), cached = compare(module, path, verify_inputs, spec.output_name), False
         problem = verification_problem(verification)
     if problem:
         raise VitexportError(problem)
@@ -183,17 +183,18 @@ def export_reference(spec: ModelSpec, out_dir: Path, verify_inputs: np.ndarray, 
         _store_reference(cache_dir, key, out_dir)
     verification["embedding"] = embedding
     log.info("reference ONNX verified on %d images: max abs diff %.2e", verification["n"], verification["max_abs_diff"])
-    rows_path, rows = write_read_rows(path, out_dir / READ_ROWS, verify_inputs[:2])
+    rows_path, rows = write_read_rows(path, out_dir / READ_ROWS, verify_inputs[:2], logits[:2])
     return Reference(path, spec, opset, num_parameters, verification, cache_dir, rows_path, rows)
 
 
 READ_ROWS = "read_rows.onnx"
 
 
-def write_read_rows(path: Path, target: Path, x: np.ndarray) -> tuple[Path | None, dict[str, Any]]:
+def write_read_rows(path: Path, target: Path, x: np.ndarray, reference: np.ndarray | None = None) -> tuple[Path | None, dict[str, Any]]:
     """The reference at ``path`` with its unread rows dropped, written to ``target`` once, if its outputs on ``x`` are
     the reference's (the same in exact arithmetic; on onnxruntime's float32 kernels the same bits so far, within 1e-5 of
-    the largest output allowed): (target, what was dropped), or (None, why not) and nothing left written."""
+    the largest output allowed): (target, what was dropped), or (None, why not) and nothing left written.
+    ``reference``: the reference's outputs on ``x`` in onnxruntime where the caller has them (the export's check)."""
     import onnx
 
     from .quantization.unread_rows import drop_unread_rows, summary
@@ -204,7 +205,8 @@ def write_read_rows(path: Path, target: Path, x: np.ndarray) -> tuple[Path | Non
         return None, summary(done)
     save_onnx(model, target)
     try:
-        a, b = (_logits(p, x) for p in (path, target))
+        a = _logits(path, x) if reference is None else np.asarray(reference)
+        b = _logits(target, x)
         diff = float(np.abs(a - b).max()) / max(float(np.abs(a).max()), 1e-6)
     except VitexportError:  # onnxruntime refused the sliced graph: a bug here, never the user's
         diff = float("inf")
@@ -424,6 +426,12 @@ def _drop_dead_nodes(model) -> None:
 
 
 def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> dict[str, Any]:
+    """How the ONNX at ``onnx_path`` (onnxruntime, CPU) agrees with ``module`` (PyTorch) on ``inputs``."""
+    return compare(module, onnx_path, inputs, output_name, batch)[0]
+
+
+def compare(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> tuple[dict[str, Any], np.ndarray]:
+    """(verify's summary, the ONNX's outputs on ``inputs``)."""
     import torch
 
     from .ort_session import ort_session
@@ -442,7 +450,7 @@ def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch:
         "max_abs_diff": float(np.abs(t - o).max()),
         "top1_agreement": float((t.argmax(-1) == o.argmax(-1)).mean()),
         "against": f"torch {torch.__version__}",
-    }
+    }, o
 
 
 @contextlib.contextmanager
