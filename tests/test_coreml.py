@@ -240,6 +240,34 @@ def test_conversion_validates_each_pipeline_once_and_writes_the_same_package(tin
     assert Program.validate is counting and PassPipelineManager.__dict__["apply_pipeline"] is apply
 
 
+def test_quick_fp16_overflow_answers_as_coremltools_does():
+    """The overflow check patched in during conversion gives coremltools' own answer for every op: in range, beyond
+    float16, infinities (an attention mask's -inf casts fine), NaN, and large values beside infinities."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from vitexport.backends.coreml import convert as cv
+
+    consts = [np.full((2, 3), 1.0), [[1e5, 0, 0]], [[-np.inf, 0, 1]], [[np.nan, 0, 1]], [[np.inf, 7e4, 1]], [[6.5504e4, -6.5504e4, 0]], 2.0]
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))])
+    def prog(x):
+        for c in consts:
+            x = mb.add(x=x, y=np.asarray(c, np.float32))
+        return x
+
+    ops = [op for op in prog.functions["main"].operations if op.op_type == "add"]
+    real = FP16ComputePrecision.__dict__["fp16_overflow"]
+    want = [real.__func__(op) for op in ops]
+    restore = cv._quick_fp16_overflow()
+    try:
+        got = [FP16ComputePrecision.fp16_overflow(op) for op in ops]
+    finally:
+        restore()
+    assert got == want == [False, True, False, False, True, False, False]
+    assert FP16ComputePrecision.__dict__["fp16_overflow"] is real
+
+
 def _untimed(recipe):
     """A manifest's recipe without its timings (seconds, *_s), which differ between any two builds."""
     if isinstance(recipe, dict):
