@@ -226,6 +226,25 @@ def test_search_weights_passed_as_arrays_give_the_same_scores(tiny_onnx, monkeyp
     assert sensitivity_scores(model, chosen, ranges, recipe, _batches()) == inline
 
 
+def test_calibration_passes_read_weights_as_arrays_with_the_same_bits(tiny_onnx, monkeypatch):
+    """stream_activations hands the weights to onnxruntime as arrays instead of inside the serialised model: every
+    statistic of the float pass (min, max, X^T X, tails) is the same bits as with the weights inline."""
+    from vitexport.quantization import calibration, fallback
+
+    model = tiny_onnx.load()
+    sent = []
+    real = calibration._session
+    monkeypatch.setattr(calibration, "_session", lambda payload, threads, initializers=None: sent.append(len(initializers or {})) or real(payload, threads, initializers))
+    runs = {}
+    for name, limit in (("inline", 1 << 40), ("arrays", 1)):
+        monkeypatch.setattr(fallback, "EXTERNAL_BYTES", limit)
+        s = collect_float_stats(model, _acts(model), _batches(), images=12)
+        runs[name] = [s.min, s.max, dict(s.gram), s.top, s.bottom]
+    assert sent[0] == 0 and sent[1] >= len(_acts(model))  # the second pass really took its weights as arrays
+    for a, b in zip(runs["inline"], runs["arrays"]):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_cached_sensitivity_scores_are_the_computed_ones_and_any_change_misses(tiny_onnx, tmp_path, monkeypatch):
     """--cache-dir keeps each search's scores under the digest of what they are computed from: the same inputs read
     them back without a session; another range, weight or image set is another entry; a damaged entry is recomputed."""
