@@ -208,19 +208,19 @@ def test_gated_sensitivity_scores_match_one_model_per_input(tiny_onnx, recipe):
 
 
 def test_search_weights_passed_as_arrays_give_the_same_scores(tiny_onnx, monkeypatch):
-    """The search hands each block's weights to onnxruntime as arrays (fallback.light_model) instead of inside the
+    """The search hands each block's weights to onnxruntime as arrays (graph.light_model) instead of inside the
     serialised graph: the same bits, and the graph it serialises carries no weight."""
-    from vitexport.quantization import fallback
+    from vitexport.quantization import graph
 
     model = tiny_onnx.load()
     recipe = dataclasses.replace(Int8Recipe(), fallback_images=6)
     chosen, _ = select_linears(find_linears(model), recipe)
     stats = collect_float_stats(model, _acts(model), _batches(), images=12, gram=False)
     ranges = {a: (float(stats.min[a].min()), float(stats.max[a].max())) for a in stats.min}
-    monkeypatch.setattr(fallback, "EXTERNAL_BYTES", 1 << 40)  # nothing goes as arrays
+    monkeypatch.setattr(graph, "EXTERNAL_BYTES", 1 << 40)  # nothing goes as arrays
     inline = sensitivity_scores(model, chosen, ranges, recipe, _batches())
-    monkeypatch.setattr(fallback, "EXTERNAL_BYTES", 1)  # every weight does
-    light, arrays = fallback.light_model(model)
+    monkeypatch.setattr(graph, "EXTERNAL_BYTES", 1)  # every weight does
+    light, arrays = graph.light_model(model)
     weights = {l.weight for l in chosen}
     assert weights <= set(arrays) and all(t.name not in weights or not t.raw_data for t in light.graph.initializer)
     assert sensitivity_scores(model, chosen, ranges, recipe, _batches()) == inline
@@ -229,7 +229,7 @@ def test_search_weights_passed_as_arrays_give_the_same_scores(tiny_onnx, monkeyp
 def test_calibration_passes_read_weights_as_arrays_with_the_same_bits(tiny_onnx, monkeypatch):
     """stream_activations hands the weights to onnxruntime as arrays instead of inside the serialised model: every
     statistic of the float pass (min, max, X^T X, tails) is the same bits as with the weights inline."""
-    from vitexport.quantization import calibration, fallback
+    from vitexport.quantization import calibration, graph
 
     model = tiny_onnx.load()
     sent = []
@@ -237,7 +237,7 @@ def test_calibration_passes_read_weights_as_arrays_with_the_same_bits(tiny_onnx,
     monkeypatch.setattr(calibration, "_session", lambda payload, threads, initializers=None: sent.append(len(initializers or {})) or real(payload, threads, initializers))
     runs = {}
     for name, limit in (("inline", 1 << 40), ("arrays", 1)):
-        monkeypatch.setattr(fallback, "EXTERNAL_BYTES", limit)
+        monkeypatch.setattr(graph, "EXTERNAL_BYTES", limit)
         s = collect_float_stats(model, _acts(model), _batches(), images=12)
         runs[name] = [s.min, s.max, dict(s.gram), s.top, s.bottom]
     assert sent[0] == 0 and sent[1] >= len(_acts(model))  # the second pass really took its weights as arrays

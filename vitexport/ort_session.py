@@ -20,7 +20,7 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
     is a VitexportError naming ``what`` (the path by default); ``user_model=False`` for a model vitexport made in
     memory itself (calibration, the fallback search), where a refusal is a bug and its own error propagates.
     ``spinning=False``: idle intra-op threads sleep instead of busy-waiting (long batch loops on a shared host).
-    ``initializers``: numpy arrays for the model's in-memory external initializers (``fallback.light_model``), which
+    ``initializers``: numpy arrays for the model's in-memory external initializers (``quantization.graph.light_model``), which
     onnxruntime copies in before it optimises the graph. ``prepack=False``: MatMul weights are not copied into
     onnxruntime's packed layout (one more copy of every weight held by the session)."""
     import onnxruntime as ort

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ..ort_session import ort_session, release_freed_memory
+from .graph import light_model
 
 Batches = Callable[[], Iterable[np.ndarray]]
 
@@ -48,7 +49,7 @@ def stream_activations(
     """Run ``model`` on every batch of ``batches()`` and call ``observe(name, array)`` for each requested tensor.
 
     The tensors are added as graph outputs on a copy serialised without its weights, which onnxruntime reads from
-    arrays (fallback.light_model; the caller's model is left unchanged), the model runs in onnxruntime (CPU, ``threads`` intra-op threads, 0 = onnxruntime's default), one batch at a time.
+    arrays (graph.light_model; the caller's model is left unchanged), the model runs in onnxruntime (CPU, ``threads`` intra-op threads, 0 = onnxruntime's default), one batch at a time.
     Arrays passed to ``observe`` are only valid during the call: observers must reduce them, not keep them.
     ``progress(n)`` is called after each batch with the number of images in it. Given a path, the model is loaded
     here and dropped once serialized: a caller's ModelProto stays alive for the whole pass (ViT-Base: 0.33 GB of the
@@ -63,8 +64,6 @@ def stream_activations(
     input_name = inputs[0]
     existing = {o.name for o in model.graph.output}
     added = [n for n in names if n not in existing and n != input_name]
-
-    from .fallback import light_model
 
     # the weights go to onnxruntime as arrays, not inside a serialised copy of the model (ViT-Base: 346 MB written
     # and parsed again by every pass); the same kernels on the same values (tests/test_calibration_shared.py)

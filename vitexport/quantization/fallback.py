@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ort_session import ort_session, release_freed_memory
 from .divergence import kl_divergence as _kl
-from .graph import GraphIndex, Linear, copy_without_initializers
+from .graph import GraphIndex, Linear, copy_without_initializers, light_model
 from .unread_rows import drop_unread_rows
 
 log = logging.getLogger(__name__)
@@ -43,46 +43,6 @@ def _session(model: onnx.ModelProto | bytes, threads: int, initializers: dict[st
     # whose GEMMs pack as they go). The summation order differs from a prepacked session's, so scores move in their
     # last digits: the kept sets of DeiT-tiny's OpenVINO and TensorRT recipes are the same
     return ort_session(model, threads, spinning=False, user_model=False, initializers=initializers, prepack=False)
-
-
-EXTERNAL_BYTES = 1 << 16  # weights this large travel as arrays, not in the serialised graph
-
-
-def light_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A copy of ``model`` whose weights (initializers only read as a MatMul's B or by the gates' Where) of
-    EXTERNAL_BYTES or more are in-memory external references, and the arrays they refer to.
-
-    Each block's session used to copy, gate and serialise the whole network (ViT-Base: 346 MB of weights, 1.2 s per
-    block, and the copies stacked on the build's peak); now the graph is copied and serialised without its weights
-    and onnxruntime copies the arrays straight in (``ort_session(initializers=...)``). Only weights go this way:
-    onnxruntime skips a fusion whose small constant it cannot read (the position embeddings' SkipLayerNorm), and with
-    these references its results are the same bits (tests/test_calibration_shared.py)."""
-    arrays: dict[str, np.ndarray] = {}
-    light = copy_without_initializers(model, onnx.ModelProto())
-    readers: dict[str, set[tuple[str, int]]] = {}
-    for n in model.graph.node:
-        for i, name in enumerate(n.input):
-            readers.setdefault(name, set()).add((n.op_type, i))
-    weight_uses = {("MatMul", 1), ("Where", 1), ("Where", 2)}
-    outputs = {o.name for o in model.graph.output}
-    for t in model.graph.initializer:
-        if _is_heavy(t) and readers.get(t.name, set()) <= weight_uses and t.name not in outputs:
-            arrays[t.name] = numpy_helper.to_array(t)
-            light.graph.initializer.append(_reference(t))
-        else:
-            light.graph.initializer.append(t)
-    return light, arrays
-
-
-def _is_heavy(t: onnx.TensorProto) -> bool:
-    return t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= EXTERNAL_BYTES
-
-
-def _reference(t: onnx.TensorProto) -> onnx.TensorProto:
-    ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(len(t.raw_data)))):
-        ref.external_data.add(key=key, value=value)
-    return ref
 
 
 def _fresh_names(g: onnx.ModelProto) -> Callable[[str], str]:

@@ -32,7 +32,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 ROLES = ("qkv", "attn_out", "fc1", "fc2", "head", "patch_embed", "other")
 
@@ -400,3 +400,44 @@ def _shapes_only(model: onnx.ModelProto) -> onnx.ModelProto:
         elif t.name not in inputs:
             light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return light
+
+
+EXTERNAL_BYTES = 1 << 16  # weights this large travel as arrays, not in the serialised graph
+
+
+def light_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` whose weights (initializers only read as a MatMul's B or by the gates' Where) of
+    EXTERNAL_BYTES or more are in-memory external references, and the arrays they refer to.
+
+    The search's block sessions and every calibration pass (calibration.stream_activations) run such a copy: each
+    used to serialise the whole network (ViT-Base: 346 MB of weights, 1.2 s per block session, and the copies
+    stacked on the build's peak); now the graph is copied and serialised without its weights
+    and onnxruntime copies the arrays straight in (``ort_session(initializers=...)``). Only weights go this way:
+    onnxruntime skips a fusion whose small constant it cannot read (the position embeddings' SkipLayerNorm), and with
+    these references its results are the same bits (tests/test_calibration_shared.py)."""
+    arrays: dict[str, np.ndarray] = {}
+    light = copy_without_initializers(model, onnx.ModelProto())
+    readers: dict[str, set[tuple[str, int]]] = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            readers.setdefault(name, set()).add((n.op_type, i))
+    weight_uses = {("MatMul", 1), ("Where", 1), ("Where", 2)}
+    outputs = {o.name for o in model.graph.output}
+    for t in model.graph.initializer:
+        if _is_heavy(t) and readers.get(t.name, set()) <= weight_uses and t.name not in outputs:
+            arrays[t.name] = numpy_helper.to_array(t)
+            light.graph.initializer.append(_reference(t))
+        else:
+            light.graph.initializer.append(t)
+    return light, arrays
+
+
+def _is_heavy(t: onnx.TensorProto) -> bool:
+    return t.data_location != TensorProto.EXTERNAL and len(t.raw_data) >= EXTERNAL_BYTES
+
+
+def _reference(t: onnx.TensorProto) -> onnx.TensorProto:
+    ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "in-memory"), ("offset", "0"), ("length", str(len(t.raw_data)))):
+        ref.external_data.add(key=key, value=value)
+    return ref
