@@ -48,8 +48,9 @@ def stream_activations(
 ) -> None:
     """Run ``model`` on every batch of ``batches()`` and call ``observe(name, array)`` for each requested tensor.
 
-    The tensors are added as graph outputs on a copy serialised without its weights, which onnxruntime reads from
-    arrays (graph.light_model; the caller's model is left unchanged), the model runs in onnxruntime (CPU, ``threads`` intra-op threads, 0 = onnxruntime's default), one batch at a time.
+    The tensors are added as graph outputs on a copy serialised without its weights, which onnxruntime copies in
+    from arrays (graph.light_model; the caller's model is left unchanged); the model runs in onnxruntime (CPU,
+    ``threads`` intra-op threads, 0 = onnxruntime's default), one batch at a time.
     Arrays passed to ``observe`` are only valid during the call: observers must reduce them, not keep them.
     ``progress(n)`` is called after each batch with the number of images in it. Given a path, the model is loaded
     here and dropped once serialized: a caller's ModelProto stays alive for the whole pass (ViT-Base: 0.33 GB of the
@@ -74,7 +75,7 @@ def stream_activations(
     sess = None
     try:
         sess = _session(payload, threads, arrays)
-        del payload
+        del payload, arrays  # onnxruntime holds its own copy of the weights now: ours would sit on the pass's peak
         fetch = names
         fetch_model = [n for n in fetch if n != input_name]
         for batch in batches():
@@ -91,7 +92,7 @@ def stream_activations(
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
-        del sess, arrays  # the session reads the arrays in place: they go with it
+        del sess
         release_freed_memory()
 
 
