@@ -425,13 +425,9 @@ def _drop_dead_nodes(model) -> None:
     drop_unused_constants(model)
 
 
-def verify(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> dict[str, Any]:
-    """How the ONNX at ``onnx_path`` (onnxruntime, CPU) agrees with ``module`` (PyTorch) on ``inputs``."""
-    return compare(module, onnx_path, inputs, output_name, batch)[0]
-
-
 def compare(module, onnx_path: Path, inputs: np.ndarray, output_name: str, batch: int = 8) -> tuple[dict[str, Any], np.ndarray]:
-    """(verify's summary, the ONNX's outputs on ``inputs``)."""
+    """(how the ONNX at ``onnx_path``, in onnxruntime, agrees with ``module`` in PyTorch on ``inputs``; the ONNX's
+    outputs on them, which the read-rows check reuses)."""
     import torch
 
     from .ort_session import ort_session

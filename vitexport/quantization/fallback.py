@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ort_session import ort_session, release_freed_memory
 from .divergence import kl_divergence as _kl
-from .graph import GraphIndex, Linear, copy_without_initializers, light_model
+from .graph import GraphIndex, Linear, Namer, copy_without_initializers, light_model
 from .unread_rows import drop_unread_rows
 
 log = logging.getLogger(__name__)
@@ -43,21 +43,6 @@ def _session(model: onnx.ModelProto | bytes, threads: int, initializers: dict[st
     # whose GEMMs pack as they go). The summation order differs from a prepacked session's, so scores move in their
     # last digits: the kept sets of DeiT-tiny's OpenVINO and TensorRT recipes are the same
     return ort_session(model, threads, spinning=False, user_model=False, initializers=initializers, prepack=False)
-
-
-def _fresh_names(g: onnx.ModelProto) -> Callable[[str], str]:
-    """fresh(base) -> a tensor name not yet used in ``g`` (and reserved)."""
-    used = {t.name for t in g.graph.initializer} | {o for n in g.graph.node for o in n.output} | {i.name for i in g.graph.input}
-
-    def fresh(base: str) -> str:
-        name, k = base, 0
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        used.add(name)
-        return name
-
-    return fresh
 
 
 def _gated_activation(g: onnx.ModelProto, act: str, gate: str, qdq: tuple[np.ndarray, np.ndarray, float], fresh: Callable[[str], str]) -> tuple[list[onnx.NodeProto], str]:
@@ -96,7 +81,7 @@ def gated_model(
     g = onnx.ModelProto()
     g.CopyFrom(model)
     idx = GraphIndex(g)
-    fresh = _fresh_names(g)
+    fresh = Namer(g)
     before: dict[int, list[onnx.NodeProto]] = {}
     gates: dict[str, str] = {}
     order = {id(n): i for i, n in enumerate(g.graph.node)}
