@@ -81,6 +81,33 @@ def test_whole_tensor_tails_give_the_same_unscaled_percentiles():
     assert percentile_range_from_tails(stats, "t", 99.999, 2048, np.ones(24, np.float32)) is None
 
 
+def test_threaded_observer_folds_the_same_bits():
+    """end_batch folds a batch's tensors on several threads with single-threaded BLAS: every statistic is the same
+    bits as folding them one by one on the caller's thread (BLAS on every core), including a tensor kept as one
+    whole-tensor tail, and nothing is folded before end_batch (or result)."""
+    from vitexport.quantization.calibration import FloatStatsObserver
+
+    rng = np.random.default_rng(5)
+    widths = {"narrow": 48, "wide": 384, "fc2": 640}
+    batches = [{n: (rng.standard_t(3, size=(4, 197, k)) * rng.uniform(0.2, 4, k)).astype(np.float32) for n, k in widths.items()} for _ in range(3)]
+    stats = {}
+    for workers in (1, 3):
+        obs = FloatStatsObserver(images=12, whole_tensor_tails=("fc2",), workers=workers)
+        for i, batch in enumerate(batches):
+            for n, a in batch.items():
+                obs(n, a)
+            if workers > 1 and i == 0:
+                assert not obs.min  # held, not folded yet
+            if i < len(batches) - 1:
+                obs.end_batch()
+        stats[workers] = obs.result()  # folds the last batch
+    one, many = stats[1], stats[3]
+    for field in ("min", "max", "gram", "top", "bottom"):
+        for n in widths:
+            assert np.array_equal(getattr(one, field)[n], getattr(many, field)[n]), (field, n)
+    assert one.elements == many.elements and one.top["fc2"].shape[1] == 1
+
+
 def test_percentile_beyond_the_tails_asks_for_a_pass():
     from vitexport.quantization.calibration import FloatStatsObserver
 
