@@ -116,3 +116,23 @@ def test_cached_palettes_are_the_computed_ones_and_a_bad_entry_is_recomputed(tmp
     np.savez(path, digest=np.array(digest), count=np.array(1), a0=np.array([np.nan], np.float32))
     calls = []
     assert np.isfinite(cached.codes_cache.get(key, lambda: calls.append(1) or (np.ones(1, np.float32),))[0]).all() and calls
+
+
+def test_layers_rounded_on_threads_are_the_same_bits(monkeypatch):
+    """gptq.map_layers rounds layers on threads with single-threaded BLAS: the same palettes and weights, bit for
+    bit, as one layer after the other with BLAS on every core (layers wide enough for BLAS to thread), in order."""
+    import os
+
+    from vitexport.quantization import gptq
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)  # threads even on one core
+    rng = np.random.default_rng(7)
+    layers = []
+    for n, k in ((256, 384), (384, 256), (256, 384)):
+        x = (rng.standard_normal((900, k)) * rng.uniform(0.1, 3, k)).astype(np.float32)
+        layers.append(((rng.standard_normal((n, k)) * 0.02).astype(np.float32), x.T.astype(np.float64) @ x))
+    one = [palettize_gptq(w, h) for w, h in layers]
+    many = list(gptq.map_layers(lambda wh: palettize_gptq(*wh), layers))
+    assert len(many) == len(one)
+    for (q1, lut1), (q2, lut2) in zip(one, many):
+        assert np.array_equal(q1, q2) and np.array_equal(lut1, lut2)

@@ -268,6 +268,7 @@ class FloatStats:
     # where results rounded against these statistics are kept between builds (cache.CodesCache, --cache-dir), or None
     codes_cache: Any = dataclasses.field(default=None, compare=False, repr=False)
     _factors: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
+    _lock: Any = dataclasses.field(default_factory=threading.Lock, init=False, compare=False, repr=False)
 
     def absmax(self) -> dict[str, np.ndarray]:
         return {n: np.maximum(np.abs(self.min[n]), np.abs(self.max[n])) for n in self.min}
@@ -280,14 +281,15 @@ class FloatStats:
         from .gptq import damped_inverse_factor
 
         key = (name, float(damp))
-        if key not in self._factors:
-            u, dead = damped_inverse_factor(self.gram[name], damp)
-            if u.nbytes >= FACTOR_SPILL_BYTES:
-                try:
-                    u = SpilledArrays({"u": u}, prefix="vitexport-factor-")
-                except OSError:  # no room in the temporary folder: keep it in memory
-                    pass
-            self._factors[key] = (u, dead)
+        with self._lock:  # layers rounded on threads (gptq.map_layers) share inputs: q, k and v
+            if key not in self._factors:
+                u, dead = damped_inverse_factor(self.gram[name], damp)
+                if u.nbytes >= FACTOR_SPILL_BYTES:
+                    try:
+                        u = SpilledArrays({"u": u}, prefix="vitexport-factor-")
+                    except OSError:  # no room in the temporary folder: keep it in memory
+                        pass
+                self._factors[key] = (u, dead)
         u, dead = self._factors[key]
         return (u["u"] if isinstance(u, SpilledArrays) else u), dead
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+
+T, R = TypeVar("T"), TypeVar("R")
 
 SUB_BLOCK = 32  # GPTQ columns whose errors reach each other by rank-1 updates (speed only)
 
@@ -18,6 +22,29 @@ def array_digest(a: np.ndarray | None) -> str | None:
     if a is None:
         return None
     return hashlib.sha256(memoryview(np.ascontiguousarray(a, np.float32)).cast("B")).hexdigest()[:32]
+
+
+ROUNDING_WORKERS = 4  # layers rounded at once (map_layers); each holds a few copies of its weight
+
+
+def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    """``fn(item)`` for each item (layer), in order, yielded as each is done, the items on up to ROUNDING_WORKERS
+    threads (no more than the usable cores) with BLAS limited to one thread: a layer's rounding is a column loop of
+    small numpy calls, which use one core whatever BLAS does in between, and two ViT-Base palette layers at once took
+    0.77x the time of one after the other on two cores. The same results: each layer's arithmetic runs as before,
+    and its BLAS products give the same bits on one thread as on two (tests/test_palette.py). Consume it whole."""
+    items = list(items)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(usable, ROUNDING_WORKERS, len(items))
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="vitexport-round") as pool:
+        yield from pool.map(fn, items)
 
 
 def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .calibration import stream_activations
-from .gptq import array_digest, gptq_round, upper_cholesky_of_inverse
+from .gptq import array_digest, gptq_round, map_layers, upper_cholesky_of_inverse
 from .graph import MS_DOMAIN, ROLES, Linear, const_array, drop_unused_constants, ensure_ms_opset, find_linears, kept_float, weight_nk
 
 if TYPE_CHECKING:
@@ -507,15 +507,17 @@ class _StatsHessians(dict):
 
 def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Linear], hessians: dict[str, np.ndarray], recipe: Int4Recipe) -> list[tuple[Linear, QuantizedWeight, dict]]:
     """Each linear's int4 weight and its record (role and block as ``metas``, found on the float graph, say)."""
-    done = []
-    for l, meta in zip(stage, metas):
+    def one(l: Linear) -> tuple[np.ndarray, QuantizedWeight]:
         w = weight_nk(work, l)
+        block = choose_block_size(w.shape[1], recipe.block_sizes)
+        if isinstance(hessians, _StatsHessians):  # against the build's float statistics: kept between builds with --cache-dir
+            return w, hessians.quantize(l, w, block, recipe)
+        return w, (quantize_gptq(w, hessians[l.activation], block, recipe) if recipe.method == "gptq" else quantize_rtn(w, block, recipe))
+
+    done = []
+    for (l, meta), (w, qw) in zip(zip(stage, metas), map_layers(one, stage)):  # layers on threads: gptq.map_layers
         n_out, k = w.shape
         block = choose_block_size(k, recipe.block_sizes)
-        if isinstance(hessians, _StatsHessians):  # against the build's float statistics: kept between builds with --cache-dir
-            qw = hessians.quantize(l, w, block, recipe)
-        else:
-            qw = quantize_gptq(w, hessians[l.activation], block, recipe) if recipe.method == "gptq" else quantize_rtn(w, block, recipe)
         done.append((l, qw, {"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": block,
                              "rel_weight_error": round(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-30)), 5)}))
     return done

@@ -74,6 +74,7 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, name
     import torch
 
     from ...quantization.graph import weight_nk
+    from ...quantization.gptq import map_layers
     from ...quantization.palette import PaletteRecipe, palettize_cached
 
     t0 = time.perf_counter()
@@ -81,10 +82,10 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, name
     model, linears, stats = _linear_hessians(reference, calibration, names, stages)
     params = dict(head.named_parameters())
     errors = []
-    for l in linears:
+    rounded = map_layers(lambda l: palettize_cached(stats, l, weight_nk(model, l), recipe), linears)  # [N, K]: torch Linear's layout
+    for l, (q, lut) in zip(linears, rounded):
         tname, _ = names[l.weight]
-        w = weight_nk(model, l)  # [N, K]: torch Linear's own layout
-        q, lut = palettize_cached(stats, l, w, recipe)
+        w = weight_nk(model, l)
         errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
