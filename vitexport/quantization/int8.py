@@ -30,6 +30,7 @@ What it does, on a copy of the float model:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
@@ -41,7 +42,7 @@ from onnx import helper, numpy_helper
 from ..ort_session import ort_session
 from .calibration import GramSums, HistogramObserver, stream_activations
 from .divergence import kl_divergence as _kl
-from .gptq import array_digest, damped_inverse_factor, gptq_round
+from .gptq import array_digest, damped_inverse_factor, gptq_round, map_layers
 from .graph import GraphIndex, Linear, Namer, drop_unused_constants, find_linears, kept_float, unscaled_inputs
 
 if TYPE_CHECKING:
@@ -457,6 +458,30 @@ def _quantize_activation(rw: _QdqRewrite, act: str, centre: bool, lo: float, hi:
     rw.act_scale[act] = float(scale)
 
 
+def _all_weight_codes(
+    rw: "_QdqRewrite", chosen: list[Linear], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe,
+    hessians: dict[str, np.ndarray] | None, targets: dict[str, np.ndarray] | None, memo: "Memo | None", progress: Callable[[int], None] | None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """_weight_codes of every chosen linear, by id of its node: the linears of one input on one thread, one after the
+    other (q, k and v read the same smoothed X^T X and factor, _SmoothedGrams keeps them per thread), the inputs on
+    threads (gptq.map_layers)."""
+    by_act: dict[str, list[Linear]] = {}
+    for l in chosen:
+        by_act.setdefault(l.activation, []).append(l)
+    weights = {id(l.node): rw.idx.const_array(l.node.input[1]) for l in chosen}
+
+    def of_input(ls: list[Linear]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [_weight_codes(weights[id(l.node)], l, ranges, recipe, hessians, targets, memo) for l in ls]
+
+    out = {}
+    rounding = map_layers if hessians else map  # nearest rounding: nothing worth a thread
+    for ls, got in zip(by_act.values(), rounding(of_input, list(by_act.values()))):
+        out.update({id(l.node): c for l, c in zip(ls, got)})
+        if progress is not None:
+            progress(len(ls))
+    return out
+
+
 def _weight_codes(
     w: np.ndarray, l: Linear, ranges: dict[str, tuple[float, float]], recipe: Int8Recipe,
     hessians: dict[str, np.ndarray] | None, targets: dict[str, np.ndarray] | None, memo: "Memo | None",
@@ -547,6 +572,7 @@ def insert_qdq(
 ) -> list[dict]:
     """Rewrite ``model`` in place: int8 per-channel weights behind DQ, Q->DQ on the activation inputs. Returns per-layer records."""
     rw = _QdqRewrite.of(model, chosen)
+    codes = _all_weight_codes(rw, chosen, ranges, recipe, hessians, targets, memo, progress)
     records = []
     for l in chosen:
         node, act = l.node, l.activation
@@ -557,14 +583,12 @@ def insert_qdq(
         dqx = rw.namer(f"{act}_dequantized_{base}")
         dq_a = helper.make_node("DequantizeLinear", [qx, s_name, z_name], [dqx], name=rw.namer(f"{base}_act_DequantizeLinear"))
         w = rw.idx.const_array(node.input[1])
-        qw, ws = _weight_codes(w, l, ranges, recipe, hessians, targets, memo)
+        qw, ws = codes[id(node)]
         dq_w = _weight_dequantize(rw, l, base, qw, ws, recipe)
         rw.before(node).extend([dq_a, dq_w])
         if rw.shift.get(act):
             _recentre_bias(rw, l, base, qw, ws, recipe)
         _rewire(rw, node, dqx, dq_w.output[0])
-        if progress is not None:
-            progress(1)
         lo, hi = ranges[act]
         records.append(
             {
@@ -910,8 +934,7 @@ class _SmoothedGrams(Mapping):
 
     def __init__(self, stats: "FloatStats", scales: Mapping[str, np.ndarray], acts: list[str]):
         self._grams, self._scales, self._acts, self._stats = stats.gram, scales, acts, stats
-        self._last: tuple[str | None, np.ndarray | None] = (None, None)
-        self._last_factor: tuple = (None, None)
+        self._kept = threading.local()  # per thread (insert_qdq rounds inputs on threads): the last input's Gram and factor
 
     def factor(self, act: str, damp: float) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         """The inverse factor of ``act``'s X^T X: the build's shared one for an unscaled input
@@ -920,20 +943,22 @@ class _SmoothedGrams(Mapping):
             return lambda: self._stats.inverse_factor(act, damp)
 
         def own() -> tuple[np.ndarray, np.ndarray]:
-            if self._last_factor[0] != (act, damp):
-                self._last_factor = ((act, damp), damped_inverse_factor(self[act], damp))
-            return self._last_factor[1]
+            kept = getattr(self._kept, "factor", (None, None))
+            if kept[0] != (act, damp):
+                kept = self._kept.factor = ((act, damp), damped_inverse_factor(self[act], damp))
+            return kept[1]
 
         return own
 
     def __getitem__(self, act: str) -> np.ndarray:
         if act not in self._acts:
             raise KeyError(act)
-        if self._last[0] != act:  # q, k and v read the same input one after the other
+        kept = getattr(self._kept, "gram", (None, None))
+        if kept[0] != act:  # q, k and v read the same input one after the other
             g = np.array(self._grams[act], np.float64)
             s = self._scales.get(act)
-            self._last = (act, g if s is None else g / np.outer(s, s))
-        return self._last[1]
+            kept = self._kept.gram = (act, g if s is None else g / np.outer(s, s))
+        return kept[1]
 
     def scales(self, act: str) -> np.ndarray | None:
         return self._scales.get(act)

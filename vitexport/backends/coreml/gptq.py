@@ -37,6 +37,7 @@ def _attach_gptq_int8(head, reference, calibration, names: dict[str, tuple[str, 
     ``_COREML_/weight/*`` buffers (compression_type 3 = quantization, 8 bits, scale [N, 1], no zero point)."""
     import torch
 
+    from ...quantization.gptq import map_layers
     from ...quantization.graph import weight_nk
     from ...quantization.int8 import Int8Recipe, float_gram_codes_key, gptq_weight
     from .. import recipe_memo
@@ -46,12 +47,15 @@ def _attach_gptq_int8(head, reference, calibration, names: dict[str, tuple[str, 
     model, linears, stats = _linear_hessians(reference, calibration, names, stages)
     params = dict(head.named_parameters())
     memo = recipe_memo(reference, calibration)  # TensorRT's recipe rounds the same unsmoothed layers the same way
-    for l in linears:
-        tname, _ = names[l.weight]
+
+    def rounded(l):
         w = weight_nk(model, l)
         key = ("codes", float_gram_codes_key(l.node.name, l.activation, w, None, False, damp))
         # the same content key as TensorRT's unsmoothed layers (int8._weight_codes), in the build and in --cache-dir
-        codes, scale = memo(key, lambda w=w, act=l.activation, k=key[1]: stats.derived(k, lambda: gptq_weight(w, None, reduce_range=False, damp=damp, factor=lambda: stats.inverse_factor(act, damp))))
+        return memo(key, lambda: stats.derived(key[1], lambda: gptq_weight(w, None, reduce_range=False, damp=damp, factor=lambda: stats.inverse_factor(l.activation, damp))))
+
+    for l, (codes, scale) in zip(linears, map_layers(rounded, linears)):  # layers on threads
+        tname, _ = names[l.weight]
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
             params[tname].copy_(torch.from_numpy(codes.astype(np.float32) * scale[:, None]))
