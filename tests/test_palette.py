@@ -132,7 +132,7 @@ def test_layers_rounded_on_threads_are_the_same_bits(monkeypatch):
         x = (rng.standard_normal((900, k)) * rng.uniform(0.1, 3, k)).astype(np.float32)
         layers.append(((rng.standard_normal((n, k)) * 0.02).astype(np.float32), x.T.astype(np.float64) @ x))
     one = [palettize_gptq(w, h) for w, h in layers]
-    many = list(gptq.map_layers(lambda wh: palettize_gptq(*wh), layers))
+    many = [r for _, r in gptq.map_layers(lambda wh: palettize_gptq(*wh), layers)]
     assert len(many) == len(one)
     for (q1, lut1), (q2, lut2) in zip(one, many):
         assert np.array_equal(q1, q2) and np.array_equal(lut1, lut2)

@@ -269,6 +269,7 @@ class FloatStats:
     codes_cache: Any = dataclasses.field(default=None, compare=False, repr=False)
     _factors: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
     _lock: Any = dataclasses.field(default_factory=threading.Lock, init=False, compare=False, repr=False)
+    _factor_locks: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     def absmax(self) -> dict[str, np.ndarray]:
         return {n: np.maximum(np.abs(self.min[n]), np.abs(self.max[n])) for n in self.min}
@@ -281,7 +282,9 @@ class FloatStats:
         from .gptq import damped_inverse_factor
 
         key = (name, float(damp))
-        with self._lock:  # layers rounded on threads (gptq.map_layers) share inputs: q, k and v
+        with self._lock:  # layers rounded on threads (gptq.map_layers) share inputs (q, k and v): one factor each
+            lock = self._factor_locks.setdefault(key, threading.Lock())
+        with lock:
             if key not in self._factors:
                 u, dead = damped_inverse_factor(self.gram[name], damp)
                 if u.nbytes >= FACTOR_SPILL_BYTES:

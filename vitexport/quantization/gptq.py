@@ -27,24 +27,25 @@ def array_digest(a: np.ndarray | None) -> str | None:
 ROUNDING_WORKERS = 4  # layers rounded at once (map_layers); each holds a few copies of its weight
 
 
-def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-    """``fn(item)`` for each item (layer), in order, yielded as each is done, the items on up to ROUNDING_WORKERS
+def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
+    """``(item, fn(item))`` for each item (layer), in order, yielded as each is done, the items on up to ROUNDING_WORKERS
     threads (no more than the usable cores) with BLAS limited to one thread: a layer's rounding is a column loop of
     small numpy calls, which use one core whatever BLAS does in between, and two ViT-Base palette layers at once took
     0.77x the time of one after the other on two cores. The same results: each layer's arithmetic runs as before,
-    and its BLAS products give the same bits on one thread as on two (tests/test_palette.py). Consume it whole."""
+    and its BLAS products give the same bits on one thread as on two (tests/test_palette.py). Consume it whole: BLAS
+    stays on one thread until the loop over it ends."""
     items = list(items)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(usable, ROUNDING_WORKERS, len(items))
     if workers <= 1:
-        yield from map(fn, items)
+        yield from ((i, fn(i)) for i in items)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="vitexport-round") as pool:
-        yield from pool.map(fn, items)
+        yield from zip(items, pool.map(fn, items))
 
 
 def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:

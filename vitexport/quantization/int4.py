@@ -515,7 +515,9 @@ def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Line
         return w, (quantize_gptq(w, hessians[l.activation], block, recipe) if recipe.method == "gptq" else quantize_rtn(w, block, recipe))
 
     done = []
-    for (l, meta), (w, qw) in zip(zip(stage, metas), map_layers(one, stage)):  # layers on threads: gptq.map_layers
+    meta_of = {id(l): meta for l, meta in zip(stage, metas)}
+    for l, (w, qw) in map_layers(one, stage):  # layers on threads
+        meta = meta_of[id(l)]
         n_out, k = w.shape
         block = choose_block_size(k, recipe.block_sizes)
         done.append((l, qw, {"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": block,

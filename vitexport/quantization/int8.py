@@ -474,8 +474,9 @@ def _all_weight_codes(
         return [_weight_codes(weights[id(l.node)], l, ranges, recipe, hessians, targets, memo) for l in ls]
 
     out = {}
-    rounding = map_layers if hessians else map  # nearest rounding: nothing worth a thread
-    for ls, got in zip(by_act.values(), rounding(of_input, list(by_act.values()))):
+    groups = list(by_act.values())
+    rounded = map_layers(of_input, groups) if hessians else ((ls, of_input(ls)) for ls in groups)  # nearest: no threads
+    for ls, got in rounded:
         out.update({id(l.node): c for l, c in zip(ls, got)})
         if progress is not None:
             progress(len(ls))

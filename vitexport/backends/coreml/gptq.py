@@ -54,7 +54,7 @@ def _attach_gptq_int8(head, reference, calibration, names: dict[str, tuple[str, 
         # the same content key as TensorRT's unsmoothed layers (int8._weight_codes), in the build and in --cache-dir
         return memo(key, lambda: stats.derived(key[1], lambda: gptq_weight(w, None, reduce_range=False, damp=damp, factor=lambda: stats.inverse_factor(l.activation, damp))))
 
-    for l, (codes, scale) in zip(linears, map_layers(rounded, linears)):  # layers on threads
+    for l, (codes, scale) in map_layers(rounded, linears):  # layers on threads
         tname, _ = names[l.weight]
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
@@ -86,8 +86,7 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, name
     model, linears, stats = _linear_hessians(reference, calibration, names, stages)
     params = dict(head.named_parameters())
     errors = []
-    rounded = map_layers(lambda l: palettize_cached(stats, l, weight_nk(model, l), recipe), linears)  # [N, K]: torch Linear's layout
-    for l, (q, lut) in zip(linears, rounded):
+    for l, (q, lut) in map_layers(lambda l: palettize_cached(stats, l, weight_nk(model, l), recipe), linears):  # [N, K]: torch Linear's layout
         tname, _ = names[l.weight]
         w = weight_nk(model, l)
         errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
