@@ -50,6 +50,13 @@ def ort_session(model: str | Path | bytes | Any, threads: int | None = None, *, 
         raise VitexportError(f"onnxruntime cannot load {name}: {str(e).splitlines()[0][:200]} (rebuild the artifact)") from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity; macOS has none, so all of them)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def release_freed_memory() -> None:
     """Hand the heap pages freed by dropped sessions, model copies and statistics back to the OS.
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from ..ort_session import ort_session, release_freed_memory
+from ..ort_session import ort_session, release_freed_memory, usable_cores
 from .graph import light_model
 
 Batches = Callable[[], Iterable[np.ndarray]]
@@ -614,8 +614,7 @@ def collect_float_stats(
     folding every named tensor into FloatStats (``whole_tensor_tails``: tensors never scaled per channel, see
     FloatStatsObserver) on as many threads as onnxruntime runs (``threads``, 0: the usable cores, at most
     OBSERVER_WORKERS)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS has no affinity
-    workers = min(threads or usable, OBSERVER_WORKERS)
+    workers = min(threads or usable_cores(), OBSERVER_WORKERS)
     obs = FloatStatsObserver(images, gram=gram, whole_tensor_tails=whole_tensor_tails, workers=workers)
     seen = [0]
 

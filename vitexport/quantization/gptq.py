@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
+
+from ..ort_session import usable_cores
 
 
 T, R = TypeVar("T"), TypeVar("R")
@@ -35,8 +36,7 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]
     and its BLAS products give the same bits on one thread as on two (tests/test_palette.py). Consume it whole: BLAS
     stays on one thread until the loop over it ends."""
     items = list(items)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(usable, ROUNDING_WORKERS, len(items))
+    workers = min(usable_cores(), ROUNDING_WORKERS, len(items))
     if workers <= 1:
         yield from ((i, fn(i)) for i in items)
         return
