@@ -54,9 +54,10 @@ def stream_activations(
     ``threads`` intra-op threads, 0 = onnxruntime's default), one batch at a time.
     Arrays passed to ``observe`` are only valid until ``progress`` is called for their batch (after its last
     ``observe``): observers must reduce them by then, not keep them (FloatStatsObserver folds a batch's tensors at
-    that point, on several threads). ``progress(n)`` is called after each batch with the number of images in it. Given a path, the model is loaded
-    here and dropped once serialized: a caller's ModelProto stays alive for the whole pass (ViT-Base: 0.33 GB of the
-    pass that holds the build's memory peak; deleting its weights in place frees nothing of protobuf's arena).
+    that point, on several threads). ``progress(n)`` is called after each batch with the number of images in it.
+    Given a path, the model is loaded here and dropped once serialized: a caller's ModelProto stays alive for the
+    whole pass (ViT-Base: 0.33 GB of the pass that holds the build's memory peak; deleting its weights in place frees
+    nothing of protobuf's arena).
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(os.fspath(model))
@@ -356,8 +357,8 @@ class FloatStatsObserver:
     the whole tensor instead, stored as a single channel ([tail, 1]): the same percentiles, unscaled, at a fraction of
     the cost (ViT-Base fc2: 777 values per channel of 3072 were merged on every batch).
 
-    With ``workers`` > 1, calls only collect a batch's tensors and ``end_batch()`` folds them, one tensor per task on
-    that many threads, each running single-threaded BLAS (see end_batch). Every statistic is the same bits either way.
+    With ``workers`` > 1, calls only collect a batch's tensors and ``end_batch()`` folds them, their X^T X on that
+    many threads with single-threaded BLAS (see end_batch). Every statistic is the same bits either way.
     """
 
     def __init__(self, images: int, gram: bool = True, tail_percentile: float = TAIL_PERCENTILE, whole_tensor_tails: Iterable[str] = (),
@@ -388,7 +389,7 @@ class FloatStatsObserver:
         BLAS limited to one thread (two single-threaded products run 1.2x the rate of one on two threads, ViT-Base's
         shapes on AMD EPYC), while this thread folds the rest (the tails: single-threaded numpy, which left a core
         idle). The products allocate nothing after the first batch, which runs here alone: memory that threads
-        allocate stays in their own malloc arenas, and folding whole tensors on them cost 0.1-0.3 GB more peak.
+        allocate stays in their own malloc arenas, and folding whole tensors on them cost 0.1-0.4 GB more peak.
         The same bits: each tensor's sums take its batches in order, and BLAS's syrk sums each entry the same way on
         one thread as on two (tests/test_calibration_shared.py)."""
         held, self._held = self._held, []

@@ -507,7 +507,8 @@ class _StatsHessians(dict):
 
 def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Linear], hessians: dict[str, np.ndarray], recipe: Int4Recipe) -> list[tuple[Linear, QuantizedWeight, dict]]:
     """Each linear's int4 weight and its record (role and block as ``metas``, found on the float graph, say)."""
-    def one(l: Linear) -> tuple[np.ndarray, QuantizedWeight]:
+    def one(l_meta: tuple[Linear, Linear]) -> tuple[np.ndarray, QuantizedWeight]:
+        l = l_meta[0]
         w = weight_nk(work, l)
         block = choose_block_size(w.shape[1], recipe.block_sizes)
         if isinstance(hessians, _StatsHessians):  # against the build's float statistics: kept between builds with --cache-dir
@@ -515,12 +516,9 @@ def _quantize_stage(work: onnx.ModelProto, stage: list[Linear], metas: list[Line
         return w, (quantize_gptq(w, hessians[l.activation], block, recipe) if recipe.method == "gptq" else quantize_rtn(w, block, recipe))
 
     done = []
-    meta_of = {id(l): meta for l, meta in zip(stage, metas)}
-    for l, (w, qw) in map_layers(one, stage):  # layers on threads
-        meta = meta_of[id(l)]
+    for (l, meta), (w, qw) in map_layers(one, zip(stage, metas)):  # layers on threads
         n_out, k = w.shape
-        block = choose_block_size(k, recipe.block_sizes)
-        done.append((l, qw, {"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": block,
+        done.append((l, qw, {"node": l.node.name, "role": meta.role, "block": meta.block, "K": k, "N": n_out, "block_size": qw.block_size,
                              "rel_weight_error": round(float(np.linalg.norm(qw.dequantize() - w) / max(np.linalg.norm(w), 1e-30)), 5)}))
     return done
 

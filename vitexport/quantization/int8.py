@@ -468,10 +468,9 @@ def _all_weight_codes(
     by_act: dict[str, list[Linear]] = {}
     for l in chosen:
         by_act.setdefault(l.activation, []).append(l)
-    weights = {id(l.node): rw.idx.const_array(l.node.input[1]) for l in chosen}
 
-    def of_input(ls: list[Linear]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [_weight_codes(weights[id(l.node)], l, ranges, recipe, hessians, targets, memo) for l in ls]
+    def of_input(ls: list[Linear]) -> list[tuple[np.ndarray, np.ndarray]]:  # each weight read where it is rounded
+        return [_weight_codes(rw.idx.const_array(l.node.input[1]), l, ranges, recipe, hessians, targets, memo) for l in ls]
 
     out = {}
     groups = list(by_act.values())
@@ -583,8 +582,7 @@ def insert_qdq(
         qx, s_name, z_name = rw.q_out[act]
         dqx = rw.namer(f"{act}_dequantized_{base}")
         dq_a = helper.make_node("DequantizeLinear", [qx, s_name, z_name], [dqx], name=rw.namer(f"{base}_act_DequantizeLinear"))
-        w = rw.idx.const_array(node.input[1])
-        qw, ws = codes[id(node)]
+        qw, ws = codes[id(node)]  # in the weight's own layout
         dq_w = _weight_dequantize(rw, l, base, qw, ws, recipe)
         rw.before(node).extend([dq_a, dq_w])
         if rw.shift.get(act):
@@ -600,7 +598,7 @@ def insert_qdq(
                 "activation_range": [round(float(lo), 6), round(float(hi), 6)],
                 "activation_scale": rw.act_scale[act],
                 "activation_shift": rw.shift.get(act, 0.0),
-                "weight_shape": list(w.shape),
+                "weight_shape": list(qw.shape),
             }
         )
     _splice(rw)

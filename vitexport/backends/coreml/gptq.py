@@ -86,9 +86,12 @@ def _attach_gptq_palette(head, reference, calibration, opts: CoreMLOptions, name
     model, linears, stats = _linear_hessians(reference, calibration, names, stages)
     params = dict(head.named_parameters())
     errors = []
-    for l, (q, lut) in map_layers(lambda l: palettize_cached(stats, l, weight_nk(model, l), recipe), linears):  # [N, K]: torch Linear's layout
+    def palettized(l):
+        w = weight_nk(model, l)  # [N, K]: torch Linear's own layout
+        return (w, *palettize_cached(stats, l, w, recipe))
+
+    for l, (w, q, lut) in map_layers(palettized, linears):  # layers on threads
         tname, _ = names[l.weight]
-        w = weight_nk(model, l)
         errors.append(float(np.linalg.norm(q - w) / max(np.linalg.norm(w), 1e-30)))
         mod_name, pname = tname.rsplit(".", 1)
         with torch.no_grad():
