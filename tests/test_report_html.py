@@ -75,6 +75,24 @@ def test_terminal_shows_what_each_kind_of_report_has():
     assert "8 threads on a 2-core host" in out and "not of the target's runtime" in out
 
 
+def test_a_quantized_row_slower_than_its_float_row_says_so_only_when_every_round_agrees():
+    def lat(rounds, **kw):
+        return {"batch": 1, "p50_ms": float(np.median(rounds)), "p90_ms": max(rounds), "mean_ms": float(np.mean(rounds)), "runs": 30, "threads": 2,
+                "device": "CPU", "runtime": "openvino", "rounds": len(rounds), "round_p50_ms": tuple(rounds), **kw}
+
+    fp32 = Row("openvino-fp32", "openvino", "fp32", "/a", 20, latency=lat([26.0, 26.5, 25.8]))
+    ort = Row("onnxruntime-fp32", "onnxruntime", "fp32", "/o", 20, latency=lat([40.0, 40.0, 40.0]), role=REFERENCE)
+    slow = Row("openvino-int8", "openvino", "int8", "/b", 5, latency=lat([38.0, 38.4, 37.9]))  # AVX2 without VNNI
+    noisy = Row("openvino-int4", "openvino", "int4", "/c", 4, latency=lat([30.0, 25.0, 30.0]))  # one round faster
+    emulated = Row("openvino-fp16", "openvino", "fp16", "/d", 10, latency=lat([40.0, 40.0, 40.0], emulated=True))
+    other_threads = Row("openvino-int8w", "openvino", "int8w", "/e", 6, latency=lat([40.0, 40.0, 40.0], threads=1))
+    report = Report(model={}, rows=(ort, fp32, slow, noisy, emulated, other_threads), host={"cores": 2})
+    said = {r["name"]: [c for c in r["caveats"] if "do not pay" in c] for r in report.to_dict()["rows"]}
+    assert said["openvino-int8"] and "1.46x the latency of openvino-fp32" in said["openvino-int8"][0] and "all 3 interleaved rounds" in said["openvino-int8"][0]
+    assert not any(said[n] for n in ("openvino-int4", "openvino-fp16", "openvino-int8w", "openvino-fp32", "onnxruntime-fp32"))
+    assert "saves size, not time" in render_terminal(report) and "saves size, not time" in render_markdown(report)
+
+
 # ---------------------------------------------------------------- builds of the tiny ViT
 
 

@@ -167,7 +167,35 @@ def caveats(row: Row, report: Report) -> list[str]:
     overlap = (report.evaluation or {}).get("calibration_overlap")
     if overlap and row.recipe.get("calibration_images"):
         out.append(f"{overlap} of its calibration images are also evaluation images: its accuracy is flattered")
+    slower = slower_than_float(row, report)
+    if slower:
+        out.append(slower)
     return out
+
+
+SLOWER_MARGIN = 1.05  # p50 over the float row's, and slower in every interleaved round: one noisy round cannot say it
+
+
+def slower_than_float(row: Row, report: Report) -> str | None:
+    """A quantized row slower than its own runtime's fp32 row timed beside it, on the same machine, in every
+    interleaved round: on some CPUs int8 kernels do not pay (OpenVINO's int8 on AVX2 without VNNI ran 1.45x its fp32
+    on DeiT-tiny), and a reader who picked int8 for speed must see it there, not in a ratio column."""
+    lat = row.latency or {}
+    if row.precision == "fp32" or lat.get("emulated") or not lat.get("p50_ms"):
+        return None
+    same = [r for r in report.rows if r.backend == row.backend and r.precision == "fp32" and measured_on(r) == measured_on(row)
+            and (r.latency or {}).get("p50_ms") and not (r.latency or {}).get("emulated")]
+    if not same:
+        return None
+    ref, ref_lat = same[0], same[0].latency
+    if lat.get("threads") != ref_lat.get("threads") or lat.get("batch", 1) != ref_lat.get("batch", 1):
+        return None
+    ratio = lat["p50_ms"] / ref_lat["p50_ms"]
+    mine, theirs = lat.get("round_p50_ms") or (), ref_lat.get("round_p50_ms") or ()
+    if ratio < SLOWER_MARGIN or not mine or len(mine) != len(theirs) or any(a <= b for a, b in zip(mine, theirs)):
+        return None
+    return (f"{ratio:.2f}x the latency of {ref.name} ({lat['p50_ms']:.1f} against {ref_lat['p50_ms']:.1f} ms, slower in all "
+            f"{len(mine)} interleaved rounds) on {measured_on(row)}: its quantized kernels do not pay there; it saves size, not time")
 
 
 # ---------------------------------------------------------------- the table, as data
