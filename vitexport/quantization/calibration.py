@@ -248,6 +248,22 @@ TAIL_PERCENTILE = 99.999
 # threads folding a batch's tensors into the float statistics (each holds a batch-sized temporary or two)
 OBSERVER_WORKERS = 4
 
+_BLAS = None
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on one thread. Every X^T X of the float statistics is taken inside one, on
+    whichever thread folds it: syrk's sums depend on BLAS's thread count on some kernels (OpenBLAS's Haswell kernels on
+    an AMD EPYC Zen 3 differ in the last bits between one and two threads; its AVX-512 kernels did not), and those
+    bits decide GPTQ codes, so the statistics must not depend on how many workers fold them. One controller, found
+    once: threadpool_limits looks the libraries up again on every call (1.3 ms against 0.03 ms)."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
 
 @dataclass(frozen=True)
 class FloatStats:
@@ -352,13 +368,14 @@ class FloatStatsObserver:
     """Folds each batch into per-channel min/max, X^T X and per-channel extreme-value tails (all bounded in size).
 
     ``tail`` per channel is sized from the first batch for ``images`` images so that a TAIL_PERCENTILE percentile
-    of the whole tensor is among the kept values; the Gram sums run on numpy's threaded BLAS (GramSums).
+    of the whole tensor is among the kept values; the Gram sums run on numpy's BLAS (GramSums), one BLAS thread per product.
     Tensors in ``whole_tensor_tails`` (ones no per-channel scaling will touch: fc2's GELU outputs) keep one tail of
     the whole tensor instead, stored as a single channel ([tail, 1]): the same percentiles, unscaled, at a fraction of
     the cost (ViT-Base fc2: 777 values per channel of 3072 were merged on every batch).
 
     With ``workers`` > 1, calls only collect a batch's tensors and ``end_batch()`` folds them, their X^T X on that
-    many threads with single-threaded BLAS (see end_batch). Every statistic is the same bits either way.
+    many threads. Every X^T X runs on single-threaded BLAS either way (one_blas_thread), so every statistic is the
+    same bits either way.
     """
 
     def __init__(self, images: int, gram: bool = True, tail_percentile: float = TAIL_PERCENTILE, whole_tensor_tails: Iterable[str] = (),
@@ -390,8 +407,8 @@ class FloatStatsObserver:
         shapes on AMD EPYC), while this thread folds the rest (the tails: single-threaded numpy, which left a core
         idle). The products allocate nothing after the first batch, which runs here alone: memory that threads
         allocate stays in their own malloc arenas, and folding whole tensors on them cost 0.1-0.4 GB more peak.
-        The same bits: each tensor's sums take its batches in order, and BLAS's syrk sums each entry the same way on
-        one thread as on two (tests/test_calibration_shared.py)."""
+        The same bits: each tensor's sums take its batches in order, each product on one BLAS thread as _fold takes
+        it (one_blas_thread; tests/test_calibration_shared.py)."""
         held, self._held = self._held, []
         if not held:
             return
@@ -402,12 +419,10 @@ class FloatStatsObserver:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        from threadpoolctl import threadpool_limits
-
         if self._pool is None:  # one set of threads for the pass: each keeps its scratch products
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vitexport-stats")
         held.sort(key=lambda t: t[1].shape[-1], reverse=True)  # widest (fc2's X^T X) first: the longest tasks
-        with threadpool_limits(limits=1, user_api="blas"):
+        with one_blas_thread():
             grams = [self._pool.submit(self._grams.add, name, _rows(a)) for name, a in held] if self.want_gram else []
             for name, a in held:
                 self._fold(name, a, gram=False)
@@ -445,7 +460,8 @@ class FloatStatsObserver:
             bottom.add(x)
         self.elements[name] += x.size
         if self.want_gram and gram:
-            self._grams.add(name, x)
+            with one_blas_thread():  # the workers' order (end_batch), on this thread too
+                self._grams.add(name, x)
 
     def result(self) -> FloatStats:
         self.end_batch()

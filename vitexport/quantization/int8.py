@@ -660,8 +660,8 @@ def calibrate_ranges(
     return out
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> np.ndarray:
-    sess = ort_session(model, threads, spinning=False, user_model=False)
+def _run(model: onnx.ModelProto, x: np.ndarray, threads: int, qdq_fusion: bool = True) -> np.ndarray:
+    sess = ort_session(model, threads, spinning=False, user_model=False, qdq_fusion=qdq_fusion)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i : i + 8]})[0] for i in range(0, len(x), 8)])
 
@@ -705,10 +705,13 @@ def _fallback_images(batches: Callable[[], Iterable[np.ndarray]], n: int) -> np.
 
 
 def sensitivity_scores_one_model_each(
-    model: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches: Callable[[], Iterable[np.ndarray]]
+    model: onnx.ModelProto, chosen: list[Linear], ranges: dict[str, tuple[float, float]], recipe: Int8Recipe, batches: Callable[[], Iterable[np.ndarray]],
+    qdq_fusion: bool = True,
 ) -> dict[str, float]:
     """The search as first written: one rewritten model, serialisation and session per input, each run in full.
-    Kept as the reference that ``sensitivity_scores`` is checked against (tests/test_calibration_shared.py)."""
+    Kept as the reference that ``sensitivity_scores`` is checked against (tests/test_calibration_shared.py).
+    ``qdq_fusion=False`` runs each Q/DQ pair as float fake-quantization instead of onnxruntime's integer kernels,
+    which on x86 without VNNI sum u8*s8 pairs in int16 and saturate on full 8-bit weights (TensorRT's recipe)."""
     x = _fallback_images(batches, recipe.fallback_images)
     ref = _run(model, x, recipe.calibration_threads)
     rtn = dataclasses.replace(recipe, weight_rounding="rtn")
@@ -718,7 +721,7 @@ def sensitivity_scores_one_model_each(
         trial.CopyFrom(model)
         names = {l.node.name for l in ls}
         insert_qdq(trial, [l for l in find_linears(trial) if l.node.name in names], ranges, rtn)
-        scores[act] = _kl(ref, _run(trial, x, recipe.calibration_threads))
+        scores[act] = _kl(ref, _run(trial, x, recipe.calibration_threads, qdq_fusion))
     return scores
 
 
