@@ -219,6 +219,25 @@ def test_upper_cholesky_of_inverse(scipy, monkeypatch):
         upper_cholesky_of_inverse(-h)
 
 
+def test_inverse_factor_is_the_same_bits_whatever_blas_threads_its_caller_runs():
+    """The factor is computed once and shared by every layer on its input, by whichever caller comes first: a layer
+    rounded alone (BLAS on every core) or beside another on map_layers' threads (BLAS on one). OpenBLAS's trtri on
+    a Zen 3 (Haswell kernels) gave other last bits on two threads than on one, so it runs on one either way."""
+    pytest.importorskip("scipy.linalg.lapack")  # loaded before the limits below, so that they reach its OpenBLAS
+    from threadpoolctl import threadpool_limits
+
+    from vitexport.quantization.gptq import upper_cholesky_of_inverse
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2000, 768)) * rng.uniform(0.1, 3, 768)
+    h = x.T @ x + 0.01 * np.eye(768)
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = upper_cholesky_of_inverse(h)
+    with threadpool_limits(limits=2, user_api="blas"):
+        two = upper_cholesky_of_inverse(h)
+    assert np.array_equal(one, two)
+
+
 @pytest.mark.parametrize("recipe", [Int8Recipe(), Int8Recipe(symmetric_activations=True, center_activations=True, reduce_range=False, smoothquant_alpha=0.8)], ids=["onnxruntime", "tensorrt"])
 def test_gated_sensitivity_scores_match_one_model_per_input(tiny_onnx, recipe):
     model = tiny_onnx.load()

@@ -258,7 +258,7 @@ def one_blas_thread():
     bits decide GPTQ codes, so the statistics must not depend on how many workers fold them. One controller, found
     once: threadpool_limits looks the libraries up again on every call (1.3 ms against 0.03 ms). So it limits only
     the BLAS libraries loaded at its first call: numpy's, which these products use; not scipy's OpenBLAS if scipy is
-    imported later (gptq.map_layers, whose products go through scipy's trtri too, keeps threadpool_limits)."""
+    imported later (gptq.upper_cholesky_of_inverse, scipy's trtri, limits its own with threadpool_limits)."""
     global _BLAS
     if _BLAS is None:
         from threadpoolctl import ThreadpoolController

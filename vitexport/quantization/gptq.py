@@ -33,8 +33,9 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]
     threads (no more than the usable cores) with BLAS limited to one thread: a layer's rounding is a column loop of
     small numpy calls, which use one core whatever BLAS does in between, and two ViT-Base palette layers at once took
     0.77x the time of one after the other on two cores. The same results: each layer's arithmetic runs as before,
-    and its BLAS products give the same bits on one thread as on two (tests/test_palette.py). Consume it whole: BLAS
-    stays on one thread until the loop over it ends."""
+    its BLAS products give the same bits on one thread as on two (tests/test_palette.py), and the inverse factors it
+    may compute run on one BLAS thread in either branch (upper_cholesky_of_inverse). Consume it whole: BLAS stays on
+    one thread until the loop over it ends."""
     items = list(items)
     workers = min(usable_cores(), ROUNDING_WORKERS, len(items))
     if workers <= 1:
@@ -67,7 +68,13 @@ def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
     except ImportError:
         inv = torch.linalg.solve_triangular(l, torch.eye(len(h), dtype=torch.float64), upper=False).numpy()
     else:
-        inv, info = dtrtri(l.numpy(), lower=1, overwrite_c=1)
+        from threadpoolctl import threadpool_limits
+
+        # on one BLAS thread wherever it is called: OpenBLAS's trtri (Haswell kernels on a Zen 3) sums in another
+        # order on two threads, and the factor is computed once and shared, so its bits would depend on whether a
+        # layer was rounded alone (map_layers' serial branch) or beside another (its threads, BLAS limited to one)
+        with threadpool_limits(limits=1, user_api="blas"):
+            inv, info = dtrtri(l.numpy(), lower=1, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError("Hessian is not positive definite")
     u = np.ascontiguousarray(inv[::-1, ::-1])  # trtri leaves the strict upper triangle as torch left it: zeros
