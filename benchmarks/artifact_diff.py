@@ -4,7 +4,8 @@
 
 Each artifact file of OUT_A is compared with OUT_B's: ONNX graphs by their nodes' op types and every initializer's
 values (external data included), CoreML packages' weight files by bytes and their model.mlmodel by the parsed protobuf
-(the user metadata's map is serialised in no fixed order, so its bytes differ between identical builds), everything
+(the user metadata's map is serialised in no fixed order, so its bytes differ between identical builds; coremltools'
+conversion date is left out), everything
 else by bytes; manifests and reports are skipped (they hold timings). The rows' fidelity on the evaluation split
 (top-1, agreement, cosine, lost/gained) is compared from both report.json files. Exits 1 when anything differs.
 """
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 SKIP_SUFFIXES = {".json", ".md", ".html", ".log", ".txt", ".data"}  # .data: read through its .onnx
+CONVERSION_DATE = "com.github.apple.coremltools.conversion_date"
 FIDELITY = ("top1", "agreement", "cosine", "lost", "gained", "n")
 
 
@@ -38,6 +40,8 @@ def _mlmodel_same(a: Path, b: Path) -> bool:
     for p in (a, b):
         m = Model_pb2.Model()
         m.ParseFromString(p.read_bytes())
+        # coremltools stamps the day of the conversion: two builds either side of midnight are the same program
+        m.description.metadata.userDefined.pop(CONVERSION_DATE, None)
         ms.append(m)
     return ms[0] == ms[1]  # protobuf equality compares maps as maps
 
