@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from ..ort_session import ort_session, release_freed_memory, usable_cores
+from .gptq import one_blas_thread
 from .graph import light_model
 
 Batches = Callable[[], Iterable[np.ndarray]]
@@ -247,24 +248,6 @@ TAIL_PERCENTILE = 99.999
 
 # threads folding a batch's tensors into the float statistics (each holds a batch-sized temporary or two)
 OBSERVER_WORKERS = 4
-
-_BLAS = None
-
-
-def one_blas_thread():
-    """A context in which BLAS runs on one thread. Every X^T X of the float statistics is taken inside one, on
-    whichever thread folds it: syrk's sums depend on BLAS's thread count on some kernels (OpenBLAS's Haswell kernels on
-    an AMD EPYC Zen 3 differ in the last bits between one and two threads; its AVX-512 kernels did not), and those
-    bits decide GPTQ codes, so the statistics must not depend on how many workers fold them. One controller, found
-    once: threadpool_limits looks the libraries up again on every call (1.3 ms against 0.03 ms). So it limits only
-    the BLAS libraries loaded at its first call: numpy's, which these products use; not scipy's OpenBLAS if scipy is
-    imported later (gptq.upper_cholesky_of_inverse, scipy's trtri, limits its own with threadpool_limits)."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,27 @@ def array_digest(a: np.ndarray | None) -> str | None:
 
 ROUNDING_WORKERS = 4  # layers rounded at once (map_layers); each holds a few copies of its weight
 
+_BLAS = None
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on one thread: every product whose bits decide GPTQ codes runs inside one (the
+    float statistics' X^T X, map_layers' roundings, the inverse factors' trtri). OpenBLAS's Haswell kernels (an AMD
+    EPYC Zen 3) sum syrk and trtri in another order on two threads than on one (its AVX-512 kernels did not), so
+    without it the codes would depend on how many workers ran beside them. One controller, found once
+    (threadpool_limits looks the libraries up again on every call: 1.3 ms against 0.03 ms); it sees only the libraries
+    loaded when it is made, so scipy's own OpenBLAS (trtri) is loaded first."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+
+        try:
+            import scipy.linalg.lapack  # noqa: F401
+        except ImportError:  # not a dependency: upper_cholesky_of_inverse solves with torch instead
+            pass
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
 
 def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
     """``(item, fn(item))`` for each item (layer), in order, yielded as each is done, the items on up to ROUNDING_WORKERS
@@ -43,9 +64,7 @@ def map_layers(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers, thread_name_prefix="vitexport-round") as pool:
+    with one_blas_thread(), ThreadPoolExecutor(workers, thread_name_prefix="vitexport-round") as pool:
         yield from zip(items, pool.map(fn, items))
 
 
@@ -68,12 +87,9 @@ def upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:
     except ImportError:
         inv = torch.linalg.solve_triangular(l, torch.eye(len(h), dtype=torch.float64), upper=False).numpy()
     else:
-        from threadpoolctl import threadpool_limits
-
-        # on one BLAS thread wherever it is called: OpenBLAS's trtri (Haswell kernels on a Zen 3) sums in another
-        # order on two threads, and the factor is computed once and shared, so its bits would depend on whether a
-        # layer was rounded alone (map_layers' serial branch) or beside another (its threads, BLAS limited to one)
-        with threadpool_limits(limits=1, user_api="blas"):
+        # on one BLAS thread wherever it is called: the factor is computed once and shared, so its bits must not
+        # depend on whether a layer was rounded alone (map_layers' serial branch) or beside another (its threads)
+        with one_blas_thread():
             inv, info = dtrtri(l.numpy(), lower=1, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError("Hessian is not positive definite")
