@@ -390,18 +390,19 @@ class FloatStatsObserver:
         """Fold the tensors held since the last call: their X^T X on ``workers`` threads, widest first, each with
         BLAS limited to one thread (two single-threaded products run 1.2x the rate of one on two threads, ViT-Base's
         shapes on AMD EPYC), while this thread folds the rest (the tails: single-threaded numpy, which left a core
-        idle). The products allocate nothing after the first batch, which runs here alone: memory that threads
-        allocate stays in their own malloc arenas, and folding whole tensors on them cost 0.1-0.4 GB more peak.
-        The same bits: each tensor's sums take its batches in order, each product on one BLAS thread as _fold takes
-        it (one_blas_thread; tests/test_calibration_shared.py)."""
+        idle). Every lasting array is allocated on this thread (memory that threads allocate stays in their own
+        malloc arenas, and folding whole tensors on them cost 0.1-0.4 GB more peak): the sums before the first
+        batch's products (which ran here alone until then, a core idle for 2-3 s of ViT-Base's pass), the tails by
+        _fold; the workers allocate only their scratch product, once. The same bits: each tensor's sums take its
+        batches in order, each product on one BLAS thread as _fold takes it (one_blas_thread;
+        tests/test_calibration_shared.py)."""
         held, self._held = self._held, []
         if not held:
             return
-        if not self.min:  # the first batch allocates every lasting array: on this thread
+        if self.want_gram:
             for name, a in held:
-                self._fold(name, a)
-            self._grams.drop_scratch()  # the workers keep their own
-            return
+                if name not in self._grams:
+                    self._grams.reserve(name, a.shape[-1])
         from concurrent.futures import ThreadPoolExecutor
 
         if self._pool is None:  # one set of threads for the pass: each keeps its scratch products
@@ -557,6 +558,13 @@ class GramSums:
         self.dtype = dtype
         self.sums: dict[str, np.ndarray] = {}
         self._scratch: dict[tuple[int, int, int], np.ndarray] = {}
+        self._empty: set[str] = set()  # reserved sums no product has been added to yet
+
+    def reserve(self, name: str, k: int, k2: int | None = None) -> None:
+        """Allocate ``name``'s sum [k, k2 or k] here, for a first ``add`` on another thread to fill (the thread that
+        allocates a lasting array decides which malloc arena keeps it)."""
+        self.sums[name] = np.empty((k, k if k2 is None else k2), self.dtype)
+        self._empty.add(name)
 
     def add(self, name: str, x: np.ndarray, y: np.ndarray | None = None) -> None:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -569,6 +577,9 @@ class GramSums:
         s = self.sums.get(name)
         if s is None:
             self.sums[name] = buf.astype(self.dtype)
+        elif name in self._empty:
+            np.copyto(s, buf)  # what astype gives, -0.0 included (0.0 + -0.0 would not be)
+            self._empty.discard(name)
         else:
             np.add(s, buf, out=s)
 
