@@ -5,8 +5,9 @@
 Each artifact file of OUT_A is compared with OUT_B's: ONNX graphs by their nodes' op types and every initializer's
 values (external data included), CoreML packages' weight files by bytes and their model.mlmodel by the parsed protobuf
 (the user metadata's map is serialised in no fixed order, so its bytes differ between identical builds; coremltools'
-conversion date is left out), everything
-else by bytes; manifests and reports are skipped (they hold timings). The rows' fidelity on the evaluation split
+conversion date is left out), OpenVINO IR by its weights' bytes and its model.xml with the names OpenVINO numbers
+itself (``Constant_6242``: a counter of the nodes made earlier in the process, so a build after another one in the
+same process numbers them differently) read as one, everything else by bytes; manifests and reports are skipped (they hold timings). The rows' fidelity on the evaluation split
 (top-1, agreement, cosine, lost/gained) is compared from both report.json files. Exits 1 when anything differs.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,6 +48,17 @@ def _mlmodel_same(a: Path, b: Path) -> bool:
     return ms[0] == ms[1]  # protobuf equality compares maps as maps
 
 
+_NAME = re.compile(rb'name="([^"]*)"')
+_NUMBERED = re.compile(rb"([A-Za-z]+)_\d+")  # Constant_6242, MVN_42139_0_0/nncf_smooth_quant
+
+
+def _openvino_xml_same(a: Path, b: Path) -> bool:
+    def numbered_as_one(text: bytes) -> bytes:
+        return _NAME.sub(lambda m: b'name="' + _NUMBERED.sub(rb"\1_#", m.group(1)) + b'"', text)
+
+    return numbered_as_one(a.read_bytes()) == numbered_as_one(b.read_bytes())
+
+
 def compare(a: Path, b: Path) -> dict:
     files, differ = 0, []
     for fa in sorted(p for p in a.rglob("*") if p.is_file()):
@@ -62,6 +75,9 @@ def compare(a: Path, b: Path) -> dict:
         elif fa.name == "model.mlmodel":
             if not _mlmodel_same(fa, fb):
                 differ.append(f"{rel}: CoreML program differs")
+        elif fa.suffix == ".xml" and (fa.parent / (fa.stem + ".bin")).exists():
+            if not _openvino_xml_same(fa, fb):
+                differ.append(f"{rel}: OpenVINO IR differs")
         elif hashlib.sha256(fa.read_bytes()).digest() != hashlib.sha256(fb.read_bytes()).digest():
             differ.append(f"{rel}: bytes differ")
     ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
