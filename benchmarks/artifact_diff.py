@@ -7,8 +7,9 @@ values (external data included), CoreML packages' weight files by bytes and thei
 (the user metadata's map is serialised in no fixed order, so its bytes differ between identical builds; coremltools'
 conversion date is left out), OpenVINO IR by its weights' bytes and its model.xml with the names OpenVINO numbers
 itself (``Constant_6242``: a counter of the nodes made earlier in the process, so a build after another one in the
-same process numbers them differently) read as one, everything else by bytes; manifests and reports are skipped (they hold timings). The rows' fidelity on the evaluation split
-(top-1, agreement, cosine, lost/gained) is compared from both report.json files. Exits 1 when anything differs.
+same process numbers them differently) read as one, everything else by bytes; manifests and reports are skipped
+(they hold timings). The rows' fidelity on the evaluation split (top-1, agreement, cosine, lost/gained) is compared
+from both report.json files. Exits 1 when anything differs.
 """
 
 from __future__ import annotations

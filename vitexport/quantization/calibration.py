@@ -560,10 +560,10 @@ class GramSums:
         self._scratch: dict[tuple[int, int, int], np.ndarray] = {}
         self._empty: set[str] = set()  # reserved sums no product has been added to yet
 
-    def reserve(self, name: str, k: int, k2: int | None = None) -> None:
-        """Allocate ``name``'s sum [k, k2 or k] here, for a first ``add`` on another thread to fill (the thread that
+    def reserve(self, name: str, k: int) -> None:
+        """Allocate ``name``'s x^T x sum [k, k] here, for a first ``add`` on another thread to fill (the thread that
         allocates a lasting array decides which malloc arena keeps it)."""
-        self.sums[name] = np.empty((k, k if k2 is None else k2), self.dtype)
+        self.sums[name] = np.empty((k, k), self.dtype)
         self._empty.add(name)
 
     def add(self, name: str, x: np.ndarray, y: np.ndarray | None = None) -> None:
@@ -582,9 +582,6 @@ class GramSums:
             self._empty.discard(name)
         else:
             np.add(s, buf, out=s)
-
-    def drop_scratch(self) -> None:
-        self._scratch.clear()
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.sums[name]
