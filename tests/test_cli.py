@@ -121,6 +121,16 @@ def test_eval_of_something_that_is_not_an_artifact(tmp_path, image_folder, capsy
     _one_line_failure(capsys, ["eval", str(tmp_path), "--images", str(image_folder)], "not a vitexport artifact")
 
 
+def test_python_dash_m_is_the_same_command(tmp_path):
+    # a CI step that calls a virtual environment's interpreter directly has no ``vitexport`` script on PATH
+    res = subprocess.run([sys.executable, "-m", "vitexport", "build", "--quiet", "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitexport: error: model directory not found"), res.stderr
+    res = subprocess.run([sys.executable, "-m", "vitexport", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("usage: vitexport ")
+
+
 def test_help_is_complete(capsys):
     for cmd in ("build", "eval", "bench"):
         with pytest.raises(SystemExit) as e:
